@@ -1,0 +1,216 @@
+"""cloud-init documents: the qemu build seed and the minimal first-boot user data.
+
+Documents are built as dicts and dumped with ``yaml.safe_dump``, never templated as
+YAML text. The first-boot user data carries only the secrets (or a secret store
+reference) in one ``write_files`` entry; the baked ``meshbake-firstboot.service``
+notices the file, so no ``runcmd`` trigger is needed.
+
+>>> doc = first_boot_user_data({"MESHBAKE_AGENT_TOKEN": "4d3c2b1a-0000-4000-8000-000000000000"})
+>>> doc.startswith("#cloud-config")
+True
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from builder.errors import UserError
+from builder.spec import ImageSpec, TokenSource
+
+CARRIER = "/run/meshbake/firstboot.env"
+EC2_LIMIT = 16 * 1024
+WARN_ABOVE = 1024
+BUILD_USER = "packer"
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings as ``|`` blocks, so files read as they will be written."""
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump(document: Mapping[str, object]) -> str:
+    """Dump a cloud-config dict under its ``#cloud-config`` header."""
+    body = yaml.dump(
+        dict(document), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=4096
+    )
+    return "#cloud-config\n" + body
+
+
+def baked_cloud_cfg() -> bytes:
+    """``/etc/cloud/cloud.cfg.d/90-meshbake.cfg``, baked into every image."""
+    return resources.files("builder.cloudinit").joinpath("90-meshbake.cfg").read_bytes()
+
+
+def seed_user_data(public_key: str | None) -> str:
+    """The qemu build seed: a throwaway build user reachable with an ephemeral key.
+
+    The key pair lives only for one build; the user is deleted before shutdown.
+    """
+    user: dict[str, object] = {
+        "name": BUILD_USER,
+        "sudo": "ALL=(ALL) NOPASSWD:ALL",
+        "shell": "/bin/bash",
+        "lock_passwd": True,
+    }
+    if public_key:
+        user["ssh_authorized_keys"] = [public_key.strip()]
+    return dump({"locale": "C.UTF-8", "ssh_pwauth": False, "users": [user]})
+
+
+def seed_meta_data(name: str, instance_id: str) -> str:
+    return yaml.safe_dump({"instance-id": instance_id, "local-hostname": f"{name}-build"})
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What a first boot may need, each as read from the user's files."""
+
+    agent_token: str | None = None
+    service_token: str | None = None
+    gossip_key: str | None = None
+    tls_ca: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+
+
+def carrier_values(spec: ImageSpec, secrets: Secrets, *, where: str = "userdata") -> dict[str, str]:
+    """Check ``secrets`` against what ``spec`` needs; return the carrier's KEY=VALUE map.
+
+    Every missing or malformed secret is reported together in one ``UserError``.
+    """
+    problems: list[str] = []
+    values: dict[str, str] = {}
+    acl = spec.consul.acl.enabled
+    if acl and spec.tokens.source is TokenSource.USERDATA:
+        if secrets.agent_token is None:
+            problems.append("the spec has ACLs on: give the token with --token-file")
+        else:
+            values["MESHBAKE_AGENT_TOKEN"] = _token(secrets.agent_token, "agent", problems)
+        if not spec.tokens.shared:
+            if secrets.service_token is None:
+                problems.append("tokens are separate: give --token-file service=FILE too")
+            else:
+                service = _token(secrets.service_token, "service", problems)
+                values["MESHBAKE_SERVICE_TOKEN"] = service
+        elif secrets.service_token is not None and secrets.service_token != secrets.agent_token:
+            problems.append("tokens.shared is true, so give one token, not two different ones")
+    elif acl and spec.tokens.source is TokenSource.SSM:
+        assert spec.tokens.ssm_parameter is not None
+        values["MESHBAKE_TOKEN_SSM_PARAMETER"] = spec.tokens.ssm_parameter
+    elif acl and spec.tokens.source is TokenSource.SECRETSMANAGER:
+        assert spec.tokens.secret_id is not None
+        values["MESHBAKE_TOKEN_SECRET_ID"] = spec.tokens.secret_id
+    if (secrets.agent_token or secrets.service_token) and not acl:
+        problems.append("the spec has ACLs off, so it takes no token")
+
+    if spec.consul.gossip.enabled:
+        if secrets.gossip_key is None:
+            problems.append("gossip encryption is on: give the key with --gossip-key-file")
+        else:
+            values["MESHBAKE_GOSSIP_KEY"] = _gossip(secrets.gossip_key, problems)
+    if spec.consul.tls.enabled:
+        needed = {"CA": secrets.tls_ca}
+        if spec.consul.tls.client_cert:
+            needed |= {"CERT": secrets.tls_cert, "KEY": secrets.tls_key}
+        for part, pem in needed.items():
+            flag = f"--tls-{part.lower()}-file"
+            if pem is None:
+                problems.append(f"TLS is on: give {flag}")
+            elif b"-----BEGIN " not in pem:
+                problems.append(f"{flag} is not a PEM file")
+            else:
+                values[f"MESHBAKE_TLS_{part}_B64"] = base64.b64encode(pem).decode()
+    if problems:
+        raise UserError(f"{where}: " + "; ".join(problems))
+    return values
+
+
+def _token(raw: str, role: str, problems: list[str]) -> str:
+    token = raw.strip()
+    if not _UUID.match(token):
+        problems.append(f"the {role} token is not a Consul token (a lowercase UUID)")
+    return token
+
+
+def _gossip(raw: str, problems: list[str]) -> str:
+    key = raw.strip()
+    try:
+        ok = len(base64.b64decode(key, validate=True)) == 32
+    except ValueError:
+        ok = False
+    if not ok:
+        problems.append("the gossip key is not 32 bytes of base64 (see 'consul keygen')")
+    return key
+
+
+def first_boot_user_data(values: Mapping[str, str]) -> str:
+    """The minimal first-boot user data: one tmpfs file, readable by root only."""
+    content = "".join(f"{k}={v}\n" for k, v in values.items())
+    document = {
+        "write_files": [
+            {"path": CARRIER, "permissions": "0600", "owner": "root:root", "content": content}
+        ]
+    }
+    return dump(document)
+
+
+def check_size(user_data: str, warn: list[str]) -> None:
+    """Refuse user data over EC2's 16 KiB limit; note anything over 1 KiB in ``warn``."""
+    size = len(user_data.encode())
+    if size > EC2_LIMIT:
+        raise UserError(f"user data is {size} bytes, over EC2's limit of {EC2_LIMIT} bytes")
+    if size > WARN_ABOVE:
+        warn.append(f"user data is {size} bytes; meshbake aims for a few hundred")
+
+
+def user_data_template(spec: ImageSpec) -> str:
+    """The first-boot user data as a Terraform ``templatefile`` template.
+
+    Placeholders are ``${agent_token}``, ``${service_token}``, ``${gossip_key}`` and
+    ``${tls_ca_b64}`` (and cert/key) as the spec needs them.
+    """
+    names = {
+        "MESHBAKE_AGENT_TOKEN": "agent_token",
+        "MESHBAKE_SERVICE_TOKEN": "service_token",
+        "MESHBAKE_GOSSIP_KEY": "gossip_key",
+        "MESHBAKE_TLS_CA_B64": "tls_ca_b64",
+        "MESHBAKE_TLS_CERT_B64": "tls_cert_b64",
+        "MESHBAKE_TLS_KEY_B64": "tls_key_b64",
+    }
+    dummy = Secrets(
+        agent_token="00000000-0000-4000-8000-000000000000",
+        service_token=None if spec.tokens.shared else "00000000-0000-4000-8000-000000000001",
+        gossip_key=base64.b64encode(bytes(32)).decode(),
+        tls_ca=b"-----BEGIN CERTIFICATE-----\n",
+        tls_cert=b"-----BEGIN CERTIFICATE-----\n",
+        tls_key=b"-----BEGIN PRIVATE KEY-----\n",
+    )
+    values = carrier_values(spec, dummy, where="template")
+    return first_boot_user_data(
+        {k: ("${" + names[k] + "}" if k in names else v) for k, v in values.items()}
+    )
+
+
+def read_secret(path: Path, what: str) -> str:
+    """Read a secret file for ``userdata``; a clear one-line error if it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise UserError(f"{path}: cannot read the {what}: {reason}") from None

@@ -1,0 +1,603 @@
+"""The image spec: one YAML file per golden image, loaded once into a frozen model.
+
+Every problem in a file is reported at once, each with the file and the field path:
+
+>>> load_spec("images/web.yaml").spec.service.name
+'web'
+
+Bad input raises ``SpecError`` (a ``UserError``) whose lines read like
+``images/web.yaml: consul.version: 1.9.0 is older than 1.11.1, ...``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from builder import compat
+from builder.errors import SpecError, SpecProblem
+
+# --- small reusable field types ---------------------------------------------------
+
+#: Plain words for each pattern, so a user never has to read a regex.
+_PATTERN_HELP: dict[str, str] = {}
+
+
+def _matching(pattern: str, help_text: str) -> StringConstraints:
+    _PATTERN_HELP[pattern] = help_text
+    return StringConstraints(pattern=pattern)
+
+
+Name = Annotated[
+    str,
+    _matching(r"^[a-z][a-z0-9-]{0,62}$", "a lowercase name (a-z, 0-9, '-'; starts with a letter)"),
+]
+UnixName = Annotated[str, _matching(r"^[a-z_][a-z0-9_-]{0,31}$", "a Unix user or group name")]
+Version = Annotated[str, _matching(r"^\d+\.\d+\.\d+$", "a version like 1.22.1")]
+Duration = Annotated[str, _matching(r"^\d+(ms|s|m|h)$", "a duration like 10s, 500ms or 1m")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Mode = Annotated[str, _matching(r"^0?[0-7]{3,4}$", 'an octal mode like "0644" (quote it in YAML)')]
+AbsPath = Annotated[str, _matching(r"^/[^\x00\n]*$", "an absolute path")]
+Size = Annotated[str, _matching(r"^\d+[MG]$", "a size like 4G or 512M")]
+AwsRegion = Annotated[
+    str, _matching(r"^[a-z]{2}(-gov)?-[a-z]+-\d$", "an AWS region like us-east-1")
+]
+AwsAccount = Annotated[str, _matching(r"^\d{12}$", "a 12-digit AWS account id")]
+EnvName = Annotated[str, _matching(r"^[A-Za-z_][A-Za-z0-9_]*$", "an environment variable name")]
+OrgArn = Annotated[
+    str,
+    _matching(
+        r"^arn:aws:organizations::\d{12}:organization/o-[a-z0-9]{10,32}$", "an AWS organization ARN"
+    ),
+]
+OuArn = Annotated[
+    str,
+    _matching(
+        r"^arn:aws:organizations::\d{12}:ou/o-[a-z0-9]+/ou-[a-z0-9-]+$",
+        "an AWS organizational unit ARN",
+    ),
+]
+TagKey = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+TagValue = Annotated[str, StringConstraints(max_length=256)]
+SecretName = Annotated[
+    str, _matching(r"^[A-Za-z0-9/_.+=@-]{1,512}$", "an SSM parameter name or secret id")
+]
+
+#: Users meshbake itself creates; a spec may not define them again.
+RESERVED_USERS = frozenset({"root", "consul", "envoy"})
+
+
+def _cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a CIDR such as 10.0.0.0/8") from exc
+    return value
+
+
+Cidr = Annotated[str, AfterValidator(_cidr)]
+
+
+class Model(BaseModel):
+    """Base for every spec node: frozen, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+
+# --- fixed choices ----------------------------------------------------------------
+
+
+class BaseDistro(StrEnum):
+    DEBIAN_12 = "debian-12"
+    UBUNTU_2204 = "ubuntu-22.04"
+    UBUNTU_2404 = "ubuntu-24.04"
+
+
+class Accelerator(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class TokenSource(StrEnum):
+    USERDATA = "userdata"
+    SSM = "ssm"
+    SECRETSMANAGER = "secretsmanager"
+
+
+class AclPolicy(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+# --- image contents ---------------------------------------------------------------
+
+
+class Group(Model):
+    name: UnixName
+    gid: int | None = Field(default=None, ge=1, le=65533)
+    system: bool = False
+
+
+class User(Model):
+    name: UnixName
+    uid: int | None = Field(default=None, ge=1, le=65533)
+    groups: tuple[UnixName, ...] = ()
+    shell: AbsPath = "/bin/bash"
+    system: bool = False
+    ssh_authorized_keys: tuple[str, ...] = ()
+
+    @field_validator("ssh_authorized_keys")
+    @classmethod
+    def _keys_are_public(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            if "PRIVATE KEY" in key:
+                raise ValueError("holds a private key; only public keys may be baked")
+            if not re.match(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+|sk-\S+) \S+", key):
+                raise ValueError(f"{key[:30]!r}... is not an OpenSSH public key")
+        return keys
+
+
+class File(Model):
+    """A file baked into the image, from inline ``content`` or a ``source`` path
+    relative to the spec file."""
+
+    dest: AbsPath
+    content: str | None = None
+    source: str | None = None
+    mode: Mode = "0644"
+    owner: UnixName = "root"
+    group: UnixName = "root"
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> File:
+        if (self.content is None) == (self.source is None):
+            raise ValueError("give exactly one of content or source")
+        return self
+
+
+class App(Model):
+    """The application itself, baked as a systemd unit running as its own user."""
+
+    name: Name
+    description: str = ""
+    user: UnixName | None = None
+    exec_start: Annotated[str, _matching(r"^/\S+.*$", "a command starting with an absolute path")]
+    working_directory: AbsPath | None = None
+    environment: dict[EnvName, str] = {}
+    packages: tuple[str, ...] = ()
+    files: tuple[File, ...] = ()
+
+    @property
+    def run_as(self) -> str:
+        return self.user or self.name
+
+
+# --- consul ----------------------------------------------------------------------
+
+
+class Acl(Model):
+    enabled: bool = True
+    default_policy: AclPolicy = AclPolicy.DENY
+
+
+class Gossip(Model):
+    """Gossip encryption: the key is a secret and arrives at first boot."""
+
+    enabled: bool = False
+
+
+class Tls(Model):
+    """TLS for the agent. The CA (and a client certificate, when ``client_cert``) are
+    secrets delivered at first boot; only their use is baked."""
+
+    enabled: bool = False
+    verify_outgoing: bool = True
+    verify_server_hostname: bool = True
+    auto_encrypt: bool = True
+    client_cert: bool = False
+
+
+class Dns(Model):
+    forward: bool = True
+    port: Port = 8600
+    domain: Name = "consul"
+
+
+class ConsulSource(Model):
+    """Where Consul comes from: HashiCorp's release site (default) or a mirror with the
+    same layout, a local folder or URL."""
+
+    mirror: str | None = None
+
+
+class Consul(Model):
+    version: Version
+    datacenter: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,64}$")] = "dc1"
+    retry_join: tuple[Annotated[str, StringConstraints(min_length=1)], ...] = Field(min_length=1)
+    acl: Acl = Acl()
+    gossip: Gossip = Gossip()
+    tls: Tls = Tls()
+    dns: Dns = Dns()
+    log_level: Literal["trace", "debug", "info", "warn", "error"] = "info"
+    source: ConsulSource = ConsulSource()
+
+    @field_validator("version")
+    @classmethod
+    def _has_tproxy(cls, version: str) -> str:
+        if compat.parse_version(version) < compat.MIN_CONSUL:
+            raise ValueError(
+                f"{version} is older than 1.11.1, the first release with transparent proxy on VMs"
+            )
+        return version
+
+
+class Tokens(Model):
+    """The ACL tokens delivered at first boot: an agent token (node identity) and a
+    service token for the sidecar. ``shared`` means one token fills both roles."""
+
+    shared: bool = True
+    source: TokenSource = TokenSource.USERDATA
+    ssm_parameter: SecretName | None = None
+    secret_id: SecretName | None = None
+
+
+class Envoy(Model):
+    version: Version
+    source: str = "pypi"
+    allow_unsupported: bool = False
+
+
+# --- the mesh service -----------------------------------------------------------
+
+
+class Check(Model):
+    http: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] | None = None
+    tcp: Annotated[str, StringConstraints(pattern=r"^\S+:\d+$")] | None = None
+    interval: Duration = "10s"
+    timeout: Duration = "2s"
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Check:
+        if (self.http is None) == (self.tcp is None):
+            raise ValueError("give exactly one of http or tcp")
+        return self
+
+
+class TransparentProxy(Model):
+    #: SSH (22) is excluded unless this is turned off: redirecting it cuts SSH.
+    exclude_ssh: bool = True
+    exclude_inbound_ports: tuple[Port, ...] = ()
+    exclude_outbound_ports: tuple[Port, ...] = ()
+    exclude_outbound_cidrs: tuple[Cidr, ...] = ()
+    exclude_uids: tuple[Annotated[int, Field(ge=0, le=65534)], ...] = ()
+
+    @property
+    def inbound_exclusions(self) -> tuple[int, ...]:
+        ssh = (22,) if self.exclude_ssh else ()
+        return tuple(dict.fromkeys((*ssh, *self.exclude_inbound_ports)))
+
+
+class Service(Model):
+    name: Name
+    port: Port
+    check: Check
+    tags: tuple[str, ...] = ()
+    meta: dict[str, str] = {}
+    transparent_proxy: TransparentProxy = TransparentProxy()
+
+    @property
+    def proxy_id(self) -> str:
+        return f"{self.name}-sidecar-proxy"
+
+
+class Mesh(Model):
+    """What the cluster's mesh config entry sets; meshbake does not write it, but a
+    setting that changes what a VM can reach is worth a warning at bake time."""
+
+    destinations_only: bool = False
+
+
+# --- targets --------------------------------------------------------------------
+
+
+class BaseImageRef(Model):
+    """A base qcow2 given by path or URL with its sha256."""
+
+    path: str | None = None
+    url: str | None = None
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> BaseImageRef:
+        if (self.path is None) == (self.url is None):
+            raise ValueError("give exactly one of path or url")
+        if self.url is not None and self.sha256 is None:
+            raise ValueError("a base image url needs its sha256")
+        return self
+
+
+class QemuTarget(Model):
+    base_image: BaseImageRef | None = None
+    disk_size: Size = "4G"
+    accelerator: Accelerator = Accelerator.AUTO
+    memory: Annotated[int, Field(ge=512, le=65536)] = 1024
+    cpus: Annotated[int, Field(ge=1, le=64)] = 2
+
+
+class SourceAmi(Model):
+    owners: tuple[str, ...] = ()
+    name: str | None = None
+    architecture: Literal["x86_64", "arm64"] = "x86_64"
+
+
+class Share(Model):
+    accounts: tuple[AwsAccount, ...] = ()
+    orgs: tuple[OrgArn, ...] = ()
+    ous: tuple[OuArn, ...] = ()
+
+
+class AwsTarget(Model):
+    region: AwsRegion
+    instance_type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]+\.[a-z0-9]+$")] = "t3.small"
+    source_ami: SourceAmi = SourceAmi()
+    ami_regions: tuple[AwsRegion, ...] = ()
+    share: Share = Share()
+    kms_key_id: str | None = None
+    volume_size_gib: Annotated[int, Field(ge=2, le=16384)] = 8
+    subnet_id: str | None = None
+    ssh_username: UnixName | None = None
+    tags: dict[TagKey, TagValue] = {}
+
+
+class Targets(Model):
+    qemu: QemuTarget | None = None
+    aws: AwsTarget | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> Targets:
+        if self.qemu is None and self.aws is None:
+            raise ValueError("enable at least one target (qemu or aws)")
+        return self
+
+
+class ImageSpec(Model):
+    """One golden image."""
+
+    name: Name
+    description: str = ""
+    base: BaseDistro = BaseDistro.DEBIAN_12
+    packages: tuple[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9+.-]+$")], ...] = ()
+    groups: tuple[Group, ...] = ()
+    users: tuple[User, ...] = ()
+    files: tuple[File, ...] = ()
+    app: App
+    consul: Consul
+    tokens: Tokens = Tokens()
+    envoy: Envoy
+    service: Service
+    mesh: Mesh = Mesh()
+    targets: Targets
+
+    @property
+    def all_files(self) -> tuple[File, ...]:
+        return (*self.files, *self.app.files)
+
+    @property
+    def all_packages(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*self.packages, *self.app.packages)))
+
+
+# --- loading --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A valid spec plus where it came from, its warnings and its content hash."""
+
+    spec: ImageSpec
+    path: Path
+    warnings: tuple[SpecProblem, ...]
+    digest: str
+
+    @property
+    def root(self) -> Path:
+        """The folder ``File.source`` paths are relative to."""
+        return self.path.parent
+
+    def read_file(self, file: File) -> bytes:
+        if file.content is not None:
+            return file.content.encode()
+        assert file.source is not None
+        return (self.root / file.source).read_bytes()
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    """Load and check one spec file; raise ``SpecError`` listing every problem."""
+    path = Path(path)
+    shown = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([SpecProblem(shown, "", f"cannot read: {_reason(exc)}")]) from None
+    return parse_spec(text, path)
+
+
+def parse_spec(text: str, path: Path) -> LoadedSpec:
+    """Check spec ``text`` as if read from ``path`` (used by tests and by ``load_spec``)."""
+    shown = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise SpecError([SpecProblem(shown, "", f"{where}{problem}")]) from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise SpecError([SpecProblem(shown, "", f"must be a mapping of fields, not {kind}")])
+    try:
+        spec = ImageSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([_problem(shown, err) for err in exc.errors()]) from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SpecError([SpecProblem(shown, "", f"cannot be read as a spec: {exc}")]) from None
+    errors, warnings = _semantic_checks(spec, path)
+    if errors:
+        raise SpecError([SpecProblem(shown, p, m) for p, m in errors])
+    return LoadedSpec(
+        spec=spec,
+        path=path,
+        warnings=tuple(SpecProblem(shown, p, m) for p, m in warnings),
+        digest=_digest(spec, path),
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_MESSAGES = {
+    "missing": "is required",
+    "extra_forbidden": "is not a known field",
+}
+
+
+def _problem(shown: str, err: Any) -> SpecProblem:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind = err["type"]
+    message = _MESSAGES.get(kind) or str(err["msg"]).removeprefix("Value error, ")
+    if kind == "string_pattern_mismatch":
+        pattern = err["ctx"]["pattern"]
+        expected = _PATTERN_HELP.get(pattern, f"text matching {pattern}")
+        message = f"{err['input']!r} is not {expected}"
+    return SpecProblem(shown, _loc(loc), message)
+
+
+Found = list[tuple[str, str]]
+
+
+def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
+    """Checks that span fields. Returns (errors, warnings) as (field path, message)."""
+    errors: Found = []
+    warnings: Found = []
+
+    if not spec.envoy.allow_unsupported:
+        message = compat.check_pair(spec.consul.version, spec.envoy.version)
+        if message is not None:
+            errors.append(("envoy.version", message))
+
+    if spec.mesh.destinations_only:
+        warnings.append(
+            (
+                "mesh.destinations_only",
+                "with MeshDestinationsOnly the redirect blocks all egress outside the mesh"
+                " (package mirrors too); add exclude_outbound_cidrs for what the VM must reach",
+            )
+        )
+    tproxy = spec.service.transparent_proxy
+    if not tproxy.exclude_ssh:
+        warnings.append(
+            (
+                "service.transparent_proxy.exclude_ssh",
+                "SSH (22) will be redirected into the mesh; you will lose SSH to this VM",
+            )
+        )
+    if spec.service.port in tproxy.inbound_exclusions:
+        errors.append(
+            (
+                "service.transparent_proxy.exclude_inbound_ports",
+                f"excludes the service port {spec.service.port}, which would bypass the mesh",
+            )
+        )
+
+    if spec.tokens.source is TokenSource.SSM and spec.tokens.ssm_parameter is None:
+        errors.append(("tokens.ssm_parameter", "is required when tokens.source is ssm"))
+    if spec.tokens.source is TokenSource.SECRETSMANAGER and spec.tokens.secret_id is None:
+        errors.append(("tokens.secret_id", "is required when tokens.source is secretsmanager"))
+    if spec.tokens.source is not TokenSource.USERDATA and spec.targets.aws is None:
+        errors.append(("tokens.source", f"{spec.tokens.source.value} needs the aws target"))
+    if not spec.consul.acl.enabled and spec.tokens.source is not TokenSource.USERDATA:
+        warnings.append(("tokens.source", "ACLs are off, so no token is fetched"))
+
+    seen_users: set[str] = set()
+    for i, user in enumerate(spec.users):
+        where = f"users[{i}].name"
+        if user.name in RESERVED_USERS:
+            errors.append((where, f"{user.name!r} is created by meshbake itself"))
+        if user.name in seen_users:
+            errors.append((where, f"{user.name!r} is defined twice"))
+        seen_users.add(user.name)
+    if spec.app.run_as in RESERVED_USERS:
+        errors.append(("app.user", f"the app may not run as {spec.app.run_as!r}"))
+    group_names = {g.name for g in spec.groups}
+    for i, user in enumerate(spec.users):
+        for group in user.groups:
+            if group not in group_names and group not in _STOCK_GROUPS:
+                message = f"group {group!r} is neither a stock group nor in groups"
+                errors.append((f"users[{i}].groups", message))
+
+    for prefix, files in (("files", spec.files), ("app.files", spec.app.files)):
+        for i, file in enumerate(files):
+            if file.source is not None:
+                source = path.parent / file.source
+                if not source.is_file():
+                    errors.append((f"{prefix}[{i}].source", f"{source} does not exist"))
+            if file.dest.startswith(_MANAGED_PREFIXES):
+                errors.append((f"{prefix}[{i}].dest", f"{file.dest} is managed by meshbake"))
+
+    qemu = spec.targets.qemu
+    if qemu is not None and qemu.base_image is None and spec.base is not BaseDistro.DEBIAN_12:
+        errors.append(
+            (
+                "targets.qemu.base_image",
+                f"is required for {spec.base.value}: meshbake builds only Debian 12 bases itself",
+            )
+        )
+    return errors, warnings
+
+
+#: Groups present on a stock Debian or Ubuntu system.
+_STOCK_GROUPS = frozenset({"sudo", "adm", "users", "systemd-journal", "docker", "staff"})
+
+#: Paths meshbake renders itself; user files there would be overwritten or conflict.
+_MANAGED_PREFIXES = ("/etc/consul.d/", "/etc/meshbake/", "/usr/libexec/meshbake/", "/etc/envoy/")
+
+
+def _digest(spec: ImageSpec, path: Path) -> str:
+    """A content hash of the spec, including every ``source`` file it bakes."""
+    h = hashlib.sha256()
+    h.update(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode())
+    for file in spec.all_files:
+        if file.source is not None:
+            h.update(b"\0" + file.source.encode() + b"\0")
+            h.update((path.parent / file.source).read_bytes())
+    return h.hexdigest()
