@@ -1,0 +1,209 @@
+"""The ``meshbake`` command line. Thin: each subcommand calls a typed function.
+
+Results go to stdout, progress and warnings to stderr. A ``UserError`` exits 1 with
+its message; anything else is a bug and exits 3 with the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from builder import __version__, cloudconfig
+from builder.context import render_context
+from builder.errors import UserError
+from builder.packer import Packer
+from builder.spec import LoadedSpec, load_spec
+from builder.validate import validate_spec
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def warn(message: str) -> None:
+    print(f"meshbake: warning: {message}", file=sys.stderr)
+
+
+def progress(message: str) -> None:
+    print(f"meshbake: {message}", file=sys.stderr, flush=True)
+
+
+def _load(path: Path) -> LoadedSpec:
+    loaded = load_spec(path)
+    for problem in loaded.warnings:
+        warn(str(problem))
+    return loaded
+
+
+def spec_paths(targets: Sequence[Path]) -> list[Path]:
+    """Expand folders into their ``*.yaml`` specs, keeping files as given."""
+    found: list[Path] = []
+    for target in targets:
+        if target.is_dir():
+            specs = sorted([*target.glob("*.yaml"), *target.glob("*.yml")])
+            if not specs:
+                raise UserError(f"{target}: no *.yaml image specs in this folder")
+            found += specs
+        else:
+            found.append(target)
+    return found
+
+
+# --- subcommands ---------------------------------------------------------------------
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    loaded = _load(args.spec)
+    ctx = render_context(loaded, args.out, packer=Packer())
+    print(ctx.root)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    all_ok = True
+    results = []
+    for path in spec_paths(args.specs):
+        report = validate_spec(path)
+        all_ok &= report.ok
+        for message in report.warnings:
+            warn(message)
+        if args.json:
+            results.append(
+                {
+                    "spec": str(path),
+                    "ok": report.ok,
+                    "gates": [
+                        {"name": g.name, "ok": g.ok, "detail": g.detail} for g in report.gates
+                    ],
+                }
+            )
+        else:
+            print(f"{path}:")
+            for gate in report.gates:
+                print(f"  {gate.line()}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("all gates passed" if all_ok else "some gates failed")
+    return 0 if all_ok else 1
+
+
+def _token_args(values: Sequence[str]) -> tuple[str | None, str | None]:
+    agent = service = None
+    for value in values:
+        role, _, file = value.rpartition("=")
+        if role not in ("", "agent", "service"):
+            raise UserError(f"--token-file {value}: the role must be agent= or service=")
+        token = cloudconfig.read_secret(Path(file), f"{role or 'ACL'} token")
+        if role in ("", "agent"):
+            agent = token
+        if role in ("", "service"):
+            service = token if role else None
+    return agent, service
+
+
+def cmd_userdata(args: argparse.Namespace) -> int:
+    loaded = _load(args.spec)
+    agent, service = _token_args(args.token_file)
+
+    def pem(path: Path | None, what: str) -> bytes | None:
+        return None if path is None else cloudconfig.read_secret(path, what).encode()
+
+    secrets = cloudconfig.Secrets(
+        agent_token=agent,
+        service_token=service,
+        gossip_key=None
+        if args.gossip_key_file is None
+        else cloudconfig.read_secret(args.gossip_key_file, "gossip key"),
+        tls_ca=pem(args.tls_ca_file, "TLS CA"),
+        tls_cert=pem(args.tls_cert_file, "TLS certificate"),
+        tls_key=pem(args.tls_key_file, "TLS key"),
+    )
+    values = cloudconfig.carrier_values(loaded.spec, secrets, where=str(args.spec))
+    user_data = cloudconfig.first_boot_user_data(values)
+    notes: list[str] = []
+    cloudconfig.check_size(user_data, notes)
+    for note in notes:
+        warn(note)
+    sys.stdout.write(user_data)
+    return 0
+
+
+# --- wiring -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshbake",
+        description="Bake Consul service-mesh golden images (qcow2, AMIs) from one YAML spec.",
+    )
+    parser.add_argument("--version", action="version", version=f"meshbake {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every command run")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("render", help="write the bake context (Packer template, files, seed)")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="context folder to (re)write")
+    p.set_defaults(handler=cmd_render)
+
+    p = sub.add_parser("validate", help="run every static gate on one or more specs")
+    p.add_argument("specs", type=Path, nargs="+", metavar="SPEC", help="spec files or folders")
+    p.add_argument("--json", action="store_true", help="machine-readable results")
+    p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("userdata", help="print the minimal first-boot user data")
+    p.add_argument("spec", type=Path)
+    p.add_argument(
+        "--token-file",
+        action="append",
+        default=[],
+        metavar="[ROLE=]FILE",
+        help="ACL token file; ROLE is agent or service when the tokens are separate",
+    )
+    p.add_argument("--gossip-key-file", type=Path)
+    p.add_argument("--tls-ca-file", type=Path)
+    p.add_argument("--tls-cert-file", type=Path)
+    p.add_argument("--tls-key-file", type=Path)
+    p.set_defaults(handler=cmd_userdata)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: Registration functions of the subcommands that live in other modules.
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"meshbake: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("meshbake: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            "meshbake: internal error (a bug): please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,290 @@
+"""The Packer HCL2 template, written with python-hcl2's ``Builder``.
+
+One build block bakes for every enabled target with the same provisioners, so the
+qemu image and the AMI get exactly the same bake. String values carry their own quotes
+(``json.dumps``); a literal ``${`` would have to be ``$${``.
+
+>>> from builder.spec import load_spec
+>>> files = packer_files(load_spec("images/web.yaml"), PackerVersion(1, 6, 6))
+>>> sorted(files)
+['build.pkr.hcl', 'sources.pkr.hcl', 'variables.pkr.hcl']
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import hcl2
+
+from builder import __version__
+from builder.cloudconfig import BUILD_USER
+from builder.packer import PackerVersion
+from builder.spec import BaseDistro, ImageSpec, LoadedSpec
+
+STAGE_IN_VM = "/tmp/meshbake"
+FINALIZE_IN_VM = "/run/meshbake-finalize"
+
+#: Source AMI owners and name patterns per base (Debian's and Canonical's accounts).
+AMI_DEFAULTS: dict[BaseDistro, tuple[str, str, str]] = {
+    BaseDistro.DEBIAN_12: ("136693071363", "debian-12-amd64-*", "admin"),
+    BaseDistro.UBUNTU_2204: (
+        "099720109477",
+        "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*",
+        "ubuntu",
+    ),
+    BaseDistro.UBUNTU_2404: (
+        "099720109477",
+        "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*",
+        "ubuntu",
+    ),
+}
+
+
+def q(value: str) -> str:
+    """Quote a string for HCL, as python-hcl2's Builder expects.
+
+    >>> q('a "b"')
+    '"a \\\\"b\\\\""'
+    """
+    return json.dumps(value)
+
+
+def _qlist(values: object) -> list[str]:
+    return [q(str(v)) for v in values]  # type: ignore[attr-defined]
+
+
+def _dump(builder: hcl2.Builder) -> str:
+    text: str = hcl2.dumps(builder.build())
+    return text.strip() + "\n"
+
+
+def source_ref(kind: str, name: str) -> str:
+    return f"source.{kind}.{name}"
+
+
+def enabled_sources(spec: ImageSpec) -> list[str]:
+    """Packer ``-only`` names of the enabled targets, e.g. ``qemu.web``."""
+    names = []
+    if spec.targets.qemu is not None:
+        names.append(f"qemu.{spec.name}")
+    if spec.targets.aws is not None:
+        names.append(f"amazon-ebs.{spec.name}")
+    return names
+
+
+def variables_file() -> str:
+    b = hcl2.Builder()
+    variables: dict[str, tuple[str, str]] = {
+        "base_image": ("", "Path or URL of the base qcow2 (qemu)."),
+        "base_checksum": ("none", "Checksum of the base qcow2, e.g. sha256:..."),
+        "output_directory": ("output", "Where Packer writes the qcow2; must not exist."),
+        "accelerator": ("tcg", "qemu accelerator: kvm where it really works, else tcg."),
+        "cpu_model": ("max", "qemu -cpu: host with kvm, max with tcg."),
+        "ssh_private_key_file": ("", "Ephemeral key of the build user (qemu)."),
+        "manifest": ("packer-manifest.json", "Where the manifest post-processor writes."),
+        "serial_log": ("serial.log", "The build VM's serial console log (qemu)."),
+    }
+    for name, (default, description) in variables.items():
+        b.block(
+            "variable", [q(name)], type="string", default=q(default), description=q(description)
+        )
+    b.block("locals", None, stamp='formatdate("YYYYMMDD-hhmmss", timestamp())')
+    return _dump(b)
+
+
+def plugins_file() -> str:
+    """``packer { required_plugins }``: only for Packer 1.7+ (1.6 rejects the block)."""
+    b = hcl2.Builder()
+    packer = b.block("packer", None)
+    packer.block(
+        "required_plugins",
+        None,
+        qemu={"version": q(">= 1.1.0"), "source": q("github.com/hashicorp/qemu")},
+        amazon={"version": q(">= 1.3.0"), "source": q("github.com/hashicorp/amazon")},
+    )
+    return _dump(b)
+
+
+def sources_file(loaded: LoadedSpec, packer: PackerVersion) -> str:
+    spec = loaded.spec
+    b = hcl2.Builder()
+    if spec.targets.qemu is not None:
+        _qemu_source(b, spec)
+    if spec.targets.aws is not None:
+        _aws_source(b, loaded, packer)
+    return _dump(b)
+
+
+def _qemu_source(b: hcl2.Builder, spec: ImageSpec) -> None:
+    qemu = spec.targets.qemu
+    assert qemu is not None
+    netdev = "user,id=user.0,hostfwd=tcp:127.0.0.1:{{ .SSHHostPort }}-:22"
+    b.block(
+        "source",
+        [q("qemu"), q(spec.name)],
+        iso_url="var.base_image",
+        iso_checksum="var.base_checksum",
+        disk_image=True,
+        # Packer 1.6.6 does not pass -F to qemu-img, so a backing file breaks: copy.
+        use_backing_file=False,
+        format=q("qcow2"),
+        disk_size=q(qemu.disk_size),
+        disk_interface=q("virtio"),
+        disk_compression=True,
+        accelerator="var.accelerator",
+        cpus=qemu.cpus,
+        memory=qemu.memory,
+        headless=True,
+        vnc_bind_address=q("127.0.0.1"),
+        output_directory="var.output_directory",
+        vm_name=q(f"{spec.name}.qcow2"),
+        cd_files=[
+            q("${path.root}/../cloudinit/seed/user-data"),
+            q("${path.root}/../cloudinit/seed/meta-data"),
+        ],
+        cd_label=q("cidata"),
+        communicator=q("ssh"),
+        ssh_username=q(BUILD_USER),
+        ssh_private_key_file="var.ssh_private_key_file",
+        ssh_timeout=q("20m"),
+        shutdown_command=q(f"sudo /bin/sh {FINALIZE_IN_VM}"),
+        shutdown_timeout=q("10m"),
+        # Bind the SSH forward to loopback (Packer's default listens on every
+        # interface) and keep the serial console for the build log.
+        qemuargs=[
+            [q("-netdev"), q(netdev)],
+            [q("-device"), q("virtio-net,netdev=user.0")],
+            [q("-cpu"), "var.cpu_model"],
+            [q("-serial"), q("file:${var.serial_log}")],
+        ],
+    )
+
+
+def _aws_source(b: hcl2.Builder, loaded: LoadedSpec, packer: PackerVersion) -> None:
+    spec = loaded.spec
+    aws = spec.targets.aws
+    assert aws is not None
+    owner, pattern, user = AMI_DEFAULTS[spec.base]
+    owners = aws.source_ami.owners or (owner,)
+    tags = {q(k): q(v) for k, v in image_tags(loaded).items()}
+    attributes: dict[str, Any] = {
+        "region": q(aws.region),
+        "instance_type": q(aws.instance_type),
+        "ami_name": q(f"{spec.name}-{loaded.digest[:12]}-${{local.stamp}}"),
+        "ami_description": q(spec.description or f"{spec.name}, baked by meshbake"),
+        "ssh_username": q(aws.ssh_username or user),
+        "encrypt_boot": True,
+        "ami_regions": _qlist(aws.ami_regions),
+        "ami_users": _qlist(aws.share.accounts),
+        "tags": tags,
+        "snapshot_tags": tags,
+        "run_tags": {q("Name"): q(f"meshbake-build-{spec.name}")},
+    }
+    if aws.share.orgs:
+        attributes["ami_org_arns"] = _qlist(aws.share.orgs)
+    if aws.share.ous:
+        attributes["ami_ou_arns"] = _qlist(aws.share.ous)
+    if aws.kms_key_id:
+        attributes["kms_key_id"] = q(aws.kms_key_id)
+    if aws.subnet_id:
+        attributes["subnet_id"] = q(aws.subnet_id)
+    if packer.supports_plugins:
+        # The AMI itself requires IMDSv2 (amazon plugin 1.2+; not in Packer 1.6).
+        attributes["imds_support"] = q("v2.0")
+    source = b.block("source", [q("amazon-ebs"), q(spec.name)], **attributes)
+    source.block(
+        "source_ami_filter",
+        None,
+        filters={
+            q("name"): q(aws.source_ami.name or pattern),
+            q("architecture"): q(aws.source_ami.architecture),
+            q("virtualization-type"): q("hvm"),
+            q("root-device-type"): q("ebs"),
+        },
+        owners=_qlist(owners),
+        most_recent=True,
+    )
+    if packer.supports_plugins:
+        # IMDSv2 on the build instance; Packer 1.6's amazon-ebs has no such block.
+        source.block(
+            "metadata_options",
+            None,
+            http_endpoint=q("enabled"),
+            http_tokens=q("required"),
+            http_put_response_hop_limit=1,
+        )
+    source.block(
+        "launch_block_device_mappings",
+        None,
+        device_name=q("/dev/xvda"),
+        volume_size=aws.volume_size_gib,
+        volume_type=q("gp3"),
+        # Packer 1.6 validates gp3 throughput even when left at its default.
+        throughput=125,
+        iops=3000,
+        delete_on_termination=True,
+        encrypted=True,
+    )
+
+
+def image_tags(loaded: LoadedSpec) -> dict[str, str]:
+    """Tags every AMI (and its snapshots) carries; meshbake's own are prefixed."""
+    spec = loaded.spec
+    tags = dict(spec.targets.aws.tags) if spec.targets.aws else {}
+    tags |= {
+        "Name": spec.name,
+        "meshbake:image": spec.name,
+        "meshbake:spec-hash": loaded.digest,
+        "meshbake:consul": spec.consul.version,
+        "meshbake:envoy": spec.envoy.version,
+        "meshbake:version": __version__,
+        "meshbake:build-time": "${local.stamp}",
+    }
+    return tags
+
+
+def build_file(loaded: LoadedSpec) -> str:
+    spec = loaded.spec
+    b = hcl2.Builder()
+    build = b.block("build", None)
+    build.attributes["name"] = q("meshbake")
+    build.attributes["sources"] = [
+        q(source_ref(*name.split(".", 1))) for name in enabled_sources(spec)
+    ]
+    build.block("provisioner", [q("shell")], inline=[q(f"mkdir -p {STAGE_IN_VM}")])
+    build.block(
+        "provisioner",
+        [q("file")],
+        source=q("${path.root}/../stage/"),
+        destination=q(STAGE_IN_VM),
+    )
+    # PACKER_BUILDER_TYPE tells the bake whether the build user is deleted (qemu) or
+    # only loses its keys (amazon-ebs, where it is the distribution's default user).
+    bake = f"sudo MESHBAKE_BUILDER=$PACKER_BUILDER_TYPE sh {STAGE_IN_VM}/scripts/meshbake-bake"
+    build.block("provisioner", [q("shell")], inline=[q(bake)])
+    build.block(
+        "post-processor",
+        [q("manifest")],
+        output="var.manifest",
+        strip_path=True,
+        custom_data={
+            q("spec_hash"): q(loaded.digest),
+            q("consul"): q(spec.consul.version),
+            q("envoy"): q(spec.envoy.version),
+            q("meshbake"): q(__version__),
+        },
+    )
+    return _dump(b)
+
+
+def packer_files(loaded: LoadedSpec, packer: PackerVersion) -> dict[str, str]:
+    """File name -> HCL text for ``DIR/packer/`` (not yet ``packer fmt``-ed)."""
+    files = {
+        "variables.pkr.hcl": variables_file(),
+        "sources.pkr.hcl": sources_file(loaded, packer),
+        "build.pkr.hcl": build_file(loaded),
+    }
+    if packer.supports_plugins:
+        files["plugins.pkr.hcl"] = plugins_file()
+    return files

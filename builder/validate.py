@@ -1,0 +1,215 @@
+"""Static gates run before any VM starts; every failure is reported together.
+
+>>> report = validate_spec(Path("images/web.yaml"))
+>>> report.ok, [g.name for g in report.gates][:2]
+(True, ['spec', 'consul/envoy'])
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from builder import cloudconfig, compat, proc
+from builder.context import Context, render_context
+from builder.errors import MeshbakeError, SpecError
+from builder.packer import Packer
+from builder.spec import LoadedSpec, load_spec
+from builder.template import enabled_sources
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One gate's outcome: ``ok`` None means it could not run."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+    def line(self) -> str:
+        status = {True: "ok  ", False: "FAIL", None: "skip"}[self.ok]
+        return f"{status}  {self.name}: {self.detail}"
+
+
+@dataclass
+class Report:
+    spec: Path
+    gates: list[Gate] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(g.ok for g in self.gates)
+
+
+def validate_spec(path: Path, packer: Packer | None = None) -> Report:
+    """Run every gate on one spec file; never raises for a failed gate."""
+    report = Report(path)
+    try:
+        loaded = load_spec(path)
+    except SpecError as exc:
+        report.gates.append(Gate("spec", False, "\n    " + "\n    ".join(map(str, exc.problems))))
+        return report
+    report.warnings += [str(w) for w in loaded.warnings]
+    spec = loaded.spec
+    report.gates.append(Gate("spec", True, f"{path} is a valid image spec"))
+    pair = f"Consul {spec.consul.version} with Envoy {spec.envoy.version}"
+    problem = compat.check_pair(spec.consul.version, spec.envoy.version)
+    if problem is None:
+        report.gates.append(Gate("consul/envoy", True, f"{pair} is a supported pair"))
+    else:  # only reachable with allow_unsupported: the spec load refuses it otherwise
+        report.gates.append(Gate("consul/envoy", True, f"{pair}: allowed by the spec ({problem})"))
+
+    packer = packer or Packer()
+    with tempfile.TemporaryDirectory(prefix="meshbake-validate-") as tmp:
+        work = Path(tmp)
+        try:
+            ctx = render_context(loaded, work / "context", packer=packer)
+        except MeshbakeError as exc:
+            report.gates.append(Gate("render", False, str(exc)))
+            return report
+        report.gates.append(Gate("render", True, "bake context rendered"))
+        for gate in GATES:
+            report.gates.append(_guarded(gate, ctx, loaded, packer, work))
+    return report
+
+
+def _guarded(
+    gate: Callable[[Context, LoadedSpec, Packer, Path], Gate],
+    ctx: Context,
+    loaded: LoadedSpec,
+    packer: Packer,
+    work: Path,
+) -> Gate:
+    try:
+        return gate(ctx, loaded, packer, work)
+    except MeshbakeError as exc:  # a missing tool, for one: say so and go on
+        return Gate(gate.__name__.removeprefix("gate_").replace("_", " "), False, str(exc))
+
+
+def gate_packer_fmt(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
+    result = packer.fmt(ctx.packer_dir, check=True)
+    detail = "template is packer fmt-clean" if result.ok else result.output
+    return Gate("packer fmt -check", result.ok, detail)
+
+
+def gate_packer_validate(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
+    key = work / "validate-key"
+    proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "validate", "-f", key])
+    sources = enabled_sources(loaded.spec)
+    variables = {"ssh_private_key_file": str(key), "base_image": str(work / "base.qcow2")}
+    result = packer.validate(ctx.packer_dir, variables=variables)
+    version = packer.version()
+    detail = f"Packer {version} accepts {', '.join(sources)}" if result.ok else result.output
+    return Gate("packer validate", result.ok, detail)
+
+
+def gate_cloud_init_schema(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
+    example = work / "first-boot.example.yaml"
+    example.write_text(cloudconfig.user_data_template(loaded.spec).replace("${", "x"))
+    failures = []
+    docs = [*ctx.cloud_configs(), example]
+    for doc in docs:
+        done = proc.run(["cloud-init", "schema", "--config-file", doc], check=False)
+        if done.returncode != 0:
+            failures.append(f"{doc.name}: {(done.stdout + done.stderr).strip()}")
+    detail = "; ".join(failures) or f"{len(docs)} documents are valid cloud-config"
+    return Gate("cloud-init schema", not failures, detail)
+
+
+def shipped_scripts() -> list[Path]:
+    """Every shell script that ships in ``scripts/`` (they start with a shebang)."""
+    found = []
+    for entry in resources.files("builder.scripts").iterdir():
+        path = Path(str(entry))
+        if path.is_file() and path.read_bytes().startswith(b"#!"):
+            found.append(path)
+    return sorted(found)
+
+
+def gate_shellcheck(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
+    scripts = [*shipped_scripts(), *ctx.scripts()]
+    env_files = [ctx.stage_dir / "bake.env", ctx.rootfs / "etc/meshbake/mesh.env"]
+    # The env files are sourced by scripts, so unused-variable warnings do not apply.
+    problems = shellcheck(scripts) + shellcheck(env_files, "--shell=sh", "--exclude=SC2034")
+    detail = "\n".join(problems) or f"{len(scripts)} scripts and {len(env_files)} env files clean"
+    return Gate("shellcheck", not problems, detail)
+
+
+def shellcheck(paths: list[Path], *options: str) -> list[str]:
+    """Run shellcheck on ``paths``; return its findings (empty when clean)."""
+    if not paths:
+        return []
+    done = proc.run(["shellcheck", "--format=gcc", *options, *paths], check=False)
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+_EXEC = re.compile(r"^(Exec[A-Za-z]+=)([-+@!:]*)(/\S+)(.*)$")
+
+
+def gate_systemd_analyze(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
+    units = ctx.units()
+    stderr = systemd_verify(units, ctx.rootfs, work / "units")
+    detail = stderr or f"{len(units)} units verified with no warning"
+    return Gate("systemd-analyze verify", not stderr, detail)
+
+
+def systemd_verify(units: list[Path], rootfs: Path, scratch: Path) -> str:
+    """``systemd-analyze verify`` the units; return its stderr ('' means clean).
+
+    It exits 0 on warnings, so any stderr counts as a failure. It also insists that
+    every executable exists on *this* host, so commands that only exist inside the
+    image (what the bake installs: consul, envoy, meshbake's own scripts, or what the
+    spec's packages bring) are pointed at placeholders in a scratch copy; every other
+    directive is verified exactly as rendered.
+    """
+    with _placeholders(rootfs, scratch) as rewrite:
+        copies = []
+        for unit in units:
+            copy = scratch / unit.name
+            copy.write_text("\n".join(rewrite(line) for line in unit.read_text().splitlines()))
+            copies.append(copy)
+        done = proc.run(["systemd-analyze", "verify", "--man=no", *copies], check=False)
+    return "\n".join(s for s in (done.stderr.strip(), _failed(done.returncode)) if s)
+
+
+def _failed(code: int) -> str:
+    return "" if code == 0 else f"systemd-analyze exited {code}"
+
+
+@contextmanager
+def _placeholders(rootfs: Path, scratch: Path) -> Iterator[Callable[[str], str]]:
+    bin_dir = scratch / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+
+    def rewrite(line: str) -> str:
+        match = _EXEC.match(line)
+        if match is None:
+            return line
+        key, prefix, command, rest = match.groups()
+        if Path(command).exists() and not (rootfs / command.lstrip("/")).exists():
+            return line
+        stand_in = bin_dir / command.strip("/").replace("/", "_")
+        stand_in.write_text("#!/bin/sh\n")
+        stand_in.chmod(0o755)
+        return f"{key}{prefix}{stand_in}{rest}"
+
+    try:
+        yield rewrite
+    finally:
+        shutil.rmtree(bin_dir, ignore_errors=True)
+
+
+GATES = (
+    gate_packer_fmt,
+    gate_packer_validate,
+    gate_cloud_init_schema,
+    gate_shellcheck,
+    gate_systemd_analyze,
+)
