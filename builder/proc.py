@@ -38,6 +38,8 @@ DEBIAN_PACKAGES: Mapping[str, str] = {
     "ip": "iproute2",
     "gpg": "gnupg",
     "gpgv": "gpgv",
+    "gpgconf": "gpgconf",
+    "sha256sum": "coreutils",
     "sfdisk": "fdisk",
     "losetup": "mount",
     "mkfs.ext4": "e2fsprogs",

@@ -13,6 +13,7 @@ qemu image and the AMI get exactly the same bake. String values carry their own 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import hcl2
@@ -50,12 +51,13 @@ def q(value: str) -> str:
     return json.dumps(value)
 
 
-def _qlist(values: object) -> list[str]:
-    return [q(str(v)) for v in values]  # type: ignore[attr-defined]
+def _qlist(values: Iterable[object]) -> list[str]:
+    return [q(str(v)) for v in values]
 
 
 def _dump(builder: hcl2.Builder) -> str:
-    text: str = hcl2.dumps(builder.build())
+    document: dict[str, Any] = builder.build()  # type: ignore[no-untyped-call]
+    text: str = hcl2.dumps(document)
     return text.strip() + "\n"
 
 
