@@ -18,7 +18,7 @@ from builder import __version__, cloudconfig
 from builder.context import render_context
 from builder.errors import UserError
 from builder.packer import Packer
-from builder.spec import LoadedSpec, load_spec
+from builder.spec import Accelerator, LoadedSpec, load_spec
 from builder.validate import validate_spec
 
 Handler = Callable[[argparse.Namespace], int]
@@ -133,6 +133,76 @@ def cmd_userdata(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_base(args: argparse.Namespace) -> int:
+    from builder import base
+
+    built = base.build_base(args.cache, progress=progress)
+    state = "reused from the cache" if built.reused else "built"
+    print(f"{built.path}\t{state}\tsha256:{built.sha256}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from builder import artifacts, build
+
+    key = None
+    if args.consul_key is not None:
+        if not args.consul_key_fingerprint:
+            raise UserError("--consul-key needs --consul-key-fingerprint (40 hex digits)")
+        key = artifacts.TrustedKey(args.consul_key, args.consul_key_fingerprint.replace(" ", ""))
+    options = build.BuildOptions(
+        target=args.target,
+        out=args.out,
+        cache=args.cache,
+        consul_mirror=args.consul_mirror,
+        consul_key=key,
+        consul_zip=args.consul_zip,
+        accelerator=None if args.accelerator is None else Accelerator(args.accelerator),
+        force=args.force,
+        dry_run=args.dry_run,
+    )
+    specs = spec_paths(args.specs)
+    if len(specs) == 1:
+        result = build.build_image(specs[0], options, progress)
+        results = [result]
+    else:
+        results = build.build_many(specs, options, args.jobs, progress)
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    elif len(results) > 1:
+        print(build.summary_table(results))
+    else:
+        for r in results:
+            print(r.output or r.manifest or r.status)
+    return 0 if all(r.status != "failed" for r in results) else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from builder import verify
+
+    if args.host is not None:
+        if args.spec is None:
+            raise UserError("--host needs --spec")
+        phase = args.phase[0] if args.phase else "firstboot"
+        token = ""
+        if args.token_file is not None:
+            token = cloudconfig.read_secret(args.token_file, "token")
+        result = verify.verify_host(args.host, spec=args.spec, phase=phase, token=token)
+        report = verify.VerifyReport(str(args.host), (result,))
+    else:
+        report = verify.verify_image(
+            args.image,
+            spec=args.spec,
+            phases=args.phase or verify.PHASES,
+            accelerator=Accelerator(args.accelerator),
+            progress=progress,
+        )
+    if args.report is not None:
+        args.report.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
 # --- wiring -----------------------------------------------------------------------
 
 
@@ -170,6 +240,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key-file", type=Path)
     p.set_defaults(handler=cmd_userdata)
 
+    p = sub.add_parser("base", help="build (or reuse) the cached Debian 12 base qcow2")
+    p.add_argument("--cache", type=Path, help="cache folder (default: /var/cache/meshbake)")
+    p.set_defaults(handler=cmd_base)
+
+    p = sub.add_parser("build", help="bake golden images from specs (qemu: a local qcow2)")
+    p.add_argument("specs", type=Path, nargs="+", metavar="SPEC", help="spec files or folders")
+    p.add_argument("--target", default="qemu", choices=("qemu", "aws"))
+    p.add_argument("--out", type=Path, help="output folder (default: build/<name>/)")
+    p.add_argument("--cache", type=Path, help="cache folder (default: /var/cache/meshbake)")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="builds at once (several specs)")
+    p.add_argument("--accelerator", choices=[a.value for a in Accelerator])
+    p.add_argument("--consul-mirror", help="folder or URL laid out like HashiCorp's releases")
+    p.add_argument("--consul-key", type=Path, help="trusted release key (default: HashiCorp's)")
+    p.add_argument("--consul-key-fingerprint", help="fingerprint of --consul-key")
+    p.add_argument("--consul-zip", type=Path, help="a local Consul zip you vouch for")
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    p.add_argument("--dry-run", action="store_true", help="aws: render, validate and plan only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("verify", help="boot an image (or reach a host) and prove it")
+    p.add_argument("image", type=Path, nargs="?", help="the qcow2 to boot (not with --host)")
+    p.add_argument("--spec", type=Path, help="default: the spec named in the image's manifest")
+    p.add_argument("--phase", action="append", choices=("baked", "firstboot"))
+    p.add_argument("--report", type=Path, help="also write the JSON report here")
+    p.add_argument("--accelerator", choices=[a.value for a in Accelerator], default="auto")
+    p.add_argument("--host", help="check a running host instead, e.g. ssh://admin@10.0.0.5")
+    p.add_argument("--token-file", type=Path, help="with --host: the token it was given")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_verify)
+
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser
@@ -177,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Registration functions of the subcommands that live in other modules.
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+# Imported here, after EXTRA_COMMANDS exists, because importing it appends to that list.
+from builder import cli_aws  # noqa: E402, F401  (images, launch, prune)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

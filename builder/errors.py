@@ -34,7 +34,9 @@ class SpecProblem:
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        return f"{self.file}: {where}{self.message}"
+        # A key or path from the file may hold a line break; keep one problem one line.
+        text = f"{self.file}: {where}{self.message}"
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class SpecError(UserError):

@@ -173,3 +173,22 @@ def terminate_group(child: subprocess.Popen[str], grace: float = 30.0) -> None:
         child.wait()
     except ProcessLookupError:
         pass
+
+
+def spawn(argv: Sequence[StrPath], *, log_file: Path) -> subprocess.Popen[str]:
+    """Start a long-running ``argv`` in its own process group, output into ``log_file``.
+
+    The caller owns it and must end it with ``terminate_group`` (in a ``finally``).
+    """
+    args = [os.fspath(a) for a in argv]
+    which(args[0])
+    log.debug("+ %s &", shlex.join(args))
+    with log_file.open("w") as out:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )

@@ -451,6 +451,11 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise SpecError([SpecProblem(shown, "", f"{where}{problem}")]) from None
+    except (ValueError, RecursionError) as exc:
+        # PyYAML raises a bare ValueError for an impossible date (2001-02-30), and very
+        # deep nesting overflows its recursive constructor.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise SpecError([SpecProblem(shown, "", f"invalid YAML: {reason}")]) from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise SpecError([SpecProblem(shown, "", f"must be a mapping of fields, not {kind}")])
@@ -569,8 +574,9 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
         for i, file in enumerate(files):
             if file.source is not None:
                 source = path.parent / file.source
-                if not source.is_file():
-                    errors.append((f"{prefix}[{i}].source", f"{source} does not exist"))
+                unreadable = _unreadable(source)
+                if unreadable is not None:
+                    errors.append((f"{prefix}[{i}].source", f"{source} {unreadable}"))
             if file.dest.startswith(_MANAGED_PREFIXES):
                 errors.append((f"{prefix}[{i}].dest", f"{file.dest} is managed by meshbake"))
 
@@ -583,6 +589,17 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
             )
         )
     return errors, warnings
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be baked as a file, or None when it can be read."""
+    try:
+        if not path.is_file():
+            return "does not exist"
+        with path.open("rb"):
+            return None
+    except OSError as exc:  # a name too long for the file system, no permission, ...
+        return f"cannot be read: {_reason(exc)}"
 
 
 #: Groups present on a stock Debian or Ubuntu system.

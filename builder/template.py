@@ -2,7 +2,8 @@
 
 One build block bakes for every enabled target with the same provisioners, so the
 qemu image and the AMI get exactly the same bake. String values carry their own quotes
-(``json.dumps``); a literal ``${`` would have to be ``$${``.
+(``json.dumps``): ``q`` for meshbake's own strings, which may interpolate on purpose
+(``${path.root}``), and ``lit`` for text from the spec, which never does.
 
 >>> from builder.spec import load_spec
 >>> files = packer_files(load_spec("images/web.yaml"), PackerVersion(1, 6, 6))
@@ -25,6 +26,7 @@ from builder.spec import BaseDistro, ImageSpec, LoadedSpec
 
 STAGE_IN_VM = "/tmp/meshbake"
 FINALIZE_IN_VM = "/run/meshbake-finalize"
+BUILD_TIME_TAG = "meshbake:build-time"
 
 #: Source AMI owners and name patterns per base (Debian's and Canonical's accounts).
 AMI_DEFAULTS: dict[BaseDistro, tuple[str, str, str]] = {
@@ -51,8 +53,17 @@ def q(value: str) -> str:
     return json.dumps(value)
 
 
+def lit(value: str) -> str:
+    """Quote spec text for HCL so Packer reads it literally, never as a template.
+
+    >>> lit("costs ${x}")
+    '"costs $${x}"'
+    """
+    return q(value.replace("${", "$${").replace("%{", "%%{"))
+
+
 def _qlist(values: Iterable[object]) -> list[str]:
-    return [q(str(v)) for v in values]
+    return [lit(str(v)) for v in values]
 
 
 def _dump(builder: hcl2.Builder) -> str:
@@ -169,12 +180,13 @@ def _aws_source(b: hcl2.Builder, loaded: LoadedSpec, packer: PackerVersion) -> N
     assert aws is not None
     owner, pattern, user = AMI_DEFAULTS[spec.base]
     owners = aws.source_ami.owners or (owner,)
-    tags = {q(k): q(v) for k, v in image_tags(loaded).items()}
+    # Only meshbake's build-time tag interpolates; every other key and value is literal.
+    tags = {lit(k): q(v) if k == BUILD_TIME_TAG else lit(v) for k, v in image_tags(loaded).items()}
     attributes: dict[str, Any] = {
         "region": q(aws.region),
         "instance_type": q(aws.instance_type),
         "ami_name": q(f"{spec.name}-{loaded.digest[:12]}-${{local.stamp}}"),
-        "ami_description": q(spec.description or f"{spec.name}, baked by meshbake"),
+        "ami_description": lit(spec.description or f"{spec.name}, baked by meshbake"),
         "ssh_username": q(aws.ssh_username or user),
         "encrypt_boot": True,
         "ami_regions": _qlist(aws.ami_regions),
@@ -188,9 +200,9 @@ def _aws_source(b: hcl2.Builder, loaded: LoadedSpec, packer: PackerVersion) -> N
     if aws.share.ous:
         attributes["ami_ou_arns"] = _qlist(aws.share.ous)
     if aws.kms_key_id:
-        attributes["kms_key_id"] = q(aws.kms_key_id)
+        attributes["kms_key_id"] = lit(aws.kms_key_id)
     if aws.subnet_id:
-        attributes["subnet_id"] = q(aws.subnet_id)
+        attributes["subnet_id"] = lit(aws.subnet_id)
     if packer.supports_plugins:
         # The AMI itself requires IMDSv2 (amazon plugin 1.2+; not in Packer 1.6).
         attributes["imds_support"] = q("v2.0")
@@ -199,7 +211,7 @@ def _aws_source(b: hcl2.Builder, loaded: LoadedSpec, packer: PackerVersion) -> N
         "source_ami_filter",
         None,
         filters={
-            q("name"): q(aws.source_ami.name or pattern),
+            q("name"): lit(aws.source_ami.name or pattern),
             q("architecture"): q(aws.source_ami.architecture),
             q("virtualization-type"): q("hvm"),
             q("root-device-type"): q("ebs"),
@@ -241,7 +253,7 @@ def image_tags(loaded: LoadedSpec) -> dict[str, str]:
         "meshbake:consul": spec.consul.version,
         "meshbake:envoy": spec.envoy.version,
         "meshbake:version": __version__,
-        "meshbake:build-time": "${local.stamp}",
+        BUILD_TIME_TAG: "${local.stamp}",
     }
     return tags
 
@@ -250,7 +262,6 @@ def build_file(loaded: LoadedSpec) -> str:
     spec = loaded.spec
     b = hcl2.Builder()
     build = b.block("build", None)
-    build.attributes["name"] = q("meshbake")
     build.attributes["sources"] = [
         q(source_ref(*name.split(".", 1))) for name in enabled_sources(spec)
     ]

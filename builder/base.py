@@ -1,0 +1,501 @@
+"""Build the Debian base qcow2 that the qemu target bakes on top of.
+
+The base is made from Debian packages only: ``mmdebstrap`` fills an ext4 file system on
+an offset loop device, grub is installed by hand (loop partition devices do not work on
+the build machines), and ``qemu-img`` compresses the result. Images are cached under a
+content key, so a second build with the same inputs is a no-op.
+
+>>> image = build_base()  # doctest: +SKIP
+>>> image.reused, image.path.suffix  # doctest: +SKIP
+(False, '.qcow2')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import __version__
+from builder.errors import CommandError, UserError
+from builder.proc import run, which
+
+#: Bump when the recipe below changes in a way that changes the image, so cached
+#: bases built by an older recipe are not reused.
+RECIPE_VERSION = 1
+
+#: What goes into the base. Recommends stay off (mmdebstrap's default).
+BASE_PACKAGES: tuple[str, ...] = (
+    "linux-image-cloud-amd64",
+    "systemd",
+    "systemd-sysv",
+    "systemd-resolved",
+    "udev",
+    "dbus",
+    "cloud-init",
+    # growpart, so cloud-init can grow the root partition when a bake asks for a
+    # bigger disk than the base has.
+    "cloud-guest-utils",
+    "openssh-server",
+    "iptables",
+    "sudo",
+    "grub-pc",
+    "ca-certificates",
+    "python3",
+)
+
+#: Host tools the recipe calls. grub-mkimage is not here: it runs inside the new
+#: root, so core.img always matches the grub modules the image carries.
+_HOST_TOOLS = (
+    "mmdebstrap",
+    "sfdisk",
+    "losetup",
+    "mkfs.ext4",
+    "mount",
+    "umount",
+    "unshare",
+    "chroot",
+    "systemctl",
+    "fstrim",
+    "qemu-img",
+)
+
+_SECTOR = 512
+_PARTITION_START_SECTOR = 2048
+_PARTITION_OFFSET = _PARTITION_START_SECTOR * _SECTOR  # 1 MiB
+_MBR_BOOT_CODE_BYTES = 440  # boot.img stops before the disk signature and partition table
+_GRUB_PREFIX = "(hd0,msdos1)/boot/grub"
+_GRUB_MODULES = ("biosdisk", "part_msdos", "ext2", "search", "search_fs_uuid")
+#: The disk the guest sees (Packer's default virtio interface); grub-pc reinstalls
+#: its boot code there when the package is upgraded inside the guest.
+_GUEST_DISK = "/dev/vda"
+
+_SUITE_RE = re.compile(r"[a-z][a-z0-9.-]*")
+_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+
+# Docs, man pages and translations are most of what a minimal root carries and
+# nothing on a mesh node reads them. Kept as dpkg config in the image, so later
+# installs during a bake stay small too.
+_DPKG_EXCLUDES = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/lintian/*",
+)
+
+_CLOUD_CFG = """\
+# Written by meshbake: the base only ever boots from a NoCloud seed (qemu, Packer).
+datasource_list: [ NoCloud, None ]
+system_info:
+  network:
+    renderers: [ networkd ]
+    activators: [ networkd ]
+# C.UTF-8 needs no locale-gen, which keeps the first boot short.
+locale: C.UTF-8
+"""
+
+_NETWORK_DHCP = """\
+# Written by meshbake. cloud-init's own file (10-cloud-init-*) wins when it writes one.
+[Match]
+Name=en* eth*
+
+[Network]
+DHCP=yes
+"""
+
+# sshd -t fails without host keys, so the key generation has to come first: the
+# empty ExecStartPre= clears Debian's list before both are set again.
+_SSH_DROPIN = """\
+# Written by meshbake: the image ships without host keys; make any that are missing.
+[Service]
+ExecStartPre=
+ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
+"""
+
+_GRUB_DEFAULTS = """\
+# Written by meshbake: keep the serial console when update-grub runs in the guest.
+GRUB_TIMEOUT=1
+GRUB_TERMINAL="console serial"
+GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
+GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8"
+"""
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """A finished base image in the cache."""
+
+    path: Path
+    key: str
+    sha256: str
+    reused: bool
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def base_key(suite: str = "bookworm", packages: Sequence[str] = BASE_PACKAGES) -> str:
+    """Return the content key of a base image: a hex sha256 of what goes into it.
+
+    The package order does not matter; the meshbake and recipe versions do.
+
+    >>> base_key() == base_key(packages=tuple(reversed(BASE_PACKAGES)))
+    True
+    >>> base_key() == base_key(packages=(*BASE_PACKAGES, "curl"))
+    False
+    """
+    document = {
+        "suite": suite,
+        "packages": sorted(set(packages)),
+        "meshbake": __version__,
+        "recipe": RECIPE_VERSION,
+    }
+    encoded = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """Return where base images are cached.
+
+    ``$MESHBAKE_CACHE`` when set, else ``/var/cache/meshbake`` for root, else
+    ``~/.cache/meshbake``.
+
+    >>> default_cache_dir()  # doctest: +SKIP
+    PosixPath('/var/cache/meshbake')
+    """
+    configured = os.environ.get("MESHBAKE_CACHE")
+    if configured:
+        return Path(configured)
+    if os.geteuid() == 0:
+        return Path("/var/cache/meshbake")
+    return Path.home() / ".cache" / "meshbake"
+
+
+def build_base(
+    cache_dir: Path | None = None,
+    *,
+    suite: str = "bookworm",
+    packages: Sequence[str] = BASE_PACKAGES,
+    disk_size_gib: int = 4,
+    progress: Callable[[str], None] = _stderr,
+) -> BaseImage:
+    """Build (or reuse from the cache) a bootable Debian base qcow2 and return it.
+
+    Needs root for the loop device and the mounts. The image lands at
+    ``<cache>/base/debian-<suite>-<key>-<size>g.qcow2`` only when the build succeeded.
+
+    >>> image = build_base(Path("/var/cache/meshbake"))  # doctest: +SKIP
+    >>> build_base(Path("/var/cache/meshbake")).reused  # doctest: +SKIP
+    True
+    """
+    _check_inputs(suite, packages, disk_size_gib)
+    key = base_key(suite, packages)
+    base_dir = (cache_dir if cache_dir is not None else default_cache_dir()) / "base"
+    name = f"debian-{suite}-{key}-{disk_size_gib}g"
+    final = base_dir / f"{name}.qcow2"
+
+    # Reuse needs neither root nor the build tools.
+    if final.is_file():
+        return BaseImage(final, key, _sha256(final), reused=True)
+
+    _check_host()
+    base_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(base_dir / f"{name}.lock", progress):
+        # Another build of the same key may have finished while we waited.
+        if final.is_file():
+            return BaseImage(final, key, _sha256(final), reused=True)
+        _remove_stale_builds(base_dir, name, progress)
+        work = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=base_dir))
+        try:
+            qcow2 = _build(work, suite, packages, disk_size_gib, progress)
+            digest = _sha256(qcow2)
+            qcow2.replace(final)
+        finally:
+            _remove_work_dir(work, progress)
+    return BaseImage(final, key, digest, reused=False)
+
+
+def _check_inputs(suite: str, packages: Sequence[str], disk_size_gib: int) -> None:
+    if not _SUITE_RE.fullmatch(suite):
+        raise UserError(f"base image: {suite!r} is not a Debian suite name")
+    bad = [p for p in packages if not _PACKAGE_RE.fullmatch(p)]
+    if bad:
+        raise UserError(f"base image: not Debian package names: {', '.join(map(repr, bad))}")
+    if not packages:
+        raise UserError("base image: the package list is empty")
+    # An MBR partition table cannot address more than 2 TiB.
+    if not 2 <= disk_size_gib <= 2047:
+        raise UserError(f"base image: disk size must be 2 to 2047 GiB, not {disk_size_gib}")
+
+
+def _check_host() -> None:
+    if os.geteuid() != 0:
+        raise UserError(
+            "building the base image needs root (loop devices and mounts): run meshbake as root"
+        )
+    for tool in _HOST_TOOLS:
+        which(tool)
+    if not Path("/dev/loop-control").exists():
+        raise UserError(
+            "building the base image needs loop devices, but /dev/loop-control is missing"
+            " (load the loop module: modprobe loop)"
+        )
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, progress: Callable[[str], None]) -> Iterator[None]:
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress("base: waiting for another build of the same image")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(
+    work: Path,
+    suite: str,
+    packages: Sequence[str],
+    disk_size_gib: int,
+    progress: Callable[[str], None],
+) -> Path:
+    raw = work / "disk.raw"
+    root = work / "root"
+    root.mkdir()
+    size = disk_size_gib * 1024**3
+    with raw.open("wb") as handle:
+        handle.truncate(size)  # sparse
+    run(
+        ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", raw],
+        input=f"label: dos\nstart={_PARTITION_START_SECTOR}, type=83, bootable\n",
+    )
+    root_uuid = str(uuid.uuid4())
+
+    loop: str | None = None
+    mounted = False
+    try:
+        loop = _attach_loop(raw, _PARTITION_OFFSET, size - _PARTITION_OFFSET)
+        # Features newer than the guest's grub 2.06 and e2fsprogs are turned off, in
+        # case the host's mke2fs defaults are newer than the guest's.
+        run(
+            [
+                "mkfs.ext4", "-q", "-F", "-U", root_uuid, "-L", "root",
+                "-O", "^metadata_csum_seed,^orphan_file", loop,
+            ]
+        )  # fmt: skip
+        run(["mount", loop, root])
+        mounted = True
+
+        progress(f"base: mmdebstrap {suite} (about 70 s)")
+        fstab = work / "fstab"
+        fstab.write_text(f"UUID={root_uuid} / ext4 rw,errors=remount-ro 0 1\n")
+        _mmdebstrap(root, suite, packages, fstab)
+        progress("base: configuring")
+        _configure(root)
+        progress("base: installing grub")
+        core = _install_grub(root, root_uuid)
+        # Blocks freed by the build (downloaded .debs, apt lists) would otherwise end
+        # up in the qcow2; trimming a loop device punches holes in its backing file.
+        run(["fstrim", root])
+    finally:
+        if mounted:
+            _unmount(root)
+        if loop is not None:
+            run(["losetup", "--detach", loop], check=False)
+
+    _write_boot_code(raw, root_boot_img=work / "boot.img", core_img=core)
+    progress("base: compressing")
+    qcow2 = work / "disk.qcow2"
+    run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-c", raw, qcow2])
+    raw.unlink()
+    with qcow2.open("rb") as handle:
+        os.fsync(handle.fileno())
+    return qcow2
+
+
+def _attach_loop(raw: Path, offset: int, size_limit: int) -> str:
+    try:
+        result = run(
+            [
+                "losetup", "--find", "--show",
+                "--offset", str(offset), "--sizelimit", str(size_limit), raw,
+            ]
+        )  # fmt: skip
+    except CommandError as exc:
+        reason = exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else "no reason given"
+        raise UserError(f"base image: no free loop device ({reason})") from exc
+    return result.stdout.strip()
+
+
+def _mmdebstrap(root: Path, suite: str, packages: Sequence[str], fstab: Path) -> None:
+    # mmdebstrap mounts /proc, /sys and /dev under the target. In a private mount
+    # namespace those mounts die with it, even when it is killed halfway through, and
+    # unmounting them can never propagate back to the host.
+    argv: list[str | Path] = [
+        "unshare", "--mount", "--propagation", "private", "--",
+        "mmdebstrap", "--quiet", "--mode=root", "--variant=apt",
+        f"--include={','.join(sorted(set(packages)))}",
+    ]  # fmt: skip
+    argv += [f"--dpkgopt={option}" for option in _DPKG_EXCLUDES]
+    # The fstab goes in before the kernel is installed: the initramfs only carries
+    # fsck for a root file system that /etc/fstab names. The path travels in the
+    # environment, so the hook stays static shell text.
+    argv += ['--essential-hook=cp "$MESHBAKE_FSTAB" "$1/etc/fstab"']
+    # No mirror argument: mmdebstrap's default Debian mirror, plus the updates and
+    # security suites it adds for a stable release.
+    argv += [suite, root]
+    run(argv, env={"DEBIAN_FRONTEND": "noninteractive", "MESHBAKE_FSTAB": os.fspath(fstab)})
+
+
+def _configure(root: Path) -> None:
+    etc = root / "etc"
+    # mmdebstrap copies the host's hostname and resolv.conf; neither belongs in an image.
+    (etc / "hostname").write_text("localhost\n")
+    (etc / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+    resolv = etc / "resolv.conf"
+    resolv.unlink(missing_ok=True)
+    resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    # Empty, so systemd makes a new id on the first boot of every copy.
+    (etc / "machine-id").write_text("")
+
+    (etc / "cloud" / "cloud.cfg.d" / "90_meshbake.cfg").write_text(_CLOUD_CFG)
+    (etc / "systemd" / "network" / "90-meshbake-dhcp.network").write_text(_NETWORK_DHCP)
+    ssh_dropin = etc / "systemd" / "system" / "ssh.service.d"
+    ssh_dropin.mkdir(parents=True, exist_ok=True)
+    (ssh_dropin / "meshbake-hostkeys.conf").write_text(_SSH_DROPIN)
+    for key in (etc / "ssh").glob("ssh_host_*"):
+        key.unlink()
+
+    grub_defaults = etc / "default" / "grub.d"
+    grub_defaults.mkdir(parents=True, exist_ok=True)
+    (grub_defaults / "50-meshbake.cfg").write_text(_GRUB_DEFAULTS)
+    # grub-pc reinstalls its boot code on upgrade only where these point.
+    run(
+        ["chroot", root, "debconf-set-selections"],
+        input=(
+            f"grub-pc grub-pc/install_devices multiselect {_GUEST_DISK}\n"
+            "grub-pc grub-pc/install_devices_empty boolean false\n"
+        ),
+    )
+    run(["chroot", root, "passwd", "--lock", "root"])
+    run(
+        [
+            "systemctl", f"--root={root}", "enable",
+            "systemd-networkd.service", "systemd-resolved.service", "ssh.service",
+        ]
+    )  # fmt: skip
+
+
+def _install_grub(root: Path, root_uuid: str) -> Path:
+    modules_src = root / "usr" / "lib" / "grub" / "i386-pc"
+    grub_dir = root / "boot" / "grub"
+    modules_dst = grub_dir / "i386-pc"
+    grub_dir.mkdir(parents=True, exist_ok=True)
+    if modules_dst.exists():
+        shutil.rmtree(modules_dst)
+    # core.img loads normal.mod, linux.mod and the rest from the prefix at boot.
+    shutil.copytree(
+        modules_src, modules_dst, ignore=shutil.ignore_patterns("*.image", "*.exec", "*.img")
+    )
+    run(
+        [
+            "chroot", root, "grub-mkimage", "-O", "i386-pc",
+            "-o", "/boot/grub/i386-pc/core.img", "-p", _GRUB_PREFIX, *_GRUB_MODULES,
+        ]
+    )  # fmt: skip
+    (grub_dir / "grub.cfg").write_text(_grub_cfg(root_uuid))
+    # Both images leave the root before it is unmounted; they go into the raw disk.
+    shutil.copyfile(modules_src / "boot.img", root.parent / "boot.img")
+    core = root.parent / "core.img"
+    shutil.copyfile(modules_dst / "core.img", core)
+    return core
+
+
+def _grub_cfg(root_uuid: str) -> str:
+    return f"""\
+# Written by meshbake. update-grub in the guest replaces it, keeping the serial
+# console from /etc/default/grub.d/50-meshbake.cfg.
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+set timeout=1
+set default=0
+search --no-floppy --fs-uuid --set=root {root_uuid}
+menuentry "Debian GNU/Linux" {{
+    linux /vmlinuz root=UUID={root_uuid} ro console=tty0 console=ttyS0,115200n8
+    initrd /initrd.img
+}}
+"""
+
+
+def _write_boot_code(raw: Path, *, root_boot_img: Path, core_img: Path) -> None:
+    boot = root_boot_img.read_bytes()[:_MBR_BOOT_CODE_BYTES]
+    core = core_img.read_bytes()
+    room = (_PARTITION_START_SECTOR - 1) * _SECTOR
+    if len(core) > room:
+        raise UserError(f"base image: grub core.img is {len(core)} bytes, only {room} fit")
+    with raw.open("r+b") as disk:
+        disk.write(boot)  # the partition table after byte 440 stays
+        disk.seek(_SECTOR)  # boot.img loads core.img from sector 1
+        disk.write(core)
+
+
+def _unmount(root: Path) -> None:
+    if run(["umount", "--recursive", root], check=False).returncode != 0:
+        run(["umount", "--recursive", "--lazy", root], check=False)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = os.fspath(path.resolve())
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        # Field 5 is the mount point, with spaces and the like octal-escaped.
+        point = line.split()[4].encode().decode("unicode_escape")
+        if point == prefix or point.startswith(prefix + "/"):
+            found.append(point)
+    return found
+
+
+def _remove_work_dir(work: Path, progress: Callable[[str], None]) -> None:
+    # Never delete through a mount point: a leftover bind mount of /dev would take
+    # the host's device nodes with it.
+    still_mounted = _mounts_under(work)
+    if still_mounted:
+        progress(f"base: left {work} in place, still mounted: {', '.join(still_mounted)}")
+        return
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_stale_builds(base_dir: Path, name: str, progress: Callable[[str], None]) -> None:
+    # Called under the lock: any work dir of this name is from a build that died.
+    for stale in base_dir.glob(f".build-{name}-*"):
+        if stale.is_dir():
+            progress(f"base: removing {stale.name} left by an interrupted build")
+            _remove_work_dir(stale, progress)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,530 @@
+"""``meshbake build``: spec -> golden image, with a content key that makes re-runs no-ops.
+
+The stages are render, validate, download, base, bake. Everything a build writes
+lives in a private work folder inside the output folder until the very end. The
+finished image is renamed into place only after Packer succeeded, and the work folder
+(Packer's TMPDIR with the seed ISO, the ephemeral SSH key, a partial disk) is removed
+whatever happens.
+
+>>> result = build_image(Path("images/web.yaml"), BuildOptions())  # doctest: +SKIP
+>>> result.status
+'built'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict as asdataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+from builder import __version__, artifacts, base, proc
+from builder.context import Context, render_context, write_seed
+from builder.errors import MeshbakeError, UserError
+from builder.packer import MachineEvent, Packer
+from builder.spec import Accelerator, LoadedSpec, load_spec
+from builder.validate import validate_spec
+
+Progress = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What the user chose on the command line (the spec says the rest)."""
+
+    target: str = "qemu"
+    out: Path | None = None
+    cache: Path | None = None
+    consul_mirror: str | None = None
+    consul_key: artifacts.TrustedKey | None = None
+    consul_zip: Path | None = None
+    accelerator: Accelerator | None = None
+    force: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class BuildRun:
+    """Run state of one build (apart from the frozen spec): folders and timings."""
+
+    loaded: LoadedSpec
+    options: BuildOptions
+    out_dir: Path
+    cache: Path
+    progress: Progress
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str, what: str) -> Iterator[None]:
+        self.progress(f"{self.loaded.spec.name}: {name}: {what}")
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.monotonic() - start, 1)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    image: str
+    spec: Path
+    status: str  # built | up-to-date | planned | failed
+    output: Path | None = None
+    manifest: Path | None = None
+    error: str | None = None
+    log: Path | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdataclass(self).items()}
+
+
+class BuildFailed(UserError):
+    """A build stage failed; the message names the stage and the log."""
+
+
+class Target(Protocol):
+    """A build target: ``qemu`` (local qcow2) or ``aws`` (AMIs)."""
+
+    name: str
+
+    def build(self, run: BuildRun) -> BuildResult: ...
+
+
+# --- shared steps ----------------------------------------------------------------------
+
+
+def _fetch_artifacts(run: BuildRun) -> list[artifacts.Artifact]:
+    spec = run.loaded.spec
+    options = run.options
+    env_zip = os.environ.get("MESHBAKE_CONSUL_ZIP")
+    consul_zip = options.consul_zip or (Path(env_zip) if env_zip else None)
+    with run.stage("download", f"Consul {spec.consul.version} and Envoy {spec.envoy.version}"):
+        consul = artifacts.fetch_consul(
+            spec.consul.version,
+            run.cache,
+            mirror=options.consul_mirror or spec.consul.source.mirror,
+            key=options.consul_key,
+            zip_override=consul_zip,
+            progress=run.progress,
+        )
+        envoy = artifacts.fetch_envoy(
+            spec.envoy.version, run.cache, source=spec.envoy.source, progress=run.progress
+        )
+    return [consul, envoy]
+
+
+def _data_digest() -> str:
+    """A hash of everything meshbake ships into images: scripts, templates, cloud-init."""
+    h = hashlib.sha256(__version__.encode())
+    for package in ("builder.scripts", "builder.cloudinit"):
+        for entry in sorted(resources.files(package).iterdir(), key=lambda e: e.name):
+            if entry.is_file():
+                h.update(entry.name.encode() + b"\0" + entry.read_bytes())
+    templates = resources.files("builder").joinpath("templates")
+    for entry in sorted(templates.iterdir(), key=lambda e: e.name):
+        h.update(entry.name.encode() + b"\0" + entry.read_bytes())
+    return h.hexdigest()
+
+
+def content_key(run: BuildRun, arts: Sequence[artifacts.Artifact], base_id: str) -> str:
+    """Changes when anything that ends up in the image changes."""
+    parts = {
+        "target": run.options.target,
+        "spec": run.loaded.digest,
+        "artifacts": sorted(a.sha256 for a in arts),
+        "base": base_id,
+        "data": _data_digest(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _up_to_date(manifest: Path, key: str) -> dict[str, object] | None:
+    """The previous manifest when it describes this exact build and its output is intact."""
+    try:
+        previous = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("content_key") != key:
+        return None
+    output = previous.get("output", {})
+    path = manifest.parent / str(output.get("path", ""))
+    if not path.is_file() or sha256_file(path) != output.get("sha256"):
+        return None
+    return dict(previous)
+
+
+def _validate(run: BuildRun, packer: Packer) -> None:
+    with run.stage("validate", "static gates (packer, cloud-init, shellcheck, systemd)"):
+        report = validate_spec(run.loaded.path, packer)
+    if not report.ok:
+        failed = [g.line() for g in report.gates if not g.ok]
+        raise BuildFailed(f"validate: {'; '.join(failed)}")
+
+
+# --- qemu -------------------------------------------------------------------------------
+
+
+def kvm_usable() -> bool:
+    """KVM only where it really works: /dev/kvm usable *and* the CPU shows vmx or svm.
+
+    A nested paravirtual /dev/kvm without those flags hangs a Debian kernel.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split()}
+    return bool(flags & {"vmx", "svm"})
+
+
+def choose_accelerator(choice: Accelerator) -> Accelerator:
+    if choice is Accelerator.AUTO:
+        return Accelerator.KVM if kvm_usable() else Accelerator.TCG
+    return choice
+
+
+#: Packer ``ui`` messages that start a stage the user should see.
+_MILESTONES = (
+    ("Starting VM", "boot", "booting the build VM"),
+    ("Waiting for SSH", "boot", "waiting for SSH (about a minute under TCG)"),
+    ("Connected to SSH", "provision", "connected; running the bake"),
+    ("Gracefully halting", "shutdown", "hygiene done; shutting the VM down"),
+    ("Converting hard drive", "compress", "compressing the qcow2"),
+    ("Running post-processor", "compress", "writing Packer's manifest"),
+)
+
+
+class QemuTarget:
+    name = "qemu"
+
+    def build(self, run: BuildRun) -> BuildResult:
+        spec = run.loaded.spec
+        qemu = spec.targets.qemu
+        if qemu is None:
+            raise UserError(
+                f"{run.loaded.path}: targets.qemu is not set; the spec has no qemu target"
+            )
+        packer = Packer()
+        started = time.monotonic()
+        arts = _fetch_artifacts(run)
+        base_id, base_ref = self._base_ref(run)
+        key = content_key(run, arts, base_id)
+        manifest_path = run.out_dir / "manifest.json"
+        if not run.options.force:
+            previous = _up_to_date(manifest_path, key)
+            if previous is not None:
+                run.progress(f"{spec.name}: up to date (content key {key[:12]}); nothing to do")
+                return BuildResult(
+                    spec.name,
+                    run.loaded.path,
+                    "up-to-date",
+                    run.out_dir / f"{spec.name}.qcow2",
+                    manifest_path,
+                )
+        _validate(run, packer)
+        base_path, base_sha = self._base(run, base_ref)
+        accel = choose_accelerator(run.options.accelerator or qemu.accelerator)
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = run.out_dir / "logs"
+        log_dir.mkdir(exist_ok=True)
+        log = log_dir / "packer.log"
+        work = Path(tempfile.mkdtemp(prefix=".work-", dir=run.out_dir))
+        try:
+            with run.stage("render", "bake context"):
+                ctx, key_file = self._render(run, work, packer)
+                artifacts.stage(arts, ctx.stage_dir / "artifacts")
+            output = self._packer_build(run, packer, ctx, work, log, key_file, base_path, accel)
+            final = run.out_dir / f"{spec.name}.qcow2"
+            digest = sha256_file(output)
+            manifest = {
+                "image": spec.name,
+                "target": "qemu",
+                "spec": str(run.loaded.path),
+                "spec_hash": run.loaded.digest,
+                "content_key": key,
+                "artifacts": [
+                    {"name": a.name, "version": a.version, "sha256": a.sha256, "source": a.source}
+                    for a in arts
+                ],
+                "versions": {
+                    "consul": spec.consul.version,
+                    "envoy": spec.envoy.version,
+                    "packer": str(packer.version()),
+                    "meshbake": __version__,
+                },
+                "base": {"id": base_id, "path": str(base_path), "sha256": base_sha},
+                "accelerator": accel.value,
+                "stages": dict(run.timings),
+                "output": {"path": final.name, "sha256": digest, "size": output.stat().st_size},
+                "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            # The image goes into place first, then the manifest that vouches for it.
+            manifest_path.unlink(missing_ok=True)
+            output.replace(final)
+            _write_json(manifest_path, manifest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return BuildResult(
+            spec.name,
+            run.loaded.path,
+            "built",
+            final,
+            manifest_path,
+            log=log,
+            seconds=round(time.monotonic() - started, 1),
+        )
+
+    def _base_ref(self, run: BuildRun) -> tuple[str, Path | None]:
+        """The base's identity without building it (so a no-op stays cheap)."""
+        qemu = run.loaded.spec.targets.qemu
+        assert qemu is not None
+        ref = qemu.base_image
+        if ref is None:
+            return f"meshbake-base:{base.base_key()}", None
+        if ref.url is not None:
+            raise UserError(
+                f"{run.loaded.path}: targets.qemu.base_image.url: downloading bases is not"
+                " supported yet; download it and give its path"
+            )
+        assert ref.path is not None
+        path = (run.loaded.root / ref.path).resolve()
+        if not path.is_file():
+            raise UserError(f"{run.loaded.path}: targets.qemu.base_image.path: {path} not found")
+        return f"file:{ref.sha256 or sha256_file(path)}", path
+
+    def _base(self, run: BuildRun, ref: Path | None) -> tuple[Path, str]:
+        if ref is not None:
+            with run.stage("base", f"checking {ref}"):
+                digest = sha256_file(ref)
+                want = run.loaded.spec.targets.qemu.base_image.sha256  # type: ignore[union-attr]
+                if want is not None and want != digest:
+                    raise UserError(f"{ref}: sha256 is {digest}, the spec says {want}")
+            return ref, digest
+        with run.stage("base", "Debian 12 base image (cached after the first build)"):
+            built = base.build_base(run.cache, progress=run.progress)
+        return built.path, built.sha256
+
+    def _render(self, run: BuildRun, work: Path, packer: Packer) -> tuple[Context, Path]:
+        ctx = render_context(run.loaded, work / "context", packer=packer)
+        keys = work / "ssh"
+        keys.mkdir(mode=0o700)
+        key_file = keys / "build_ed25519"
+        proc.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "meshbake-build", "-f", key_file]
+        )
+        write_seed(ctx, run.loaded, key_file.with_suffix(".pub").read_text())
+        return ctx, key_file
+
+    def _packer_build(
+        self,
+        run: BuildRun,
+        packer: Packer,
+        ctx: Context,
+        work: Path,
+        log: Path,
+        key_file: Path,
+        base_path: Path,
+        accel: Accelerator,
+    ) -> Path:
+        spec = run.loaded.spec
+        tmp = work / "tmp"
+        tmp.mkdir()
+        output_dir = work / "output"  # Packer insists that it does not exist yet
+        variables = {
+            "base_image": str(base_path),
+            "base_checksum": "none",  # checked above, and Packer copies it anyway
+            "output_directory": str(output_dir),
+            "accelerator": accel.value,
+            "cpu_model": "host" if accel is Accelerator.KVM else "max",
+            "ssh_private_key_file": str(key_file),
+            "manifest": str(work / "packer-manifest.json"),
+            "serial_log": str(run.out_dir / "logs" / "serial.log"),
+        }
+        seen: set[str] = set()
+
+        def on_event(event: MachineEvent) -> None:
+            if event.type != "ui" or len(event.data) < 2:
+                return
+            message = event.data[1].strip()
+            for needle, stage, text in _MILESTONES:
+                if needle in message and needle not in seen:
+                    seen.add(needle)
+                    run.progress(f"{spec.name}: {stage}: {text}")
+            if "meshbake-bake:" in message:
+                run.progress(f"{spec.name}: {message.split('meshbake-bake:', 1)[1].strip()}")
+
+        with run.stage("bake", f"Packer qemu builder ({accel.value})"):
+            result = packer.build(
+                ctx.packer_dir,
+                only=[f"qemu.{spec.name}"],
+                variables=variables,
+                # Packer writes the seed ISO (our user data) to TMPDIR: keep it in work/.
+                env={"TMPDIR": str(tmp), "PACKER_CACHE_DIR": str(work / "packer_cache")},
+                log_file=log,
+                on_event=on_event,
+            )
+        image = output_dir / f"{spec.name}.qcow2"
+        if result.returncode != 0 or not image.is_file():
+            reason = (result.errors[-1] if result.errors else "no image").strip()
+            reason = reason.splitlines()[-1] if reason else "no image"
+            raise BuildFailed(
+                f"{spec.name}: bake failed (packer exit {result.returncode}): {reason};"
+                f" see {log} and {run.out_dir / 'logs' / 'serial.log'}"
+            )
+        return image
+
+
+# --- aws ----------------------------------------------------------------------------
+
+
+class AwsTarget:
+    name = "aws"
+
+    def build(self, run: BuildRun) -> BuildResult:
+        from builder import aws  # boto3 is only imported when the aws target is used
+
+        spec = run.loaded.spec
+        if spec.targets.aws is None:
+            raise UserError(
+                f"{run.loaded.path}: targets.aws is not set; the spec has no aws target"
+            )
+        packer = Packer()
+        _validate(run, packer)
+        if run.options.dry_run:
+            with run.stage("plan", "resolving the source AMI"):
+                plan = aws.aws_dry_run(run.loaded)
+            print(plan)
+            return BuildResult(spec.name, run.loaded.path, "planned")
+        arts = _fetch_artifacts(run)
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        (run.out_dir / "logs").mkdir(exist_ok=True)
+        log = run.out_dir / "logs" / "packer-aws.log"
+        work = Path(tempfile.mkdtemp(prefix=".work-", dir=run.out_dir))
+        try:
+            with run.stage("render", "bake context"):
+                ctx = render_context(run.loaded, work / "context", packer=packer)
+                artifacts.stage(arts, ctx.stage_dir / "artifacts")
+            packer_manifest = work / "packer-manifest.json"
+            with run.stage("bake", "Packer amazon-ebs builder"):
+                result = packer.build(
+                    ctx.packer_dir,
+                    only=[f"amazon-ebs.{spec.name}"],
+                    variables={"manifest": str(packer_manifest)},
+                    env={"TMPDIR": str(work)},
+                    log_file=log,
+                    on_event=lambda e: None,
+                )
+            if result.returncode != 0:
+                raise BuildFailed(f"{spec.name}: AMI bake failed; see {log}")
+            amis = aws.record_amis(packer_manifest)
+            manifest_path = run.out_dir / "manifest.json"
+            _write_json(
+                manifest_path,
+                {
+                    "image": spec.name,
+                    "target": "aws",
+                    "spec_hash": run.loaded.digest,
+                    "amis": amis,
+                    "artifacts": [{"name": a.name, "sha256": a.sha256} for a in arts],
+                    "versions": {"consul": spec.consul.version, "envoy": spec.envoy.version},
+                    "stages": dict(run.timings),
+                },
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return BuildResult(spec.name, run.loaded.path, "built", None, manifest_path, log=log)
+
+
+#: The build targets, by name.
+TARGETS: dict[str, Target] = {"qemu": QemuTarget(), "aws": AwsTarget()}
+
+
+# --- entry points -------------------------------------------------------------------
+
+
+def build_image(
+    spec_path: Path, options: BuildOptions, progress: Progress = _stderr
+) -> BuildResult:
+    """Build one spec for ``options.target``. Raises ``UserError`` on failure."""
+    target = TARGETS.get(options.target)
+    if target is None:
+        raise UserError(f"unknown target {options.target!r}; choose one of {', '.join(TARGETS)}")
+    loaded = load_spec(spec_path)
+    for warning in loaded.warnings:
+        progress(f"warning: {warning}")
+    # Absolute: Packer runs with the context as its working directory.
+    out_dir = (options.out or Path("build") / loaded.spec.name).resolve()
+    cache = (options.cache or base.default_cache_dir()).resolve()
+    run = BuildRun(loaded, options, out_dir, cache, progress)
+    return target.build(run)
+
+
+def build_many(
+    specs: Sequence[Path], options: BuildOptions, jobs: int, progress: Progress = _stderr
+) -> list[BuildResult]:
+    """Build several specs with at most ``jobs`` at once; one failure loses no other result."""
+    if options.out is not None and len(specs) > 1:
+        raise UserError("--out names one image's folder; leave it out when building several")
+    lock = threading.Lock()
+
+    def locked_progress(message: str) -> None:
+        with lock:
+            progress(message)
+
+    def one(path: Path) -> BuildResult:
+        started = time.monotonic()
+        try:
+            return build_image(path, options, locked_progress)
+        except MeshbakeError as exc:
+            elapsed = round(time.monotonic() - started, 1)
+            return BuildResult(path.stem, path, "failed", error=str(exc), seconds=elapsed)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, specs))
+
+
+def summary_table(results: Sequence[BuildResult]) -> str:
+    rows = [("IMAGE", "STATUS", "SECONDS", "OUTPUT / ERROR")]
+    for r in results:
+        detail = r.error or (str(r.output or r.manifest or ""))
+        rows.append(
+            (r.image, r.status, f"{r.seconds:.0f}", detail.splitlines()[0] if detail else "")
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows
+    )

@@ -1,0 +1,198 @@
+"""The AWS subcommands: ``meshbake images``, ``meshbake launch`` and ``meshbake prune``.
+
+They register themselves in ``builder.cli.EXTRA_COMMANDS``; each handler calls a typed
+function of ``builder.aws``. boto3 is imported only when one of them runs, so the
+other subcommands start fast.
+
+>>> from builder.cli import main
+>>> main(["images", "images/web.yaml", "--json"])  # doctest: +SKIP
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from builder import cli, cloudconfig
+from builder.errors import UserError
+from builder.spec import LoadedSpec
+
+if TYPE_CHECKING:
+    from builder.aws import AmiRecord
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+def _spec_or_name(value: str, regions: list[str]) -> tuple[str, tuple[str, ...]]:
+    """An image name and its regions, from a spec file or a bare name plus ``--region``."""
+    from builder import aws
+
+    path = Path(value)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        loaded = cli._load(path)
+        return loaded.spec.name, tuple(regions) or aws.image_regions(loaded.spec)
+    if not _NAME.match(value):
+        raise UserError(f"{value}: neither a spec file nor an image name")
+    if not regions:
+        raise UserError(f"{value}: give --region (or a spec file, which names its regions)")
+    return value, tuple(regions)
+
+
+def _table(records: list[AmiRecord]) -> str:
+    header = ("REGION", "AMI", "CREATED", "STATE", "CONSUL", "ENVOY", "SPEC", "NAME")
+    rows = [
+        (
+            r.region,
+            r.id,
+            r.creation_date.strftime("%Y-%m-%d %H:%M"),
+            r.state,
+            r.consul or "-",
+            r.envoy or "-",
+            r.spec_hash[:12] or "-",
+            r.name,
+        )
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    return "".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
+        for row in (header, *rows)
+    )
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from builder import aws
+
+    name, regions = _spec_or_name(args.image, args.region)
+    records = aws.list_images(name, regions)
+    if args.json:
+        print(json.dumps([r.to_json() for r in records], indent=2))
+    elif records:
+        sys.stdout.write(_table(records))
+    else:
+        print(f"no AMIs of {name} in {', '.join(regions)}")
+    return 0
+
+
+def _secrets(args: argparse.Namespace) -> cloudconfig.Secrets:
+    agent, service = cli._token_args(args.token_file)
+
+    def read(path: Path | None, what: str) -> str | None:
+        return None if path is None else cloudconfig.read_secret(path, what)
+
+    def pem(path: Path | None, what: str) -> bytes | None:
+        text = read(path, what)
+        return None if text is None else text.encode()
+
+    return cloudconfig.Secrets(
+        agent_token=agent,
+        service_token=service,
+        gossip_key=read(args.gossip_key_file, "gossip key"),
+        tls_ca=pem(args.tls_ca_file, "TLS CA"),
+        tls_cert=pem(args.tls_cert_file, "TLS certificate"),
+        tls_key=pem(args.tls_key_file, "TLS key"),
+    )
+
+
+def launch_user_data(loaded: LoadedSpec, secrets: cloudconfig.Secrets) -> str:
+    """The first-boot user data for ``loaded``; size notes go to stderr as warnings."""
+    values = cloudconfig.carrier_values(loaded.spec, secrets, where=str(loaded.path))
+    user_data = cloudconfig.first_boot_user_data(values)
+    notes: list[str] = []
+    cloudconfig.check_size(user_data, notes)
+    for note in notes:
+        cli.warn(note)
+    return user_data
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from builder import aws
+
+    loaded = cli._load(args.spec)
+    user_data = launch_user_data(loaded, _secrets(args))
+    cli.progress(f"launching {args.ami} and waiting for it to run")
+    instance = aws.launch(
+        loaded,
+        args.ami,
+        user_data,
+        subnet=args.subnet,
+        key_name=args.key_name,
+        instance_profile=args.instance_profile,
+        instance_type=args.instance_type,
+        security_group_ids=args.security_group,
+        region=args.region,
+    )
+    if args.json:
+        print(json.dumps(instance.to_json(), indent=2))
+    else:
+        print(f"{instance.id} {instance.state} {instance.address or '(no address yet)'}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from builder import aws
+
+    name, regions = _spec_or_name(args.image, args.region)
+    actions = aws.prune(name, args.keep, regions, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps([a.to_json() for a in actions], indent=2))
+    elif actions:
+        for action in actions:
+            print(action.line())
+    else:
+        print(f"no AMIs of {name} in {', '.join(regions)}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``images``, ``launch`` and ``prune`` to the ``meshbake`` parser."""
+    p = sub.add_parser("images", help="list the AMIs meshbake baked for an image")
+    p.add_argument("image", metavar="SPEC|NAME", help="a spec file, or an image name with --region")
+    p.add_argument("--region", action="append", default=[], help="region to look in (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable results")
+    p.set_defaults(handler=cmd_images)
+
+    p = sub.add_parser("launch", help="launch one instance of a baked AMI with its user data")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--ami", required=True, help="the AMI id, e.g. from 'meshbake images'")
+    p.add_argument(
+        "--token-file",
+        action="append",
+        default=[],
+        metavar="[ROLE=]FILE",
+        help="ACL token file; ROLE is agent or service when the tokens are separate",
+    )
+    p.add_argument("--gossip-key-file", type=Path)
+    p.add_argument("--tls-ca-file", type=Path)
+    p.add_argument("--tls-cert-file", type=Path)
+    p.add_argument("--tls-key-file", type=Path)
+    p.add_argument("--subnet", help="subnet id (default: targets.aws.subnet_id, else default VPC)")
+    p.add_argument("--key-name", help="EC2 key pair for SSH")
+    p.add_argument(
+        "--instance-profile",
+        help="instance profile name or ARN (needed for the ssm/secretsmanager token route)",
+    )
+    p.add_argument("--instance-type", help="default: targets.aws.instance_type")
+    p.add_argument(
+        "--security-group", action="append", default=[], help="security group id (repeatable)"
+    )
+    p.add_argument("--region", help="default: targets.aws.region")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.set_defaults(handler=cmd_launch)
+
+    p = sub.add_parser("prune", help="remove old AMIs of an image and their snapshots")
+    p.add_argument("image", metavar="NAME|SPEC", help="a spec file, or an image name with --region")
+    p.add_argument("--keep", type=int, required=True, help="newest AMIs to keep per region")
+    p.add_argument("--dry-run", action="store_true", help="list the actions, change nothing")
+    p.add_argument("--region", action="append", default=[], help="region to prune in (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable results")
+    p.set_defaults(handler=cmd_prune)
+
+
+if register not in cli.EXTRA_COMMANDS:
+    cli.EXTRA_COMMANDS.append(register)

@@ -1,0 +1,117 @@
+"""Wiring of the image suites (shipped in the wheel as ``builder.imagetests``).
+
+The runner (``builder/verify.py``) calls::
+
+    python -m pytest <this dir> -p no:cacheprovider --hosts=<uri> --expect=<expect.json> \
+        --junitxml=<file> -q
+
+``--expect`` names a JSON file that says what the image should contain and which
+phase to check: ``"baked"`` runs ``test_baked.py`` (booted without user data),
+``"firstboot"`` runs ``test_firstboot.py`` (booted with the minimal first-boot user
+data). The other module is deselected, not skipped, so reports list only real checks.
+
+Every check needs root on the target, so testinfra's ``--sudo`` is always on: commands
+run as ``sudo /bin/sh -c '...'`` through the SSH user, which needs passwordless sudo
+(the verify user on a local VM, ``admin`` on a Debian EC2 instance).
+
+This file is self-contained on purpose (pytest, testinfra, the standard library):
+it also runs from an installed wheel, where no ``tests`` package exists.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: phase -> the module that checks it.
+PHASE_MODULES = {"baked": "test_baked.py", "firstboot": "test_firstboot.py"}
+
+#: Keys every expect.json carries (written by builder/verify.py).
+EXPECT_KEYS = frozenset(
+    {
+        "phase",
+        "image",
+        "service",
+        "port",
+        "proxy_id",
+        "consul_version",
+        "envoy_version",
+        "app_user",
+        "app_unit",
+        "units",
+        "acl",
+        "tokens",
+        "inbound_exclusions",
+        "outbound_ports",
+        "outbound_cidrs",
+        "exclude_uids",
+        "dns_forward",
+        "token",
+        "fixture",
+    }
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--expect",
+        action="store",
+        default=None,
+        metavar="FILE",
+        help="meshbake image suites: JSON file with the expected image facts and the phase",
+    )
+
+
+def load_expect(path: str | None) -> dict[str, Any]:
+    """Read and check ``--expect``; a bad file is a usage error, not a failed check."""
+    if not path:
+        raise pytest.UsageError("the meshbake image suites need --expect=FILE (see conftest.py)")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise pytest.UsageError(f"--expect={path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise pytest.UsageError(f"--expect={path}: not a JSON object")
+    missing = sorted(EXPECT_KEYS - data.keys())
+    if missing:
+        raise pytest.UsageError(f"--expect={path}: missing keys: {', '.join(missing)}")
+    if data["phase"] not in PHASE_MODULES:
+        raise pytest.UsageError(
+            f"--expect={path}: phase must be one of {', '.join(PHASE_MODULES)},"
+            f" not {data['phase']!r}"
+        )
+    return data
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.meshbake_expect = load_expect(config.getoption("--expect"))  # type: ignore[attr-defined]
+    # Root is needed for nearly every check (0600 files, iptables, the journal).
+    if hasattr(config.option, "sudo"):
+        config.option.sudo = True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted = PHASE_MODULES[config.meshbake_expect["phase"]]  # type: ignore[attr-defined]
+    keep = [item for item in items if item.path.name == wanted]
+    drop = [item for item in items if item.path.name != wanted]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def expect(pytestconfig: pytest.Config) -> dict[str, Any]:
+    """The expected image facts (``--expect``), e.g. ``expect["service"] == "web"``."""
+    return pytestconfig.meshbake_expect  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.fixture(scope="session")
+def host_uri(pytestconfig: pytest.Config) -> str:
+    """The ``--hosts`` URI of the target (one host), for fresh connections."""
+    hosts = pytestconfig.getoption("hosts")
+    if not hosts or "," in hosts:
+        raise pytest.UsageError("the meshbake image suites need exactly one --hosts=URI")
+    return str(hosts)
