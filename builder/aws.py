@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,13 +31,18 @@ from typing import TYPE_CHECKING
 import boto3
 from botocore.config import Config
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
+    ConnectionClosedError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
     NoCredentialsError,
     PartialCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
+    SSOTokenLoadError,
+    TokenRetrievalError,
+    UnauthorizedSSOTokenError,
     WaiterError,
 )
 
@@ -62,6 +68,9 @@ IMAGE_TAG = "meshbake:image"
 HASH_TAG = "meshbake:spec-hash"
 CONSUL_TAG = "meshbake:consul"
 ENVOY_TAG = "meshbake:envoy"
+
+#: The template's ami_name: ``<image>-<spec hash, 12>-<YYYYMMDD-hhmmss>``.
+_BAKED_NAME = re.compile(r"^(?P<image>[a-z][a-z0-9-]*)-[0-9a-f]{12}-\d{8}-\d{6}$")
 
 #: Instance states in which an AMI still backs an instance that may start again.
 IN_USE_STATES = ("pending", "running", "stopping", "stopped")
@@ -124,7 +133,10 @@ class Aws:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts counts the first call, so it is at least 1")
-        self.session = session or boto3.Session()
+        if session is None:
+            with translated("reading the AWS configuration"):
+                session = boto3.Session()
+        self.session = session
         self.max_attempts = max_attempts
         # None lets botocore apply AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_EC2 itself.
         self.endpoint_url = endpoint_url
@@ -133,7 +145,9 @@ class Aws:
         self._ec2: dict[str, EC2Client] = {}
 
     def config(self) -> Config:
-        return Config(retries={"mode": "standard", "max_attempts": self.max_attempts})
+        # total_max_attempts counts the first call; botocore's "max_attempts" key would
+        # count only the retries (one more call than it reads like).
+        return Config(retries={"mode": "standard", "total_max_attempts": self.max_attempts})
 
     def ec2(self, region: str) -> EC2Client:
         """The EC2 client for ``region`` (cached, so event hooks stay registered)."""
@@ -161,7 +175,23 @@ def translated(action: str, region: str | None = None) -> Iterator[None]:
             " AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance role"
             " or SSO session provides them"
         ) from None
-    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
+    except (
+        CredentialRetrievalError,
+        ProfileNotFound,
+        SSOTokenLoadError,
+        TokenRetrievalError,
+        UnauthorizedSSOTokenError,
+    ) as exc:
+        raise UserError(
+            f"{action}{where}: cannot get AWS credentials: {_one_line(str(exc))}: fix the"
+            " profile, or log in again (aws sso login)"
+        ) from None
+    except (
+        EndpointConnectionError,
+        ConnectTimeoutError,
+        ReadTimeoutError,
+        ConnectionClosedError,
+    ) as exc:
         raise UserError(
             f"{action}{where}: cannot reach AWS ({_one_line(str(exc))}): check the network,"
             " the proxy settings and AWS_ENDPOINT_URL"
@@ -170,8 +200,7 @@ def translated(action: str, region: str | None = None) -> Iterator[None]:
         raise UserError(_client_error_message(action, where, exc)) from None
     except WaiterError as exc:
         raise UserError(f"{action}{where}: {_one_line(str(exc))}") from None
-    except BotoCoreError as exc:
-        raise UserError(f"{action}{where}: {_one_line(str(exc))}") from None
+    # Anything else from botocore (a ParamValidationError, say) is a meshbake bug.
 
 
 def _client_error_message(action: str, where: str, exc: ClientError) -> str:
@@ -462,7 +491,8 @@ def launch(
     """Start one instance of ``ami`` with ``user_data``, IMDSv2 required; wait for running.
 
     The user data is size-checked before any API call. ``ami`` must be an AMI meshbake
-    baked for this image (its ``meshbake:image`` tag), since the user data only makes
+    baked for this image (its ``meshbake:image`` tag or, for an AMI shared from another
+    account, whose tags are not visible, its name), since the user data only makes
     sense to that image's first-boot script. ``instance_profile`` is a name or an ARN.
 
     >>> launch(loaded, "ami-0123", user_data, subnet="subnet-1").state  # doctest: +SKIP
@@ -479,6 +509,11 @@ def launch(
     if not images:
         raise UserError(f"{ami} does not exist in {region} (or this account cannot see it)")
     baked_for = _tags(images[0].get("Tags", [])).get(IMAGE_TAG)
+    # Tags do not cross accounts: an AMI shared from a build account shows none here,
+    # but its name still follows the template's ami_name.
+    named_for = _BAKED_NAME.match(images[0].get("Name", ""))
+    if baked_for is None and named_for:
+        baked_for = named_for["image"]
     if baked_for != spec.name:
         what = f"was baked for image {baked_for}" if baked_for else "was not baked by meshbake"
         raise UserError(
@@ -835,6 +870,14 @@ def aws_dry_run(
         _Row("AMI name", f"{spec.name}-{loaded.digest[:12]}-<YYYYMMDD-hhmmss>"),
         _Row("tags", ", ".join(f"{k}={v}" for k, v in tags.items()) + ", meshbake:build-time"),
     ]
+    if shared and not target.kms_key_id:
+        rows.append(
+            _Row(
+                "warning",
+                "AWS cannot share AMIs encrypted with the default aws/ebs key: set"
+                " targets.aws.kms_key_id to a customer managed key the accounts may use",
+            )
+        )
     width = max(len(r.label) for r in rows) + 2
     lines = [f"aws build plan for {spec.name} ({loaded.path}, spec hash {loaded.digest[:12]}):"]
     lines += [f"  {r.label.ljust(width)}{r.value}" for r in rows]

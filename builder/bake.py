@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 
 from builder import compat
-from builder.spec import ImageSpec, LoadedSpec
+from builder.spec import ImageSpec, LoadedSpec, TokenSource
 
 CONSUL_BIN = "/usr/bin/consul"
 ENVOY_BIN = "/usr/bin/envoy"
@@ -34,6 +34,21 @@ UNIT_DIR = "/etc/systemd/system"
 
 #: Runtime scripts from ``scripts/`` installed into every image.
 RUNTIME_SCRIPTS = ("meshbake-firstboot", "meshbake-redirect", "meshbake-cleanup", "meshbake-check")
+
+#: Installed too when the tokens come from a secret store (tokens.source ssm or
+#: secretsmanager), with what it needs besides python3 (cloud-init's own interpreter):
+#: curl signs the request (--aws-sigv4), the CA bundle lets it trust AWS's endpoints.
+FETCH_TOKEN_SCRIPT = "meshbake-fetch-token"
+FETCH_TOKEN_PACKAGES = ("curl", "ca-certificates")
+
+
+def _secret_store(spec: ImageSpec) -> bool:
+    return spec.tokens.source is not TokenSource.USERDATA
+
+
+def runtime_scripts(spec: ImageSpec) -> tuple[str, ...]:
+    """The scripts from ``scripts/`` that go into ``/usr/libexec/meshbake``."""
+    return (*RUNTIME_SCRIPTS, FETCH_TOKEN_SCRIPT) if _secret_store(spec) else RUNTIME_SCRIPTS
 
 
 @dataclass(frozen=True)
@@ -263,7 +278,7 @@ def baked_files(loaded: LoadedSpec) -> list[BakedFile]:
             BakedFile("/etc/systemd/resolved.conf.d/consul.conf", resolved_dropin(spec).encode())
         )
     files += [BakedFile(f"{UNIT_DIR}/{name}", text.encode()) for name, text in units(spec).items()]
-    for script in RUNTIME_SCRIPTS:
+    for script in runtime_scripts(spec):
         files.append(BakedFile(f"{LIBEXEC}/{script}", shipped_script(script), 0o755))
     for file in spec.all_files:
         files.append(
@@ -277,11 +292,22 @@ def shipped_script(name: str) -> bytes:
     return resources.files("builder.scripts").joinpath(name).read_bytes()
 
 
+def image_packages(spec: ImageSpec) -> tuple[str, ...]:
+    """The spec's packages, plus curl when the tokens come from a secret store.
+
+    >>> from builder.spec import load_spec
+    >>> image_packages(load_spec("images/web.yaml").spec)
+    ('python3',)
+    """
+    extra = FETCH_TOKEN_PACKAGES if _secret_store(spec) else ()
+    return tuple(dict.fromkeys((*spec.all_packages, *extra)))
+
+
 def bake_env(spec: ImageSpec, build_user: str) -> str:
     """Parameters of ``scripts/meshbake-bake`` (sourced inside the build VM)."""
     values = {
         "MESHBAKE_IMAGE": spec.name,
-        "MESHBAKE_PACKAGES": _words(spec.all_packages),
+        "MESHBAKE_PACKAGES": _words(image_packages(spec)),
         "MESHBAKE_APP_USER": spec.app.run_as,
         "MESHBAKE_UNITS": _words(enabled_units(spec)),
         "MESHBAKE_BUILD_USER": build_user,

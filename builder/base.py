@@ -21,13 +21,14 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder import __version__
-from builder.errors import CommandError, UserError
+from builder.errors import CommandError, MeshbakeError, UserError
 from builder.proc import run, which
 
 #: Bump when the recipe below changes in a way that changes the image, so cached
@@ -79,6 +80,9 @@ _GRUB_MODULES = ("biosdisk", "part_msdos", "ext2", "search", "search_fs_uuid")
 #: The disk the guest sees (Packer's default virtio interface); grub-pc reinstalls
 #: its boot code there when the package is upgraded inside the guest.
 _GUEST_DISK = "/dev/vda"
+#: Seconds (one try a second) to wait for the new file system to be let go.
+_RELEASE_TRIES = 30
+_EXT4_INCOMPAT_RECOVER = 0x0004
 
 _SUITE_RE = re.compile(r"[a-z][a-z0-9.-]*")
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
@@ -316,11 +320,17 @@ def _build(
         # Blocks freed by the build (downloaded .debs, apt lists) would otherwise end
         # up in the qcow2; trimming a loop device punches holes in its backing file.
         run(["fstrim", root])
+        _unmount(root)
+        mounted = False
+        _detach(loop, raw)
+        loop = None
     finally:
+        # Only reached with work left when something failed: clean up, best effort.
         if mounted:
-            _unmount(root)
+            run(["umount", "--recursive", "--lazy", root], check=False)
         if loop is not None:
             run(["losetup", "--detach", loop], check=False)
+    _check_clean_ext4(raw, _PARTITION_OFFSET)
 
     _write_boot_code(raw, root_boot_img=work / "boot.img", core_img=core)
     progress("base: compressing")
@@ -349,9 +359,12 @@ def _attach_loop(raw: Path, offset: int, size_limit: int) -> str:
 def _mmdebstrap(root: Path, suite: str, packages: Sequence[str], fstab: Path) -> None:
     # mmdebstrap mounts /proc, /sys and /dev under the target. In a private mount
     # namespace those mounts die with it, even when it is killed halfway through, and
-    # unmounting them can never propagate back to the host.
+    # unmounting them can never propagate back to the host. The pid namespace takes
+    # down any daemon a maintainer script leaves behind, which would otherwise keep
+    # that namespace, and with it the new file system, alive.
     argv: list[str | Path] = [
-        "unshare", "--mount", "--propagation", "private", "--",
+        "unshare", "--mount", "--propagation", "private",
+        "--pid", "--fork", "--kill-child", "--mount-proc", "--",
         "mmdebstrap", "--quiet", "--mode=root", "--variant=apt",
         f"--include={','.join(sorted(set(packages)))}",
     ]  # fmt: skip
@@ -460,8 +473,58 @@ def _write_boot_code(raw: Path, *, root_boot_img: Path, core_img: Path) -> None:
 
 
 def _unmount(root: Path) -> None:
-    if run(["umount", "--recursive", root], check=False).returncode != 0:
-        run(["umount", "--recursive", "--lazy", root], check=False)
+    # Something scanning the disk can hold the mount point for a moment; a lazy
+    # unmount is no answer, since the raw file is read right after.
+    for _ in range(_RELEASE_TRIES - 1):
+        if run(["umount", "--recursive", root], check=False).returncode == 0:
+            return
+        time.sleep(1)
+    run(["umount", "--recursive", root])
+
+
+def _detach(loop: str, raw: Path) -> None:
+    run(["losetup", "--detach", loop])
+    # The kernel only frees a busy loop device once its last user lets go. A mount
+    # namespace created by anyone while the file system was mounted holds a copy of
+    # the mount, and until that copy goes, the file system is not flushed.
+    for _ in range(_RELEASE_TRIES):
+        if not run(["losetup", "--associated", raw]).stdout.strip():
+            return
+        time.sleep(1)
+    holders = _mount_holders(loop)
+    raise MeshbakeError(
+        f"base image: the new root file system on {loop} is still mounted in another"
+        f" mount namespace (processes {', '.join(holders) or 'unknown'}); nothing was cached"
+    )
+
+
+def _mount_holders(loop: str) -> list[str]:
+    try:
+        rdev = Path(loop).stat().st_rdev
+    except OSError:
+        return []
+    device = f"{os.major(rdev)}:{os.minor(rdev)}"
+    holders = []
+    for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
+        with contextlib.suppress(OSError):
+            if any(line.split()[2] == device for line in mountinfo.read_text().splitlines()):
+                holders.append(mountinfo.parent.name)
+    return sorted(holders, key=int)[:10]
+
+
+def _check_clean_ext4(raw: Path, offset: int) -> None:
+    # The ext4 superblock sits 1024 bytes into the file system. A journal that still
+    # needs recovery means the file system was not flushed, and grub (which does not
+    # replay journals) would miss files.
+    with raw.open("rb") as disk:
+        disk.seek(offset + 1024)
+        superblock = disk.read(1024)
+    magic = int.from_bytes(superblock[0x38:0x3A], "little")
+    incompat = int.from_bytes(superblock[0x60:0x64], "little")
+    if magic != 0xEF53 or incompat & _EXT4_INCOMPAT_RECOVER:
+        raise MeshbakeError(
+            "base image: the root file system was not cleanly unmounted; nothing was cached"
+        )
 
 
 def _mounts_under(path: Path) -> list[str]:

@@ -131,27 +131,29 @@ def _fetch_artifacts(run: BuildRun) -> list[artifacts.Artifact]:
     return [consul, envoy]
 
 
-def _data_digest() -> str:
-    """A hash of everything meshbake ships into images: scripts, templates, cloud-init."""
-    h = hashlib.sha256(__version__.encode())
-    for package in ("builder.scripts", "builder.cloudinit"):
-        for entry in sorted(resources.files(package).iterdir(), key=lambda e: e.name):
-            if entry.is_file():
-                h.update(entry.name.encode() + b"\0" + entry.read_bytes())
-    templates = resources.files("builder").joinpath("templates")
-    for entry in sorted(templates.iterdir(), key=lambda e: e.name):
-        h.update(entry.name.encode() + b"\0" + entry.read_bytes())
+def tree_digest(*roots: Path) -> str:
+    """A hash of every file (path, mode, bytes) under ``roots``."""
+    h = hashlib.sha256()
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            h.update(
+                f"{path.relative_to(root.parent)}\0{path.stat().st_mode & 0o7777:o}\0".encode()
+            )
+            h.update(path.read_bytes())
     return h.hexdigest()
 
 
-def content_key(run: BuildRun, arts: Sequence[artifacts.Artifact], base_id: str) -> str:
-    """Changes when anything that ends up in the image changes."""
+def content_key(
+    run: BuildRun, ctx: Context, arts: Sequence[artifacts.Artifact], base_id: str
+) -> str:
+    """Changes when anything that ends up in the image changes: the rendered context
+    (template, configs, units, scripts), the artifacts, the base and meshbake itself."""
     parts = {
         "target": run.options.target,
-        "spec": run.loaded.digest,
+        "context": tree_digest(ctx.packer_dir, ctx.stage_dir),
         "artifacts": sorted(a.sha256 for a in arts),
         "base": base_id,
-        "data": _data_digest(),
+        "meshbake": __version__,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -242,11 +244,14 @@ class QemuTarget:
         started = time.monotonic()
         arts = _fetch_artifacts(run)
         base_id, base_ref = self._base_ref(run)
-        key = content_key(run, arts, base_id)
+        run.out_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = run.out_dir / "manifest.json"
-        if not run.options.force:
-            previous = _up_to_date(manifest_path, key)
-            if previous is not None:
+        work = Path(tempfile.mkdtemp(prefix=".work-", dir=run.out_dir))
+        try:
+            with run.stage("render", "bake context"):
+                ctx = render_context(run.loaded, work / "context", packer=packer)
+            key = content_key(run, ctx, arts, base_id)
+            if not run.options.force and _up_to_date(manifest_path, key) is not None:
                 run.progress(f"{spec.name}: up to date (content key {key[:12]}); nothing to do")
                 return BuildResult(
                     spec.name,
@@ -255,18 +260,14 @@ class QemuTarget:
                     run.out_dir / f"{spec.name}.qcow2",
                     manifest_path,
                 )
-        _validate(run, packer)
-        base_path, base_sha = self._base(run, base_ref)
-        accel = choose_accelerator(run.options.accelerator or qemu.accelerator)
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-        log_dir = run.out_dir / "logs"
-        log_dir.mkdir(exist_ok=True)
-        log = log_dir / "packer.log"
-        work = Path(tempfile.mkdtemp(prefix=".work-", dir=run.out_dir))
-        try:
-            with run.stage("render", "bake context"):
-                ctx, key_file = self._render(run, work, packer)
-                artifacts.stage(arts, ctx.stage_dir / "artifacts")
+            _validate(run, packer)
+            base_path, base_sha = self._base(run, base_ref)
+            accel = choose_accelerator(run.options.accelerator or qemu.accelerator)
+            log_dir = run.out_dir / "logs"
+            log_dir.mkdir(exist_ok=True)
+            log = log_dir / "packer.log"
+            key_file = self._build_key(run, ctx, work)
+            artifacts.stage(arts, ctx.stage_dir / "artifacts")
             output = self._packer_build(run, packer, ctx, work, log, key_file, base_path, accel)
             final = run.out_dir / f"{spec.name}.qcow2"
             digest = sha256_file(output)
@@ -338,8 +339,8 @@ class QemuTarget:
             built = base.build_base(run.cache, progress=run.progress)
         return built.path, built.sha256
 
-    def _render(self, run: BuildRun, work: Path, packer: Packer) -> tuple[Context, Path]:
-        ctx = render_context(run.loaded, work / "context", packer=packer)
+    def _build_key(self, run: BuildRun, ctx: Context, work: Path) -> Path:
+        """An ephemeral SSH key for the build user, in the private work folder."""
         keys = work / "ssh"
         keys.mkdir(mode=0o700)
         key_file = keys / "build_ed25519"
@@ -347,7 +348,7 @@ class QemuTarget:
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "meshbake-build", "-f", key_file]
         )
         write_seed(ctx, run.loaded, key_file.with_suffix(".pub").read_text())
-        return ctx, key_file
+        return key_file
 
     def _packer_build(
         self,

@@ -21,10 +21,16 @@ it also runs from an installed wheel, where no ``tests`` package exists.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import testinfra.backend
+import testinfra.host
+
+#: Where pytest_configure keeps the loaded --expect file.
+EXPECT = pytest.StashKey[dict[str, Any]]()
 
 #: phase -> the module that checks it.
 PHASE_MODULES = {"baked": "test_baked.py", "firstboot": "test_firstboot.py"}
@@ -87,14 +93,14 @@ def load_expect(path: str | None) -> dict[str, Any]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.meshbake_expect = load_expect(config.getoption("--expect"))  # type: ignore[attr-defined]
+    config.stash[EXPECT] = load_expect(config.getoption("--expect"))
     # Root is needed for nearly every check (0600 files, iptables, the journal).
     if hasattr(config.option, "sudo"):
         config.option.sudo = True
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    wanted = PHASE_MODULES[config.meshbake_expect["phase"]]  # type: ignore[attr-defined]
+    wanted = PHASE_MODULES[config.stash[EXPECT]["phase"]]
     keep = [item for item in items if item.path.name == wanted]
     drop = [item for item in items if item.path.name != wanted]
     if drop:
@@ -105,7 +111,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def expect(pytestconfig: pytest.Config) -> dict[str, Any]:
     """The expected image facts (``--expect``), e.g. ``expect["service"] == "web"``."""
-    return pytestconfig.meshbake_expect  # type: ignore[attr-defined,no-any-return]
+    return pytestconfig.stash[EXPECT]
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +121,35 @@ def host_uri(pytestconfig: pytest.Config) -> str:
     if not hosts or "," in hosts:
         raise pytest.UsageError("the meshbake image suites need exactly one --hosts=URI")
     return str(hosts)
+
+
+@pytest.fixture(scope="session")
+def connect(pytestconfig: pytest.Config, host_uri: str) -> Callable[[], testinfra.host.Host]:
+    """A factory of new, uncached connections to the target.
+
+    The ``host`` fixture keeps one connection per module; checks that need a fresh one
+    (SSH still answers after the redirect, the host is back after a reboot) call this.
+
+    >>> fresh = connect()
+    >>> fresh.run("true").succeeded
+    True
+    """
+    option = pytestconfig.option
+    # The same options the testinfra plugin passes to its own hosts; the URI's own
+    # query parameters (ssh_identity_file=...) take precedence, as they do there.
+    given = {
+        "connection": option.connection,
+        "ssh_config": option.ssh_config,
+        "ssh_identity_file": option.ssh_identity_file,
+        "sudo_user": option.sudo_user,
+    }
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    options["sudo"] = True
+
+    def new_host() -> testinfra.host.Host:
+        backend = testinfra.backend.get_backend(host_uri, **options)
+        fresh = testinfra.host.Host(backend)
+        backend.set_host(fresh)
+        return fresh
+
+    return new_host

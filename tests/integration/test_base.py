@@ -19,7 +19,7 @@ import pytest
 
 from builder import base
 from builder.base import BASE_PACKAGES, BaseImage, base_key, build_base
-from builder.errors import ToolNotFound, UserError
+from builder.errors import MeshbakeError, ToolNotFound, UserError
 from builder.proc import run
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="building a base image needs root")
@@ -31,6 +31,8 @@ BOOT_TIMEOUT_S = 480
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _FINISHED = re.compile(r"Cloud-init v\. \S+ finished at .*Datasource (\S+)")
 _SMOKE = re.compile(r"meshbake-smoke: (.*)")
+# Ends the wait early: the guest will not get any further.
+_STUCK = re.compile(r"grub rescue>|Kernel panic|end Kernel panic")
 
 # What the guest reports about itself, on the serial console, from runcmd.
 _USER_DATA = """\
@@ -130,6 +132,18 @@ def test_bad_inputs_are_user_errors(
         build_base(tmp_path, suite=suite, packages=packages, disk_size_gib=disk_size_gib)
 
 
+def test_dirty_root_file_system_is_refused(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    superblock = bytearray(1024)
+    superblock[0x38:0x3A] = (0xEF53).to_bytes(2, "little")
+    raw.write_bytes(bytes(4096 + 1024) + superblock)
+    base._check_clean_ext4(raw, 4096)  # clean: no error
+    superblock[0x60:0x64] = (0x0004 | 0x0002).to_bytes(4, "little")  # recover + filetype
+    raw.write_bytes(bytes(4096 + 1024) + superblock)
+    with pytest.raises(MeshbakeError, match="not cleanly unmounted"):
+        base._check_clean_ext4(raw, 4096)
+
+
 # --- real tools, as root ----------------------------------------------------------
 
 
@@ -219,7 +233,7 @@ def test_base_boots_and_cloud_init_finishes(built: BaseImage, tmp_path: Path) ->
         while time.monotonic() - started < BOOT_TIMEOUT_S:
             log = _serial_text(serial)
             finished = _FINISHED.search(log)
-            if finished or qemu.poll() is not None:
+            if finished or _STUCK.search(log) or qemu.poll() is not None:
                 break
             time.sleep(2)
         boot_seconds = time.monotonic() - started

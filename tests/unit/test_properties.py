@@ -4,6 +4,7 @@ whose problems each read as one line naming the file."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_PATH = REPO / "images" / "web.yaml"
 EXAMPLE: dict[str, Any] = yaml.safe_load(EXAMPLE_PATH.read_text())
 
-SETTINGS = settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 #: Names the model knows, so random mappings reach past the first unknown-field check.
 FIELD_NAMES = sorted(
@@ -108,6 +107,10 @@ def set_value(data: Any, path: tuple[Key, ...], value: Any) -> None:
     get(data, path[:-1])[path[-1]] = value
 
 
+def of_another_type(old: Any) -> Callable[[Any], bool]:
+    return lambda value: type(value) is not type(old)
+
+
 @st.composite
 def corrupted_example(draw: st.DrawFn) -> dict[str, Any]:
     data = copy.deepcopy(EXAMPLE)
@@ -122,7 +125,7 @@ def corrupted_example(draw: st.DrawFn) -> dict[str, Any]:
                 continue
             path = draw(st.sampled_from(live))
             old = get(data, path)
-            new = draw(yaml_data.filter(lambda v, old=old: type(v) is not type(old)))
+            new = draw(yaml_data.filter(of_another_type(old)))
             set_value(data, path, new)
         else:
             live = [p for p in MAPPING_PATHS if _has(data, p)]

@@ -115,9 +115,9 @@ def test_ssh_is_only_excluded_while_exclude_ssh_is_on(images: Path, example_data
     def no_ssh(d: Data) -> None:
         d["service"]["transparent_proxy"] = {"exclude_ssh": False, "exclude_inbound_ports": [9100]}
 
-    assert load_variant(images, example_data, no_ssh).spec.service.transparent_proxy.inbound_exclusions == (
-        9100,
-    )
+    assert load_variant(
+        images, example_data, no_ssh
+    ).spec.service.transparent_proxy.inbound_exclusions == (9100,)
 
     def extra(d: Data) -> None:
         d["service"]["transparent_proxy"] = {"exclude_inbound_ports": [9100, 22]}
@@ -163,10 +163,20 @@ def index_file(**changes: Any) -> Mutate:
     return mutate
 
 
-PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----"
+PRIVATE_KEY = "\n".join(
+    [
+        "-----BEGIN OPENSSH PRIVATE KEY-----",
+        "b3BlbnNzaC1rZXktdjEAAAAA",
+        "-----END OPENSSH PRIVATE KEY-----",
+    ]
+)
 
 CASES: dict[str, tuple[Mutate, str, str]] = {
-    "unknown field": (set_in("consul", "colour", value="red"), "consul.colour", "not a known field"),
+    "unknown field": (
+        set_in("consul", "colour", value="red"),
+        "consul.colour",
+        "not a known field",
+    ),
     "unknown top-level field": (set_in("colour", value="red"), "colour", "not a known field"),
     "missing field": (drop("consul", "version"), "consul.version", "is required"),
     "missing section": (drop("service"), "service", "is required"),

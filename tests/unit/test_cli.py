@@ -1,0 +1,245 @@
+"""The command line, called in-process through ``builder.cli.main``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder import cli, cloudconfig, proc
+from builder.context import MARKER
+
+AGENT = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"
+SERVICE = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+
+
+@pytest.fixture
+def web(repo: Path) -> Path:
+    return repo / "images" / "web.yaml"
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.token"
+    path.write_text(AGENT + "\n")
+    return path
+
+
+@pytest.fixture
+def images(repo: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "images"
+    shutil.copytree(repo / "images", out)
+    return out
+
+
+@pytest.fixture
+def broken(images: Path) -> Path:
+    """A spec with three problems."""
+    data = yaml.safe_load((images / "web.yaml").read_text())
+    data["colour"] = "red"
+    data["consul"]["version"] = "1.9.0"
+    data["service"]["port"] = 70000
+    path = images / "broken.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_broken_spec_exits_1_with_one_line_per_problem(
+    broken: Path, token_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["userdata", str(broken), "--token-file", str(token_file)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith(f"meshbake: error: {broken}: ")
+    paths = {line.removeprefix("meshbake: error: ").split(": ")[1] for line in lines}
+    assert paths == {"colour", "consul.version", "service.port"}
+
+
+def test_userdata_prints_cloud_config(
+    web: Path, token_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["userdata", str(web), "--token-file", str(token_file)])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert err == ""
+    assert out.startswith("#cloud-config\n")
+    (entry,) = yaml.safe_load(out)["write_files"]
+    assert entry["path"] == cloudconfig.CARRIER
+    assert entry["content"] == f"MESHBAKE_AGENT_TOKEN={AGENT}\n"
+
+
+def test_userdata_with_separate_tokens(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load((images / "web.yaml").read_text())
+    data["tokens"]["shared"] = False
+    spec = images / "separate.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    agent = tmp_path / "agent"
+    agent.write_text(AGENT)
+    service = tmp_path / "service"
+    service.write_text(SERVICE)
+    code = cli.main(
+        [
+            "userdata",
+            str(spec),
+            "--token-file",
+            f"agent={agent}",
+            "--token-file",
+            f"service={service}",
+        ]
+    )
+    out, _ = capsys.readouterr()
+    assert code == 0
+    content = yaml.safe_load(out)["write_files"][0]["content"]
+    assert content == f"MESHBAKE_AGENT_TOKEN={AGENT}\nMESHBAKE_SERVICE_TOKEN={SERVICE}\n"
+
+
+def test_userdata_bad_token_role(
+    web: Path, token_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["userdata", str(web), "--token-file", f"sidecar={token_file}"]) == 1
+    assert "the role must be agent= or service=" in capsys.readouterr().err
+
+
+def test_userdata_without_a_token(web: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["userdata", str(web)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == ""
+    assert err == (
+        f"meshbake: error: {web}: the spec has ACLs on: give the token with --token-file\n"
+    )
+
+
+def test_userdata_with_an_unreadable_token_file(
+    web: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope"
+    assert cli.main(["userdata", str(web), "--token-file", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"meshbake: error: {missing}: cannot read the ACL token: ")
+    assert len(err.splitlines()) == 1
+
+
+def test_warnings_go_to_stderr(
+    images: Path, token_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load((images / "web.yaml").read_text())
+    data["mesh"] = {"destinations_only": True}
+    spec = images / "closed.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert cli.main(["userdata", str(spec), "--token-file", str(token_file)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("#cloud-config")
+    assert err.startswith(f"meshbake: warning: {spec}: mesh.destinations_only: ")
+
+
+def test_unexpected_exception_exits_3_with_the_hint(
+    web: Path,
+    token_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def bug(values: object) -> str:
+        raise RuntimeError("a bug, simulated")
+
+    monkeypatch.setattr(cloudconfig, "first_boot_user_data", bug)
+    code = cli.main(["userdata", str(web), "--token-file", str(token_file)])
+    out, err = capsys.readouterr()
+    assert code == 3
+    assert out == ""
+    assert "Traceback (most recent call last)" in err
+    assert "RuntimeError: a bug, simulated" in err
+    assert err.rstrip().endswith("please report it with the traceback above")
+
+
+def test_missing_spec_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "absent.yaml"
+    assert cli.main(["userdata", str(missing)]) == 1
+    assert capsys.readouterr().err == (
+        f"meshbake: error: {missing}: cannot read: No such file or directory\n"
+    )
+
+
+def test_folder_without_specs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["validate", str(tmp_path)]) == 1
+    assert "no *.yaml image specs in this folder" in capsys.readouterr().err
+
+
+def test_validate_broken_spec_exits_1(broken: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The spec gate fails before any tool runs.
+    assert cli.main(["validate", str(broken)]) == 1
+    out, err = capsys.readouterr()
+    assert "FAIL  spec:" in out
+    assert f"{broken}: consul.version: 1.9.0 is older than 1.11.1" in out
+    assert out.rstrip().endswith("some gates failed")
+    assert "Traceback" not in out + err
+
+
+# --- with the real tools ------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_validate_example(web: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["validate", str(web)])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == f"{web}:"
+    for gate in ("spec", "packer validate", "cloud-init schema", "shellcheck", "systemd-analyze"):
+        assert any(line.startswith(f"  ok    {gate}") for line in lines), gate
+    assert lines[-1] == "all gates passed"
+
+
+@pytest.mark.integration
+def test_validate_json(web: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["validate", "--json", str(web)]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["spec"] == str(web)
+    assert result["ok"] is True
+    assert {g["name"] for g in result["gates"]} >= {"packer validate", "shellcheck"}
+    assert all(g["ok"] is True for g in result["gates"])
+
+
+@pytest.mark.integration
+def test_userdata_passes_cloud_init_schema(
+    web: Path, token_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["userdata", str(web), "--token-file", str(token_file)]) == 0
+    user_data = tmp_path / "user-data"
+    user_data.write_text(capsys.readouterr().out)
+    done = proc.run(["cloud-init", "schema", "--config-file", user_data], check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Valid cloud-config" in done.stdout
+
+
+@pytest.mark.integration
+def test_render_writes_a_context(
+    web: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "ctx"
+    assert cli.main(["render", str(web), "--out", str(out_dir)]) == 0
+    assert capsys.readouterr().out == f"{out_dir}\n"
+    assert (out_dir / MARKER).is_file()
+    assert (out_dir / "packer" / "sources.pkr.hcl").is_file()
+    # render runs packer fmt: the template has no trailing blanks left by the Builder
+    for hcl in (out_dir / "packer").glob("*.pkr.hcl"):
+        assert not any(line != line.rstrip() for line in hcl.read_text().splitlines()), hcl
+
+
+@pytest.mark.integration
+def test_render_refuses_a_foreign_folder(
+    web: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(["render", str(web), "--out", str(tmp_path)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
