@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from dataclasses import asdict as asdataclass
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
