@@ -310,9 +310,8 @@ def _build(
         mounted = True
 
         progress(f"base: mmdebstrap {suite} (about 70 s)")
-        fstab = work / "fstab"
-        fstab.write_text(f"UUID={root_uuid} / ext4 rw,errors=remount-ro 0 1\n")
-        _mmdebstrap(root, suite, packages, fstab)
+        preinstall = _stage_preinstall(work / "preinstall", root_uuid)
+        _mmdebstrap(root, suite, packages, preinstall)
         progress("base: configuring")
         _configure(root)
         progress("base: installing grub")
@@ -356,7 +355,21 @@ def _attach_loop(raw: Path, offset: int, size_limit: int) -> str:
     return result.stdout.strip()
 
 
-def _mmdebstrap(root: Path, suite: str, packages: Sequence[str], fstab: Path) -> None:
+def _stage_preinstall(tree: Path, root_uuid: str) -> Path:
+    """Files the root needs before the kernel package builds the initramfs."""
+    etc = tree / "etc"
+    conf_d = etc / "initramfs-tools" / "conf.d"
+    conf_d.mkdir(mode=0o755, parents=True)
+    for directory in (tree, etc, etc / "initramfs-tools", conf_d):
+        directory.chmod(0o755)
+    (etc / "fstab").write_text(f"UUID={root_uuid} / ext4 rw,errors=remount-ro 0 1\n")
+    # Inside the build the root device cannot be probed, so the fsck hook would
+    # leave fsck out of the initramfs without being told the type.
+    (conf_d / "meshbake-fstype.conf").write_text("# Written by meshbake.\nFSTYPE=ext4\n")
+    return tree
+
+
+def _mmdebstrap(root: Path, suite: str, packages: Sequence[str], preinstall: Path) -> None:
     # mmdebstrap mounts /proc, /sys and /dev under the target. In a private mount
     # namespace those mounts die with it, even when it is killed halfway through, and
     # unmounting them can never propagate back to the host. The pid namespace takes
@@ -369,14 +382,14 @@ def _mmdebstrap(root: Path, suite: str, packages: Sequence[str], fstab: Path) ->
         f"--include={','.join(sorted(set(packages)))}",
     ]  # fmt: skip
     argv += [f"--dpkgopt={option}" for option in _DPKG_EXCLUDES]
-    # The fstab goes in before the kernel is installed: the initramfs only carries
-    # fsck for a root file system that /etc/fstab names. The path travels in the
-    # environment, so the hook stays static shell text.
-    argv += ['--essential-hook=cp "$MESHBAKE_FSTAB" "$1/etc/fstab"']
+    # The staged files go in before the kernel is installed (see _stage_preinstall).
+    # The path travels in the environment, so the hook stays static shell text.
+    argv += ['--essential-hook=cp -a "$MESHBAKE_PREINSTALL/." "$1/"']
     # No mirror argument: mmdebstrap's default Debian mirror, plus the updates and
     # security suites it adds for a stable release.
     argv += [suite, root]
-    run(argv, env={"DEBIAN_FRONTEND": "noninteractive", "MESHBAKE_FSTAB": os.fspath(fstab)})
+    env = {"DEBIAN_FRONTEND": "noninteractive", "MESHBAKE_PREINSTALL": os.fspath(preinstall)}
+    run(argv, env=env)
 
 
 def _configure(root: Path) -> None:

@@ -580,6 +580,16 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
             if file.dest.startswith(_MANAGED_PREFIXES):
                 errors.append((f"{prefix}[{i}].dest", f"{file.dest} is managed by meshbake"))
 
+    aws = spec.targets.aws
+    shared = aws is not None and (aws.share.accounts or aws.share.orgs or aws.share.ous)
+    if shared and aws is not None and aws.kms_key_id is None:
+        errors.append(
+            (
+                "targets.aws.kms_key_id",
+                "sharing an encrypted AMI needs a customer-managed KMS key (the default"
+                " aws/ebs key cannot be shared); set it and let the accounts use it",
+            )
+        )
     qemu = spec.targets.qemu
     if qemu is not None and qemu.base_image is None and spec.base is not BaseDistro.DEBIAN_12:
         errors.append(

@@ -50,7 +50,9 @@ SEARCH_ROOTS = ("/etc", "/var", "/home", "/root", "/opt", "/srv", "/usr/libexec"
 
 #: cloud-init keeps its own copy of the user data (root-only) for the instance's life.
 #: It is not meshbake's to remove; the check asserts it stays root-only.
-CLOUD_INIT_COPY = re.compile(r"^/var/lib/cloud/instances/[^/]+/(user-data\.txt|cloud-config\.txt)$")
+CLOUD_INIT_COPY = re.compile(
+    r"^/var/lib/cloud/instances/[^/]+/(user-data\.txt(\.i)?|cloud-config\.txt)$"
+)
 
 #: An unrelated nat rule that stopping the sidecar must leave alone.
 TEST_CHAIN = "MESHBAKE_TEST"
@@ -407,13 +409,13 @@ def test_reboot_reapplies_redirect_once(
         now = fresh.check_output("cat /proc/sys/kernel/random/boot_id")
         return fresh if now and now != boot_id else None
 
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 420
     rebooted: Host | None = None
     while rebooted is None and time.monotonic() < deadline:
         rebooted = run_with_deadline(back, 45)
         if rebooted is None:
             time.sleep(5)
-    assert rebooted is not None, "the host did not come back within 300 s of the reboot"
+    assert rebooted is not None, "the host did not come back within 420 s of the reboot"
 
     assert wait_for(lambda: active(rebooted, SIDECAR), 90), "the sidecar is not active after reboot"
     problems = layout_problems(nat_rules(rebooted), expect, mesh_uids(rebooted, expect))

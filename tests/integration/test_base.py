@@ -245,8 +245,9 @@ def test_base_boots_and_cloud_init_finishes(built: BaseImage, tmp_path: Path) ->
     print(f"base boot: cloud-init finished after {boot_seconds:.0f} s")
     assert finished.group(1) == "DataSourceNoCloud"
     assert "Started ssh.service" in log, "sshd did not start without baked host keys"
-    # The initramfs was built after /etc/fstab was in place, so it checks the root.
+    # The initramfs carries fsck, and the root it checks was left clean by the build.
     assert "fsck not present" not in log
+    assert re.search(r"/dev/vda1: clean", log), f"no root file system check:\n{tail}"
     failures = [line for line in log.splitlines() if re.search(r"Running module .* failed", line)]
     assert failures == []
 
