@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 import sys
@@ -221,6 +222,9 @@ def ssh_run(vm: Vm, command: str, timeout: float = 30.0) -> tuple[int, str]:
 
 
 def _wait_ssh(vm: Vm, qemu: Any, deadline: float) -> float:
+    # Until sshd is up every attempt fails by design; paramiko's transport thread would
+    # log each one with a traceback.
+    logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
     while time.monotonic() < deadline:
         if qemu.poll() is not None:
             raise UserError(f"the VM exited before SSH answered; see {vm.serial_log}")
