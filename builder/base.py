@@ -564,9 +564,17 @@ def _remove_work_dir(work: Path, progress: Callable[[str], None]) -> None:
 def _remove_stale_builds(base_dir: Path, name: str, progress: Callable[[str], None]) -> None:
     # Called under the lock: any work dir of this name is from a build that died.
     for stale in base_dir.glob(f".build-{name}-*"):
-        if stale.is_dir():
-            progress(f"base: removing {stale.name} left by an interrupted build")
-            _remove_work_dir(stale, progress)
+        if not stale.is_dir():
+            continue
+        progress(f"base: removing {stale.name} left by an interrupted build")
+        # A killed build (SIGKILL, power loss) may have left its mount and loop device.
+        if _mounts_under(stale):
+            run(["umount", "--recursive", stale / "root"], check=False)
+        raw = stale / "disk.raw"
+        if raw.is_file():
+            for line in run(["losetup", "--associated", raw]).stdout.splitlines():
+                run(["losetup", "--detach", line.split(":", 1)[0]], check=False)
+        _remove_work_dir(stale, progress)
 
 
 def _sha256(path: Path) -> str:
