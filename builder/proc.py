@@ -104,6 +104,8 @@ def run(
             stdout=pipe,
             stderr=pipe,
             input=input,
+            # Never our stdin: a tool that prompts (ssh-keygen, say) must not hang CI.
+            stdin=subprocess.DEVNULL if input is None else None,
             text=True,
             env=full_env,
             cwd=None if cwd is None else Path(cwd),

@@ -574,8 +574,16 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
         for i, file in enumerate(files):
             if file.source is not None:
                 source = path.parent / file.source
+                inside = source.resolve().is_relative_to(path.parent.resolve())
                 unreadable = _unreadable(source)
-                if unreadable is not None:
+                if Path(file.source).is_absolute() or not inside:
+                    errors.append(
+                        (
+                            f"{prefix}[{i}].source",
+                            f"{file.source} is outside the spec's folder; keep it beside the spec",
+                        )
+                    )
+                elif unreadable is not None:
                     errors.append((f"{prefix}[{i}].source", f"{source} {unreadable}"))
             if file.dest.startswith(_MANAGED_PREFIXES):
                 errors.append((f"{prefix}[{i}].dest", f"{file.dest} is managed by meshbake"))

@@ -64,7 +64,8 @@ def validate_spec(path: Path, packer: Packer | None = None) -> Report:
     if problem is None:
         report.gates.append(Gate("consul/envoy", True, f"{pair} is a supported pair"))
     else:  # only reachable with allow_unsupported: the spec load refuses it otherwise
-        report.gates.append(Gate("consul/envoy", True, f"{pair}: allowed by the spec ({problem})"))
+        report.gates.append(Gate("consul/envoy", True, f"{pair}: allowed by the spec"))
+        report.warnings.append(f"{path}: envoy.allow_unsupported: {problem}")
 
     packer = packer or Packer()
     with tempfile.TemporaryDirectory(prefix="meshbake-validate-") as tmp:
@@ -90,7 +91,7 @@ def _guarded(
     try:
         return gate(ctx, loaded, packer, work)
     except MeshbakeError as exc:  # a missing tool, for one: say so and go on
-        return Gate(gate.__name__.removeprefix("gate_").replace("_", " "), False, str(exc))
+        return Gate(GATE_NAMES[gate], False, str(exc))
 
 
 def gate_packer_fmt(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
@@ -206,10 +207,12 @@ def _placeholders(rootfs: Path, scratch: Path) -> Iterator[Callable[[str], str]]
         shutil.rmtree(bin_dir, ignore_errors=True)
 
 
-GATES = (
-    gate_packer_fmt,
-    gate_packer_validate,
-    gate_cloud_init_schema,
-    gate_shellcheck,
-    gate_systemd_analyze,
-)
+#: The gates after render, in order, with the names reports use for them.
+GATE_NAMES: dict[Callable[[Context, LoadedSpec, Packer, Path], Gate], str] = {
+    gate_packer_fmt: "packer fmt -check",
+    gate_packer_validate: "packer validate",
+    gate_cloud_init_schema: "cloud-init schema",
+    gate_shellcheck: "shellcheck",
+    gate_systemd_analyze: "systemd-analyze verify",
+}
+GATES = tuple(GATE_NAMES)

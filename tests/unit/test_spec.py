@@ -469,3 +469,14 @@ def test_model_is_frozen(repo: Path) -> None:
     with pytest.raises(pydantic.ValidationError):
         spec.consul.version = "1.21.0"  # type: ignore[misc]
     assert spec.name == "web"
+
+
+@pytest.mark.parametrize("source", ["/etc/shadow", "../../../etc/passwd"])
+def test_source_outside_the_spec_folder_is_refused(images: Path, source: str) -> None:
+    text = (images / "web.yaml").read_text().replace("files/web/index.html", source)
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, images / "web.yaml")
+    assert any(
+        p.path == "app.files[0].source" and "outside the spec's folder" in p.message
+        for p in caught.value.problems
+    )
