@@ -13,10 +13,12 @@ whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -297,6 +299,7 @@ class QemuTarget:
             output.replace(final)
             _write_json(manifest_path, manifest)
         finally:
+            kill_strays(work)
             shutil.rmtree(work, ignore_errors=True)
         return BuildResult(
             spec.name,
@@ -406,6 +409,27 @@ class QemuTarget:
                 f" see {log} and {run.out_dir / 'logs' / 'serial.log'}"
             )
         return image
+
+
+def kill_strays(work: Path) -> list[int]:
+    """Kill processes still using this build's work folder (a qemu Packer left behind).
+
+    Only processes whose command line names ``work`` are touched: we started them.
+    """
+    needle = str(work).encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
 
 
 # --- aws ----------------------------------------------------------------------------

@@ -157,7 +157,7 @@ class Mesh:
 
 
 def write_mesh(tmp_path: Path, consul_bin: Path = FIXTURE_CONSUL, **settings: str) -> Mesh:
-    """Write a mesh.env with CONTRACTS.md's defaults, overridden by settings."""
+    """Write a mesh.env with the rendered defaults (README: Inside a golden image), overridden."""
     values = {
         "MESHBAKE_SERVICE": "web",
         "MESHBAKE_PROXY_ID": "web-sidecar-proxy",
@@ -320,6 +320,18 @@ def test_redirect_recovers_from_a_half_applied_crash(netns: Netns, tmp_path: Pat
 
     netns.ok(REDIRECT, env=mesh.env())
     assert netns.rules("nat") == expected
+
+
+@pytest.mark.root
+@needs_root
+def test_redirect_honours_exclude_ssh_off(netns: Netns, tmp_path: Path) -> None:
+    """exclude_ssh: false renders an empty list; SSH is then really redirected."""
+    mesh = write_mesh(tmp_path, MESHBAKE_EXCLUDE_INBOUND_PORTS="")
+    netns.ok(REDIRECT, env=mesh.env())
+    (call,) = mesh.calls()
+    assert not [a for a in call if a.startswith("-exclude-inbound-port")]
+    nat = netns.ok("iptables", "-t", "nat", "-S").stdout
+    assert "--dport 22 -j RETURN" not in nat
 
 
 @pytest.mark.root
