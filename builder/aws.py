@@ -870,14 +870,6 @@ def aws_dry_run(
         _Row("AMI name", f"{spec.name}-{loaded.digest[:12]}-<YYYYMMDD-hhmmss>"),
         _Row("tags", ", ".join(f"{k}={v}" for k, v in tags.items()) + ", meshbake:build-time"),
     ]
-    if shared and not target.kms_key_id:
-        rows.append(
-            _Row(
-                "warning",
-                "AWS cannot share AMIs encrypted with the default aws/ebs key: set"
-                " targets.aws.kms_key_id to a customer managed key the accounts may use",
-            )
-        )
     width = max(len(r.label) for r in rows) + 2
     lines = [f"aws build plan for {spec.name} ({loaded.path}, spec hash {loaded.digest[:12]}):"]
     lines += [f"  {r.label.ljust(width)}{r.value}" for r in rows]

@@ -37,7 +37,7 @@ import yaml
 
 from builder import aws, cloudconfig
 from builder.cli import main
-from builder.errors import UserError
+from builder.errors import SpecError, UserError
 from builder.packer import PackerVersion
 from builder.spec import LoadedSpec, parse_spec
 from builder.template import image_tags, packer_files
@@ -317,7 +317,9 @@ def test_launch_accepts_a_shared_ami_by_its_name(moto: Moto, web: LoadedSpec) ->
 
 
 def test_tags_copies_and_sharing_are_visible(moto: Moto) -> None:
-    loaded = spec_variant(ami_regions=[COPY], share={"accounts": [SHARE_WITH]})
+    loaded = spec_variant(
+        ami_regions=[COPY], share={"accounts": [SHARE_WITH]}, kms_key_id="alias/meshbake"
+    )
     amis = bake(loaded, "20250101-000000", copy_to=COPY)
     records = aws.list_images("web", aws.image_regions(loaded.spec), aws=quick())
     assert {(r.region, r.id) for r in records} == set(amis.items())
@@ -339,7 +341,12 @@ def test_tags_copies_and_sharing_are_visible(moto: Moto) -> None:
         )
     assert aws.check_published(loaded, amis, aws=quick()) == []
     # A different spec (another hash) is told apart.
-    other = spec_variant(ami_regions=[COPY], share={"accounts": [SHARE_WITH]}, volume_size_gib=9)
+    other = spec_variant(
+        ami_regions=[COPY],
+        share={"accounts": [SHARE_WITH]},
+        kms_key_id="alias/meshbake",
+        volume_size_gib=9,
+    )
     assert all("meshbake:spec-hash" in p for p in aws.check_published(other, amis, aws=quick()))
 
 
@@ -593,7 +600,9 @@ def test_record_amis_reads_the_last_runs_amazon_artifact(tmp_path: Path) -> None
 
 
 def test_dry_run_plan_names_what_the_build_will_do(moto: Moto) -> None:
-    loaded = spec_variant(ami_regions=[COPY], share={"accounts": [SHARE_WITH]})
+    loaded = spec_variant(
+        ami_regions=[COPY], share={"accounts": [SHARE_WITH]}, kms_key_id="alias/meshbake"
+    )
     plan = aws.aws_dry_run(loaded, packer=PackerVersion(1, 6, 6), aws=quick())
     assert NEWEST_DEBIAN in plan and "debian-12-amd64-20240717-1811" in plan
     rows = {line[:18].strip(): line[18:] for line in plan.splitlines()[1:]}
@@ -603,9 +612,13 @@ def test_dry_run_plan_names_what_the_build_will_do(moto: Moto) -> None:
     assert "t3.small" in plan and "8 GiB gp3, encrypted" in plan
     assert "IMDSv2" in plan and "HttpTokens=required" in plan
     assert f"meshbake:spec-hash={loaded.digest}" in plan
-    assert "cannot share AMIs encrypted with the default aws/ebs key" in rows["warning"]
-    with_key = spec_variant(share={"accounts": [SHARE_WITH]}, kms_key_id="alias/meshbake")
-    assert "warning" not in aws.aws_dry_run(with_key, aws=quick())
+    assert "alias/meshbake" in rows["AMI encryption"]
+
+
+def test_sharing_without_a_customer_managed_key_is_a_spec_error() -> None:
+    # AWS cannot share AMIs encrypted with the default aws/ebs key.
+    with pytest.raises(SpecError, match="targets.aws.kms_key_id"):
+        spec_variant(share={"accounts": [SHARE_WITH]})
 
 
 # --- the CLI -------------------------------------------------------------------------
