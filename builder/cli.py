@@ -106,30 +106,51 @@ def _token_args(values: Sequence[str]) -> tuple[str | None, str | None]:
     return agent, service
 
 
-def cmd_userdata(args: argparse.Namespace) -> int:
-    loaded = _load(args.spec)
+def add_secret_args(p: argparse.ArgumentParser) -> None:
+    """The options that deliver first-boot secrets (``userdata`` and ``launch``)."""
+    p.add_argument(
+        "--token-file",
+        action="append",
+        default=[],
+        metavar="[ROLE=]FILE",
+        help="ACL token file; ROLE is agent or service when the tokens are separate",
+    )
+    p.add_argument("--gossip-key-file", type=Path)
+    p.add_argument("--tls-ca-file", type=Path)
+    p.add_argument("--tls-cert-file", type=Path)
+    p.add_argument("--tls-key-file", type=Path)
+
+
+def user_data_from_args(loaded: LoadedSpec, args: argparse.Namespace) -> str:
+    """The minimal first-boot user data from ``add_secret_args`` options, size-checked."""
     agent, service = _token_args(args.token_file)
 
+    def read(path: Path | None, what: str) -> str | None:
+        return None if path is None else cloudconfig.read_secret(path, what)
+
     def pem(path: Path | None, what: str) -> bytes | None:
-        return None if path is None else cloudconfig.read_secret(path, what).encode()
+        text = read(path, what)
+        return None if text is None else text.encode()
 
     secrets = cloudconfig.Secrets(
         agent_token=agent,
         service_token=service,
-        gossip_key=None
-        if args.gossip_key_file is None
-        else cloudconfig.read_secret(args.gossip_key_file, "gossip key"),
+        gossip_key=read(args.gossip_key_file, "gossip key"),
         tls_ca=pem(args.tls_ca_file, "TLS CA"),
         tls_cert=pem(args.tls_cert_file, "TLS certificate"),
         tls_key=pem(args.tls_key_file, "TLS key"),
     )
-    values = cloudconfig.carrier_values(loaded.spec, secrets, where=str(args.spec))
+    values = cloudconfig.carrier_values(loaded.spec, secrets, where=str(loaded.path))
     user_data = cloudconfig.first_boot_user_data(values)
     notes: list[str] = []
     cloudconfig.check_size(user_data, notes)
     for note in notes:
         warn(note)
-    sys.stdout.write(user_data)
+    return user_data
+
+
+def cmd_userdata(args: argparse.Namespace) -> int:
+    sys.stdout.write(user_data_from_args(_load(args.spec), args))
     return 0
 
 
@@ -227,17 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("userdata", help="print the minimal first-boot user data")
     p.add_argument("spec", type=Path)
-    p.add_argument(
-        "--token-file",
-        action="append",
-        default=[],
-        metavar="[ROLE=]FILE",
-        help="ACL token file; ROLE is agent or service when the tokens are separate",
-    )
-    p.add_argument("--gossip-key-file", type=Path)
-    p.add_argument("--tls-ca-file", type=Path)
-    p.add_argument("--tls-cert-file", type=Path)
-    p.add_argument("--tls-key-file", type=Path)
+    add_secret_args(p)
     p.set_defaults(handler=cmd_userdata)
 
     p = sub.add_parser("base", help="build (or reuse) the cached Debian 12 base qcow2")

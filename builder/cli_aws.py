@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from builder import cli, cloudconfig
+from builder import cli
 from builder.errors import UserError
-from builder.spec import LoadedSpec
 
 if TYPE_CHECKING:
     from builder.aws import AmiRecord
@@ -79,42 +78,11 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def _secrets(args: argparse.Namespace) -> cloudconfig.Secrets:
-    agent, service = cli._token_args(args.token_file)
-
-    def read(path: Path | None, what: str) -> str | None:
-        return None if path is None else cloudconfig.read_secret(path, what)
-
-    def pem(path: Path | None, what: str) -> bytes | None:
-        text = read(path, what)
-        return None if text is None else text.encode()
-
-    return cloudconfig.Secrets(
-        agent_token=agent,
-        service_token=service,
-        gossip_key=read(args.gossip_key_file, "gossip key"),
-        tls_ca=pem(args.tls_ca_file, "TLS CA"),
-        tls_cert=pem(args.tls_cert_file, "TLS certificate"),
-        tls_key=pem(args.tls_key_file, "TLS key"),
-    )
-
-
-def launch_user_data(loaded: LoadedSpec, secrets: cloudconfig.Secrets) -> str:
-    """The first-boot user data for ``loaded``; size notes go to stderr as warnings."""
-    values = cloudconfig.carrier_values(loaded.spec, secrets, where=str(loaded.path))
-    user_data = cloudconfig.first_boot_user_data(values)
-    notes: list[str] = []
-    cloudconfig.check_size(user_data, notes)
-    for note in notes:
-        cli.warn(note)
-    return user_data
-
-
 def cmd_launch(args: argparse.Namespace) -> int:
     from builder import aws
 
     loaded = cli._load(args.spec)
-    user_data = launch_user_data(loaded, _secrets(args))
+    user_data = cli.user_data_from_args(loaded, args)
     cli.progress(f"launching {args.ami} and waiting for it to run")
     instance = aws.launch(
         loaded,
@@ -160,17 +128,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("launch", help="launch one instance of a baked AMI with its user data")
     p.add_argument("spec", type=Path)
     p.add_argument("--ami", required=True, help="the AMI id, e.g. from 'meshbake images'")
-    p.add_argument(
-        "--token-file",
-        action="append",
-        default=[],
-        metavar="[ROLE=]FILE",
-        help="ACL token file; ROLE is agent or service when the tokens are separate",
-    )
-    p.add_argument("--gossip-key-file", type=Path)
-    p.add_argument("--tls-ca-file", type=Path)
-    p.add_argument("--tls-cert-file", type=Path)
-    p.add_argument("--tls-key-file", type=Path)
+    cli.add_secret_args(p)
     p.add_argument("--subnet", help="subnet id (default: targets.aws.subnet_id, else default VPC)")
     p.add_argument("--key-name", help="EC2 key pair for SSH")
     p.add_argument(
