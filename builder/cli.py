@@ -210,6 +210,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             token = cloudconfig.read_secret(args.token_file, "token")
         result = verify.verify_host(args.host, spec=args.spec, phase=phase, token=token)
         report = verify.VerifyReport(str(args.host), (result,))
+    elif args.image is None:
+        raise UserError("verify needs an IMAGE to boot, or --host with --spec")
     else:
         report = verify.verify_image(
             args.image,
