@@ -43,6 +43,7 @@ from tests.fixtures.release import make_fixture_release  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", type=Path, default=REPO / "images" / "web.yaml")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results-install-at-boot.json")
     args = parser.parse_args()
     loaded = load_spec(args.spec)
     spec = loaded.spec
@@ -61,11 +62,20 @@ def main() -> int:
         tar.add(ctx.stage_dir, arcname="meshbake")
 
     # What the install-at-boot way must carry when no mirror holds its configs.
-    inline = sum(len(p.read_bytes()) for p in ctx.stage_dir.rglob("*") if p.is_file()
-                 and "artifacts" not in p.parts)
-    inline_gz = len(gzip.compress(b"".join(
-        p.read_bytes() for p in sorted(ctx.stage_dir.rglob("*"))
-        if p.is_file() and "artifacts" not in p.parts)))
+    inline = sum(
+        len(p.read_bytes())
+        for p in ctx.stage_dir.rglob("*")
+        if p.is_file() and "artifacts" not in p.parts
+    )
+    inline_gz = len(
+        gzip.compress(
+            b"".join(
+                p.read_bytes()
+                for p in sorted(ctx.stage_dir.rglob("*"))
+                if p.is_file() and "artifacts" not in p.parts
+            )
+        )
+    )
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -80,37 +90,55 @@ def main() -> int:
     )
     extra = {
         "write_files": [
-            {"path": cloudconfig.CARRIER, "permissions": "0600", "content":
-             "".join(f"{k}={v}\n" for k, v in values.items())}
+            {
+                "path": cloudconfig.CARRIER,
+                "permissions": "0600",
+                "content": "".join(f"{k}={v}\n" for k, v in values.items()),
+            }
         ],
         "runcmd": [
             ["python3", "-c", fetch],
             ["tar", "-xzf", "/tmp/stage.tar.gz", "-C", "/tmp"],
             ["env", "MESHBAKE_AT_BOOT=true", "sh", "/tmp/meshbake/scripts/meshbake-bake"],
-            ["systemctl", "start", "--no-block", "meshbake-firstboot.service",
-             "consul.service", "envoy-sidecar.service"],
+            [
+                "systemctl",
+                "start",
+                "--no-block",
+                "meshbake-firstboot.service",
+                "consul.service",
+                "envoy-sidecar.service",
+            ],
         ],
     }
     base_image = base.build_base(cache)
     try:
-        with tempfile.TemporaryDirectory() as vm_work, boot_vm(
-            base_image.path, Path(vm_work), lambda key: verify_user_data(key, extra),
-            Accelerator.AUTO, lambda m: print(m, file=sys.stderr),
-        ) as vm:
+        with (
+            tempfile.TemporaryDirectory() as vm_work,
+            boot_vm(
+                base_image.path,
+                Path(vm_work),
+                lambda key: verify_user_data(key, extra),
+                Accelerator.AUTO,
+                lambda m: print(m, file=sys.stderr),
+            ) as vm,
+        ):
             ssh = time.monotonic() - vm.started
-            ready = _poll(vm, "systemctl is-active envoy-sidecar.service", "active",
-                          time.monotonic() + 900)
+            ready = _poll(
+                vm, "systemctl is-active envoy-sidecar.service", "active", time.monotonic() + 900
+            )
             mesh = time.monotonic() - vm.started
     finally:
         server.shutdown()
     user_data = verify_user_data("ssh-ed25519 AAAA placeholder", extra)
-    print(json.dumps({
+    figures = {
         "install_at_boot_boot_to_ssh_seconds": round(ssh, 1),
         "install_at_boot_vm_start_to_mesh_ready_seconds": round(mesh, 1) if ready else None,
         "install_at_boot_user_data_bytes_with_mirror": len(user_data.encode()),
         "self_contained_user_data_bytes_no_binaries": inline,
         "self_contained_user_data_bytes_gzipped": inline_gz,
-    }, indent=2))
+    }
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
     return 0 if ready else 1
 
 

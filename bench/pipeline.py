@@ -76,9 +76,12 @@ def main() -> int:
     baked, firstboot = verify.phases
 
     def bare_boot() -> float:
-        with tempfile.TemporaryDirectory() as work, boot_vm(
-            built_base.path, Path(work), verify_user_data, Accelerator.AUTO, lambda m: None
-        ) as vm:
+        with (
+            tempfile.TemporaryDirectory() as work,
+            boot_vm(
+                built_base.path, Path(work), verify_user_data, Accelerator.AUTO, lambda m: None
+            ) as vm,
+        ):
             return round(time.monotonic() - vm.started, 1)
 
     bare = bare_boot()
