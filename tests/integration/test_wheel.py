@@ -48,8 +48,9 @@ def test_wheel_carries_the_shipped_files(wheel: Path) -> None:
 
 def test_installed_wheel_renders_a_context(wheel: Path, repo: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps"]
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # With its dependencies from the package index: a clean install, as a user gets it.
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, str(wheel)], check=True, capture_output=True)
     out = tmp_path / "ctx"
     # Run from elsewhere, so that nothing can come from the checkout.
