@@ -89,13 +89,7 @@ def main() -> int:
         f"'http://10.0.2.2:{port}/stage.tar.gz', '/tmp/stage.tar.gz')"
     )
     extra = {
-        "write_files": [
-            {
-                "path": cloudconfig.CARRIER,
-                "permissions": "0600",
-                "content": "".join(f"{k}={v}\n" for k, v in values.items()),
-            }
-        ],
+        **cloudconfig.first_boot_document(values),
         "runcmd": [
             ["python3", "-c", fetch],
             ["tar", "-xzf", "/tmp/stage.tar.gz", "-C", "/tmp"],

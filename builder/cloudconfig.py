@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -159,15 +160,19 @@ def _gossip(raw: str, problems: list[str]) -> str:
     return key
 
 
-def first_boot_user_data(values: Mapping[str, str]) -> str:
-    """The minimal first-boot user data: one tmpfs file, readable by root only."""
+def first_boot_document(values: Mapping[str, str]) -> dict[str, Any]:
+    """The first-boot cloud-config as a dict: one tmpfs file, readable by root only."""
     content = "".join(f"{k}={v}\n" for k, v in values.items())
-    document = {
+    return {
         "write_files": [
             {"path": CARRIER, "permissions": "0600", "owner": "root:root", "content": content}
         ]
     }
-    return dump(document)
+
+
+def first_boot_user_data(values: Mapping[str, str]) -> str:
+    """The minimal first-boot user data, ready to hand to a VM or an instance."""
+    return dump(first_boot_document(values))
 
 
 def check_size(user_data: str, warn: list[str]) -> None:

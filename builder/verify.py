@@ -385,7 +385,7 @@ def _phase(
             service_token=None if loaded.spec.tokens.shared else str(uuid.uuid4()),
         )
         values = cloudconfig.carrier_values(loaded.spec, secrets, where="verify")
-        extra = {"write_files": [dict(f) for f in _write_files(values)]}
+        extra = cloudconfig.first_boot_document(values)
     with tempfile.TemporaryDirectory(prefix="meshbake-verify-") as tmp:
         work = Path(tmp)
         boot_to_ssh = first_boot = None
@@ -423,14 +423,6 @@ def _phase(
         finally:
             _keep_logs(work, image, phase)
     return PhaseResult(phase, tuple(checks), boot_to_ssh, first_boot)
-
-
-def _write_files(values: dict[str, str]) -> list[dict[str, str]]:
-    document = cloudconfig.first_boot_user_data(values)
-    import yaml
-
-    parsed: dict[str, list[dict[str, str]]] = yaml.safe_load(document)
-    return parsed["write_files"]
 
 
 def _keep_logs(work: Path, image: Path, phase: str) -> None:
