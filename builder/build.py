@@ -450,7 +450,7 @@ class AwsTarget:
         _validate(run, packer)
         if run.options.dry_run:
             with run.stage("plan", "resolving the source AMI"):
-                plan = aws.aws_dry_run(run.loaded)
+                plan = aws.aws_dry_run(run.loaded, packer=packer.version())
             print(plan)
             return BuildResult(spec.name, run.loaded.path, "planned")
         arts = _fetch_artifacts(run)

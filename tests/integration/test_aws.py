@@ -930,3 +930,11 @@ def test_fetch_token_signature_is_really_checked(
     assert done.returncode == 1 and done.stdout == ""
     assert "signature" in done.stderr
     assert TOKEN not in done.stderr and secret not in done.stderr
+
+
+def test_cli_build_aws_dry_run(moto: Moto, capsys: pytest.CaptureFixture[str]) -> None:
+    """render + every static gate + the source AMI lookup against the moto server."""
+    assert main(["build", str(WEB_SPEC), "--target", "aws", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert NEWEST_DEBIAN in plan
+    assert "us-east-1" in plan and "IMDSv2" in plan
