@@ -166,6 +166,8 @@ def cmd_base(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from builder import artifacts, build
 
+    if args.dry_run and args.target != "aws":
+        raise UserError("--dry-run plans an AMI build: use it with --target aws")
     key = None
     if args.consul_key is not None:
         if not args.consul_key_fingerprint:
@@ -202,12 +204,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from builder import verify
 
     if args.host is not None:
-        if args.spec is None:
-            raise UserError("--host needs --spec")
+        if args.spec is None or args.token_file is None:
+            # The checks look for exactly this token: in its files after first boot,
+            # nowhere in a baked image. An empty one would prove nothing.
+            raise UserError("--host needs --spec and --token-file (the token it was given)")
         phase = args.phase[0] if args.phase else "firstboot"
-        token = ""
-        if args.token_file is not None:
-            token = cloudconfig.read_secret(args.token_file, "token")
+        token = cloudconfig.read_secret(args.token_file, "token")
         result = verify.verify_host(args.host, spec=args.spec, phase=phase, token=token)
         report = verify.VerifyReport(str(args.host), (result,))
     elif args.image is None:
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="also write the JSON report here")
     p.add_argument("--accelerator", choices=[a.value for a in Accelerator], default="auto")
     p.add_argument("--host", help="check a running host instead, e.g. ssh://admin@10.0.0.5")
-    p.add_argument("--token-file", type=Path, help="with --host: the token it was given")
+    p.add_argument("--token-file", type=Path, help="with --host (required): the token it got")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_verify)
 

@@ -243,3 +243,19 @@ def test_render_refuses_a_foreign_folder(
     assert cli.main(["render", str(web), "--out", str(tmp_path)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_verify_host_needs_the_token_it_checks_for(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = str(repo / "images" / "web.yaml")
+    assert cli.main(["verify", "--host", "ssh://admin@192.0.2.1", "--spec", spec]) == 1
+    err = capsys.readouterr().err
+    assert "--token-file" in err and "Traceback" not in err
+
+
+def test_dry_run_is_refused_for_the_qemu_target(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["build", str(repo / "images" / "web.yaml"), "--dry-run"]) == 1
+    assert "--target aws" in capsys.readouterr().err
