@@ -3,8 +3,8 @@
 The stages are render, validate, download, base, bake. Everything a build writes
 lives in a private work folder inside the output folder until the very end. The
 finished image is renamed into place only after Packer succeeded, and the work folder
-(Packer's TMPDIR with the seed ISO, the ephemeral SSH key, a partial disk) is removed
-whatever happens.
+(the ephemeral SSH key, a partial disk) is removed whatever happens, and so is Packer's
+own short TMPDIR (its plugin sockets and the seed ISO).
 
 >>> result = build_image(Path("images/web.yaml"), BuildOptions())  # doctest: +SKIP
 >>> result.status
@@ -364,8 +364,6 @@ class QemuTarget:
         accel: Accelerator,
     ) -> Path:
         spec = run.loaded.spec
-        tmp = work / "tmp"
-        tmp.mkdir()
         output_dir = work / "output"  # Packer insists that it does not exist yet
         variables = {
             "base_image": str(base_path),
@@ -390,12 +388,11 @@ class QemuTarget:
             if "meshbake-bake:" in message:
                 run.progress(f"{spec.name}: {message.split('meshbake-bake:', 1)[1].strip()}")
 
-        with run.stage("bake", f"Packer qemu builder ({accel.value})"):
+        with run.stage("bake", f"Packer qemu builder ({accel.value})"), packer_tmpdir() as tmp:
             result = packer.build(
                 ctx.packer_dir,
                 only=[f"qemu.{spec.name}"],
                 variables=variables,
-                # Packer writes the seed ISO (our user data) to TMPDIR: keep it in work/.
                 env={"TMPDIR": str(tmp), "PACKER_CACHE_DIR": str(work / "packer_cache")},
                 log_file=log,
                 on_event=on_event,
@@ -409,6 +406,21 @@ class QemuTarget:
                 f" see {log} and {run.out_dir / 'logs' / 'serial.log'}"
             )
         return image
+
+
+@contextmanager
+def packer_tmpdir() -> Iterator[Path]:
+    """A private, short TMPDIR for one Packer run, removed whatever happens.
+
+    Packer leaves the seed ISO (our user data) there, so it must not be shared /tmp.
+    It must also be short: Packer puts its plugin sockets in it, and a unix socket path
+    may not exceed 108 bytes, which a deep build folder easily would.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="meshbake-packer-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def kill_strays(work: Path) -> list[int]:
@@ -463,12 +475,12 @@ class AwsTarget:
                 ctx = render_context(run.loaded, work / "context", packer=packer)
                 artifacts.stage(arts, ctx.stage_dir / "artifacts")
             packer_manifest = work / "packer-manifest.json"
-            with run.stage("bake", "Packer amazon-ebs builder"):
+            with run.stage("bake", "Packer amazon-ebs builder"), packer_tmpdir() as tmp:
                 result = packer.build(
                     ctx.packer_dir,
                     only=[f"amazon-ebs.{spec.name}"],
                     variables={"manifest": str(packer_manifest)},
-                    env={"TMPDIR": str(work)},
+                    env={"TMPDIR": str(tmp)},
                     log_file=log,
                     on_event=lambda e: None,
                 )
