@@ -18,7 +18,7 @@ lint:
 	.venv/bin/ruff check builder tests
 	.venv/bin/ruff format --check builder tests
 	.venv/bin/mypy builder
-	shellcheck scripts/meshbake-* tools/*
+	shellcheck builder/image/scripts/meshbake-* tools/*
 
 golden:
 	.venv/bin/python -m pytest -p no:cacheprovider tests/unit/test_golden.py --update-golden

@@ -32,11 +32,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from builder import artifacts, base, cloudconfig  # noqa: E402
-from builder.context import render_context  # noqa: E402
-from builder.packer import Packer  # noqa: E402
-from builder.spec import Accelerator, load_spec  # noqa: E402
-from builder.verify import _poll, boot_vm, verify_user_data  # noqa: E402
+from builder.build import artifacts, base  # noqa: E402
+from builder.render import cloudconfig  # noqa: E402
+from builder.render.context import render_context  # noqa: E402
+from builder.spec.model import Accelerator, load_spec  # noqa: E402
+from builder.tools.packer import Packer  # noqa: E402
+from builder.verify.runner import _poll, boot_vm, verify_user_data  # noqa: E402
 from tests.fixtures.release import make_fixture_release  # noqa: E402
 
 

@@ -24,13 +24,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from builder import base, cloudconfig  # noqa: E402
-from builder.build import BuildOptions, build_image, choose_accelerator  # noqa: E402
-from builder.context import render_context  # noqa: E402
-from builder.packer import Packer  # noqa: E402
-from builder.spec import Accelerator, load_spec  # noqa: E402
-from builder.validate import validate_spec  # noqa: E402
-from builder.verify import boot_vm, verify_image, verify_user_data  # noqa: E402
+from builder.build import base  # noqa: E402
+from builder.build.gates import validate_spec  # noqa: E402
+from builder.build.run import BuildOptions, build_image  # noqa: E402
+from builder.render import cloudconfig  # noqa: E402
+from builder.render.context import render_context  # noqa: E402
+from builder.spec.model import Accelerator, load_spec  # noqa: E402
+from builder.tools.packer import Packer  # noqa: E402
+from builder.tools.qemu import choose_accelerator  # noqa: E402
+from builder.verify.runner import boot_vm, verify_image, verify_user_data  # noqa: E402
 from tests.fixtures.release import make_fixture_release  # noqa: E402
 
 

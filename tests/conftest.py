@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.plugin"]
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.fixtures.plugin"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import BuildOptions, BuildResult, build_image
+from builder.build.run import BuildOptions, BuildResult, build_image
 from tests.fixtures.release import FixtureRelease
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "images" / "web.yaml"
 
 

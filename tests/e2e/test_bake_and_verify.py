@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import BuildOptions, BuildResult, build_image, sha256_file
-from builder.verify import verify_image
+from builder.build.run import BuildOptions, BuildResult, build_image, sha256_file
+from builder.verify.runner import verify_image
 
 from .conftest import SPEC
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import verify
+from builder.verify import runner as verify
+from tests.paths import REPO
 
 pytestmark = [pytest.mark.image, pytest.mark.root]
 
-REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "images" / "web.yaml"
 
 #: The token the verify run searches for; the broken image carries it.

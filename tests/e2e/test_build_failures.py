@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build import BuildOptions, build_image
+from builder.build.run import BuildOptions, build_image
 from builder.errors import UserError
 
 from .conftest import REPO

@@ -35,18 +35,19 @@ import hcl2
 import pytest
 import yaml
 
-from builder import aws, cloudconfig
-from builder.cli import main
+from builder.aws import client as aws
+from builder.cli.main import main
 from builder.errors import SpecError, UserError
-from builder.packer import PackerVersion
-from builder.spec import LoadedSpec, parse_spec
-from builder.template import image_tags, packer_files
+from builder.render import cloudconfig
+from builder.render.hcl import image_tags, packer_files
+from builder.spec.model import LoadedSpec, parse_spec
+from builder.tools.packer import PackerVersion
+from tests.paths import REPO
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 WEB_SPEC = REPO / "images" / "web.yaml"
-FETCH_TOKEN = REPO / "scripts" / "meshbake-fetch-token"
+FETCH_TOKEN = REPO / "builder" / "image" / "scripts" / "meshbake-fetch-token"
 
 ACCOUNT = "123456789012"  # moto's default account
 DEBIAN_OWNER = "136693071363"
@@ -898,7 +899,7 @@ def test_fetch_token_is_shellcheck_clean() -> None:
 
 
 def test_secret_store_images_get_curl_and_the_fetch_script() -> None:
-    from builder import bake
+    from builder.render import baked as bake
 
     data = yaml.safe_load(WEB_SPEC.read_text())
     data["tokens"] = {"source": "ssm", "ssm_parameter": "/meshbake/web/token"}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import base
-from builder.base import BASE_PACKAGES, BaseImage, base_key, build_base
+from builder.build import base
+from builder.build.base import BASE_PACKAGES, BaseImage, base_key, build_base
 from builder.errors import MeshbakeError, ToolNotFound, UserError
 from builder.proc import run
 

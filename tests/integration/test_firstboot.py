@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-FIRSTBOOT = REPO / "scripts" / "meshbake-firstboot"
-CHECK = REPO / "scripts" / "meshbake-check"
+from tests.paths import REPO
+
+FIRSTBOOT = REPO / "builder" / "image" / "scripts" / "meshbake-firstboot"
+CHECK = REPO / "builder" / "image" / "scripts" / "meshbake-check"
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,7 @@ from pathlib import Path
 import pytest
 
 from builder import proc
-from builder.context import Context, render_context
-from builder.errors import ToolNotFound
-from builder.packer import Packer
-from builder.spec import LoadedSpec, load_spec
-from builder.validate import (
+from builder.build.gates import (
     gate_cloud_init_schema,
     gate_packer_fmt,
     gate_packer_validate,
@@ -23,6 +19,10 @@ from builder.validate import (
     systemd_verify,
     validate_spec,
 )
+from builder.errors import ToolNotFound
+from builder.render.context import Context, render_context
+from builder.spec.model import LoadedSpec, load_spec
+from builder.tools.packer import Packer
 
 pytestmark = pytest.mark.integration
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = REPO / "scripts"
+from tests.paths import REPO
+
+SCRIPTS = REPO / "builder" / "image" / "scripts"
 CLEANUP = SCRIPTS / "meshbake-cleanup"
 REDIRECT = SCRIPTS / "meshbake-redirect"
 FIXTURE_CONSUL = REPO / "tests" / "fixtures" / "consul"

@@ -38,11 +38,14 @@ def wheel(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_carries_the_shipped_files(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for script in ("meshbake-bake", "meshbake-firstboot", "meshbake-redirect", "meshbake-cleanup"):
-        assert f"builder/scripts/{script}" in names
-    assert "builder/cloudinit/90-meshbake.cfg" in names
-    assert "builder/keys/hashicorp.asc" in names
-    assert "builder/templates/envoy-sidecar.service.j2" in names
-    assert {"builder/imagetests/test_baked.py", "builder/imagetests/conftest.py"} <= names
+        assert f"builder/image/scripts/{script}" in names
+    assert "builder/image/cloud.cfg.d/90-meshbake.cfg" in names
+    assert "builder/build/keys/hashicorp.asc" in names
+    assert "builder/render/templates/envoy-sidecar.service.j2" in names
+    assert {
+        "builder/verify/imagetests/test_baked.py",
+        "builder/verify/imagetests/conftest.py",
+    } <= names
     assert not any(n.startswith("tests/") for n in names)
 
 
@@ -68,5 +71,8 @@ def test_installed_wheel_renders_a_context(wheel: Path, repo: Path, tmp_path: Pa
     )
     assert done.returncode == 0, done.stderr
     script = out / "stage/rootfs/usr/libexec/meshbake/meshbake-redirect"
-    assert script.read_bytes() == (repo / "scripts" / "meshbake-redirect").read_bytes()
+    assert (
+        script.read_bytes()
+        == (repo / "builder" / "image" / "scripts" / "meshbake-redirect").read_bytes()
+    )
     assert (out / "stage/rootfs/etc/cloud/cloud.cfg.d/90-meshbake.cfg").is_file()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from builder.spec import LoadedSpec, parse_spec
+from builder.spec.model import LoadedSpec, parse_spec
 
 Data = dict[str, Any]
 Variant = Callable[[Callable[[Data], None]], LoadedSpec]

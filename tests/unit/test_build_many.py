@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder import build, cli
-from builder.build import BuildOptions, BuildResult, BuildRun, build_many, summary_table
+from builder.build import run as build
+from builder.build.run import BuildOptions, BuildResult, BuildRun, build_many, summary_table
+from builder.cli import main as cli
 from builder.errors import UserError
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder import artifacts
-from builder.build import BuildOptions, build_image
+from builder.build import artifacts
+from builder.build.run import BuildOptions, build_image
 from builder.errors import SpecError
 
 

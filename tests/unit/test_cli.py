@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder import cli, cloudconfig, proc
-from builder.context import MARKER
+from builder import proc
+from builder.cli import main as cli
+from builder.render import cloudconfig
+from builder.render.context import MARKER
 
 AGENT = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"
 SERVICE = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"

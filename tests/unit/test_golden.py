@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from builder.context import render_context
-from builder.packer import PackerVersion
-from builder.spec import load_spec
+from builder.render.context import render_context
+from builder.spec.model import load_spec
+from builder.tools.packer import PackerVersion
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden"
 SPECS = sorted((REPO / "images").glob("*.yaml"))
 

@@ -48,7 +48,7 @@ URI = "paramiko://meshbake-verify@127.0.0.1:9?ssh_identity_file=/nonexistent/key
 @pytest.fixture
 def suite(tmp_path: Path) -> Path:
     """A copy of the shipped suite, as the wheel's package data has it."""
-    shipped = resources.files("builder.imagetests")
+    shipped = resources.files("builder.verify.imagetests")
     out = tmp_path / "imagetests"
     out.mkdir()
     for entry in shipped.iterdir():
@@ -137,6 +137,6 @@ def test_expect_is_required(suite: Path) -> None:
 
 def test_suite_ships_nothing_but_python() -> None:
     # pyproject.toml ships "*.py" only; a data file next to the suites would be lost.
-    shipped = resources.files("builder.imagetests")
+    shipped = resources.files("builder.verify.imagetests")
     others = [e.name for e in shipped.iterdir() if e.is_file() and not e.name.endswith(".py")]
     assert not others, others

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from builder.errors import SpecError
-from builder.spec import ImageSpec, parse_spec
+from builder.spec.model import ImageSpec, parse_spec
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_PATH = REPO / "images" / "web.yaml"
 EXAMPLE: dict[str, Any] = yaml.safe_load(EXAMPLE_PATH.read_text())
 

@@ -13,12 +13,14 @@ import hcl2
 import pytest
 import yaml
 
-from builder import bake, cloudconfig, context, template
-from builder.cloudconfig import Secrets
-from builder.context import MARKER, render_context
 from builder.errors import UserError
-from builder.packer import PackerVersion
-from builder.spec import LoadedSpec
+from builder.render import baked as bake
+from builder.render import cloudconfig, context
+from builder.render import hcl as template
+from builder.render.cloudconfig import Secrets
+from builder.render.context import MARKER, render_context
+from builder.spec.model import LoadedSpec
+from builder.tools.packer import PackerVersion
 from tests.unit.conftest import Data, Variant
 
 AGENT = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from builder.errors import SpecError, UserError
-from builder.spec import (
+from builder.spec.model import (
     Accelerator,
     AclPolicy,
     BaseDistro,

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from builder import cloudconfig, compat, proc
-from builder.context import Context, render_context
+from builder import proc
 from builder.errors import MeshbakeError, SpecError
-from builder.packer import Packer
-from builder.spec import LoadedSpec, load_spec
-from builder.template import enabled_sources
+from builder.render import cloudconfig
+from builder.render.context import Context, render_context
+from builder.render.hcl import enabled_sources
+from builder.spec import compat
+from builder.spec.model import LoadedSpec, load_spec
+from builder.tools.packer import Packer
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def gate_cloud_init_schema(ctx: Context, loaded: LoadedSpec, packer: Packer, wor
 def shipped_scripts() -> list[Path]:
     """Every shell script that ships in ``scripts/`` (they start with a shebang)."""
     found = []
-    for entry in resources.files("builder.scripts").iterdir():
+    for entry in resources.files("builder.image").joinpath("scripts").iterdir():
         path = Path(str(entry))
         if path.is_file() and path.read_bytes().startswith(b"#!"):
             found.append(path)

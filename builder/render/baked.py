@@ -3,7 +3,7 @@
 Everything here is derived from the spec alone and contains no secret: tokens, the
 gossip key and TLS keys arrive at first boot (see ``scripts/meshbake-firstboot``).
 
->>> from builder.spec import load_spec
+>>> from builder.spec.model import load_spec
 >>> files = baked_files(load_spec("images/web.yaml"))
 >>> [f.dest for f in files if f.dest.endswith(".service")][:2]
 ['/etc/systemd/system/consul.service', '/etc/systemd/system/envoy-sidecar.service']
@@ -20,8 +20,8 @@ from typing import Any
 
 import jinja2
 
-from builder import compat
-from builder.spec import ImageSpec, LoadedSpec, TokenSource
+from builder.spec import compat
+from builder.spec.model import ImageSpec, LoadedSpec, TokenSource
 
 CONSUL_BIN = "/usr/bin/consul"
 ENVOY_BIN = "/usr/bin/envoy"
@@ -65,7 +65,7 @@ class BakedFile:
 def _jinja() -> jinja2.Environment:
     # StrictUndefined: a typo in a template fails the render instead of shipping.
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("builder", "templates"),
+        loader=jinja2.PackageLoader("builder.render", "templates"),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
@@ -289,13 +289,13 @@ def baked_files(loaded: LoadedSpec) -> list[BakedFile]:
 
 def shipped_script(name: str) -> bytes:
     """The bytes of a script shipped in ``scripts/`` (works from a wheel too)."""
-    return resources.files("builder.scripts").joinpath(name).read_bytes()
+    return resources.files("builder.image").joinpath("scripts", name).read_bytes()
 
 
 def image_packages(spec: ImageSpec) -> tuple[str, ...]:
     """The spec's packages, plus curl when the tokens come from a secret store.
 
-    >>> from builder.spec import load_spec
+    >>> from builder.spec.model import load_spec
     >>> image_packages(load_spec("images/web.yaml").spec)
     ('python3',)
     """

@@ -32,8 +32,8 @@ from pydantic import (
     model_validator,
 )
 
-from builder import compat
 from builder.errors import SpecError, SpecProblem
+from builder.spec import compat
 
 # --- small reusable field types ---------------------------------------------------
 

@@ -12,7 +12,7 @@ Layout of ``DIR``::
     cloudinit/first-boot.tftpl  the first-boot user data as a templatefile()
     meshbake.json               what was rendered from which spec
 
->>> from builder.spec import load_spec
+>>> from builder.spec.model import load_spec
 >>> ctx = render_context(load_spec("images/web.yaml"), Path("/tmp/ctx-doctest"))
 >>> (ctx.packer_dir / "build.pkr.hcl").is_file()
 True
@@ -27,11 +27,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import __version__, bake, cloudconfig
+from builder import __version__
 from builder.errors import UserError
-from builder.packer import Packer, PackerVersion
-from builder.spec import LoadedSpec
-from builder.template import packer_files
+from builder.render import baked as bake
+from builder.render import cloudconfig
+from builder.render.hcl import packer_files
+from builder.spec.model import LoadedSpec
+from builder.tools.packer import Packer, PackerVersion
 
 MARKER = "meshbake.json"
 STAGE_SCRIPTS = ("meshbake-bake", "meshbake-finalize")

@@ -323,7 +323,7 @@ def http_status(host: Host, port: int) -> str:
         f"if command -v python3 >/dev/null; then python3 -c {shlex.quote(python)}; "
         f"else bash -c {shlex.quote(bash)}; fi"
     )
-    return host.run(script).stdout.strip()
+    return str(host.run(script).stdout.strip())
 
 
 def test_app_answers(host: Host, expect: dict[str, Any]) -> None:

@@ -1,10 +1,10 @@
 """The AWS subcommands: ``meshbake images``, ``meshbake launch`` and ``meshbake prune``.
 
-They register themselves in ``builder.cli.EXTRA_COMMANDS``; each handler calls a typed
-function of ``builder.aws``. boto3 is imported only when one of them runs, so the
-other subcommands start fast.
+``builder.cli.main`` lists their ``add_*`` functions in its command table; each handler
+calls a typed function of ``builder.aws.client``. boto3 is imported only when one of
+them runs, so the other subcommands start fast.
 
->>> from builder.cli import main
+>>> from builder.cli.main import main
 >>> main(["images", "images/web.yaml", "--json"])  # doctest: +SKIP
 0
 """
@@ -18,22 +18,22 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from builder import cli
+from builder.cli import common
 from builder.errors import UserError
 
 if TYPE_CHECKING:
-    from builder.aws import AmiRecord
+    from builder.aws.client import AmiRecord
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
 
 def _spec_or_name(value: str, regions: list[str]) -> tuple[str, tuple[str, ...]]:
     """An image name and its regions, from a spec file or a bare name plus ``--region``."""
-    from builder import aws
+    from builder.aws import client as aws
 
     path = Path(value)
     if path.suffix in (".yaml", ".yml") or path.is_file():
-        loaded = cli._load(path)
+        loaded = common.load(path)
         return loaded.spec.name, tuple(regions) or aws.image_regions(loaded.spec)
     if not _NAME.match(value):
         raise UserError(f"{value}: neither a spec file nor an image name")
@@ -65,7 +65,7 @@ def _table(records: list[AmiRecord]) -> str:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    from builder import aws
+    from builder.aws import client as aws
 
     name, regions = _spec_or_name(args.image, args.region)
     records = aws.list_images(name, regions)
@@ -79,11 +79,11 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from builder import aws
+    from builder.aws import client as aws
 
-    loaded = cli._load(args.spec)
-    user_data = cli.user_data_from_args(loaded, args)
-    cli.progress(f"launching {args.ami} and waiting for it to run")
+    loaded = common.load(args.spec)
+    user_data = common.user_data_from_args(loaded, args)
+    common.progress(f"launching {args.ami} and waiting for it to run")
     instance = aws.launch(
         loaded,
         args.ami,
@@ -103,7 +103,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from builder import aws
+    from builder.aws import client as aws
 
     name, regions = _spec_or_name(args.image, args.region)
     actions = aws.prune(name, args.keep, regions, dry_run=args.dry_run)
@@ -117,18 +117,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``images``, ``launch`` and ``prune`` to the ``meshbake`` parser."""
+def add_images(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``meshbake images``."""
     p = sub.add_parser("images", help="list the AMIs meshbake baked for an image")
     p.add_argument("image", metavar="SPEC|NAME", help="a spec file, or an image name with --region")
     p.add_argument("--region", action="append", default=[], help="region to look in (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable results")
     p.set_defaults(handler=cmd_images)
 
+
+def add_launch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``meshbake launch``."""
     p = sub.add_parser("launch", help="launch one instance of a baked AMI with its user data")
     p.add_argument("spec", type=Path)
     p.add_argument("--ami", required=True, help="the AMI id, e.g. from 'meshbake images'")
-    cli.add_secret_args(p)
+    common.add_secret_args(p)
     p.add_argument("--subnet", help="subnet id (default: targets.aws.subnet_id, else default VPC)")
     p.add_argument("--key-name", help="EC2 key pair for SSH")
     p.add_argument(
@@ -143,6 +146,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.set_defaults(handler=cmd_launch)
 
+
+def add_prune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``meshbake prune``."""
     p = sub.add_parser("prune", help="remove old AMIs of an image and their snapshots")
     p.add_argument("image", metavar="NAME|SPEC", help="a spec file, or an image name with --region")
     p.add_argument("--keep", type=int, required=True, help="newest AMIs to keep per region")
@@ -150,7 +156,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--region", action="append", default=[], help="region to prune in (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable results")
     p.set_defaults(handler=cmd_prune)
-
-
-if register not in cli.EXTRA_COMMANDS:
-    cli.EXTRA_COMMANDS.append(register)

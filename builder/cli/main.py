@@ -14,50 +14,29 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from builder import __version__, cloudconfig
-from builder.context import render_context
+from builder import __version__
+from builder.build.gates import validate_spec
+from builder.build.run import TARGETS
+from builder.cli import aws as cli_aws
+from builder.cli.common import (
+    add_secret_args,
+    load,
+    progress,
+    spec_paths,
+    user_data_from_args,
+    warn,
+)
 from builder.errors import UserError
-from builder.packer import Packer
-from builder.spec import Accelerator, LoadedSpec, load_spec
-from builder.validate import validate_spec
-
-Handler = Callable[[argparse.Namespace], int]
-
-
-def warn(message: str) -> None:
-    print(f"meshbake: warning: {message}", file=sys.stderr)
-
-
-def progress(message: str) -> None:
-    print(f"meshbake: {message}", file=sys.stderr, flush=True)
-
-
-def _load(path: Path) -> LoadedSpec:
-    loaded = load_spec(path)
-    for problem in loaded.warnings:
-        warn(str(problem))
-    return loaded
-
-
-def spec_paths(targets: Sequence[Path]) -> list[Path]:
-    """Expand folders into their ``*.yaml`` specs, keeping files as given."""
-    found: list[Path] = []
-    for target in targets:
-        if target.is_dir():
-            specs = sorted([*target.glob("*.yaml"), *target.glob("*.yml")])
-            if not specs:
-                raise UserError(f"{target}: no *.yaml image specs in this folder")
-            found += specs
-        else:
-            found.append(target)
-    return found
-
+from builder.render import cloudconfig
+from builder.render.context import render_context
+from builder.spec.model import Accelerator
+from builder.tools.packer import Packer
 
 # --- subcommands ---------------------------------------------------------------------
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    loaded = _load(args.spec)
+    loaded = load(args.spec)
     ctx = render_context(loaded, args.out, packer=Packer())
     print(ctx.root)
     return 0
@@ -92,70 +71,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if all_ok else 1
 
 
-def _token_args(values: Sequence[str]) -> tuple[str | None, str | None]:
-    agent = service = None
-    for value in values:
-        role, _, file = value.rpartition("=")
-        if role not in ("", "agent", "service"):
-            raise UserError(f"--token-file {value}: the role must be agent= or service=")
-        token = cloudconfig.read_secret(Path(file), f"{role or 'ACL'} token")
-        if role in ("", "agent"):
-            agent = token
-        if role in ("", "service"):
-            service = token if role else None
-    return agent, service
-
-
-def add_secret_args(p: argparse.ArgumentParser) -> None:
-    """The options that deliver first-boot secrets (``userdata`` and ``launch``)."""
-    p.add_argument(
-        "--token-file",
-        action="append",
-        default=[],
-        metavar="[ROLE=]FILE",
-        help="ACL token file; ROLE is agent or service when the tokens are separate",
-    )
-    p.add_argument("--gossip-key-file", type=Path)
-    p.add_argument("--tls-ca-file", type=Path)
-    p.add_argument("--tls-cert-file", type=Path)
-    p.add_argument("--tls-key-file", type=Path)
-
-
-def user_data_from_args(loaded: LoadedSpec, args: argparse.Namespace) -> str:
-    """The minimal first-boot user data from ``add_secret_args`` options, size-checked."""
-    agent, service = _token_args(args.token_file)
-
-    def read(path: Path | None, what: str) -> str | None:
-        return None if path is None else cloudconfig.read_secret(path, what)
-
-    def pem(path: Path | None, what: str) -> bytes | None:
-        text = read(path, what)
-        return None if text is None else text.encode()
-
-    secrets = cloudconfig.Secrets(
-        agent_token=agent,
-        service_token=service,
-        gossip_key=read(args.gossip_key_file, "gossip key"),
-        tls_ca=pem(args.tls_ca_file, "TLS CA"),
-        tls_cert=pem(args.tls_cert_file, "TLS certificate"),
-        tls_key=pem(args.tls_key_file, "TLS key"),
-    )
-    values = cloudconfig.carrier_values(loaded.spec, secrets, where=str(loaded.path))
-    user_data = cloudconfig.first_boot_user_data(values)
-    notes: list[str] = []
-    cloudconfig.check_size(user_data, notes)
-    for note in notes:
-        warn(note)
-    return user_data
-
-
 def cmd_userdata(args: argparse.Namespace) -> int:
-    sys.stdout.write(user_data_from_args(_load(args.spec), args))
+    sys.stdout.write(user_data_from_args(load(args.spec), args))
     return 0
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from builder import base
+    from builder.build import base
 
     built = base.build_base(args.cache, progress=progress)
     state = "reused from the cache" if built.reused else "built"
@@ -164,7 +86,8 @@ def cmd_base(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from builder import artifacts, build
+    from builder.build import artifacts
+    from builder.build import run as build
 
     if args.dry_run and args.target != "aws":
         raise UserError("--dry-run plans an AMI build: use it with --target aws")
@@ -201,7 +124,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from builder import verify
+    from builder.verify import runner as verify
 
     if args.host is not None:
         if args.spec is None or args.token_file is None:
@@ -261,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="bake golden images from specs (qemu: a local qcow2)")
     p.add_argument("specs", type=Path, nargs="+", metavar="SPEC", help="spec files or folders")
-    p.add_argument("--target", default="qemu", choices=("qemu", "aws"))
+    p.add_argument("--target", default="qemu", choices=tuple(TARGETS))
     p.add_argument("--out", type=Path, help="output folder (default: build/<name>/)")
     p.add_argument("--cache", type=Path, help="cache folder (default: /var/cache/meshbake)")
     p.add_argument("-j", "--jobs", type=int, default=1, help="builds at once (several specs)")
@@ -286,16 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_verify)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    for add in AWS_COMMANDS:
+        add(sub)
     return parser
 
 
-#: Registration functions of the subcommands that live in other modules.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
-
-# Imported here, after EXTRA_COMMANDS exists, because importing it appends to that list.
-from builder import cli_aws  # noqa: E402, F401  (images, launch, prune)
+#: The AWS subcommands (images, launch, prune), added after the local ones.
+AWS_COMMANDS = (cli_aws.add_images, cli_aws.add_launch, cli_aws.add_prune)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    handler: Handler = args.handler
+    handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
     except UserError as exc:

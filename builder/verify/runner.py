@@ -32,10 +32,11 @@ from typing import Any
 
 import paramiko
 
-from builder import cloudconfig, proc
-from builder.build import choose_accelerator
+from builder import proc
 from builder.errors import UserError
-from builder.spec import Accelerator, LoadedSpec, load_spec
+from builder.render import cloudconfig
+from builder.spec.model import Accelerator, LoadedSpec, load_spec
+from builder.tools.qemu import choose_accelerator
 
 Progress = Callable[[str], None]
 PHASES = ("baked", "firstboot")
@@ -319,7 +320,7 @@ def boot_vm(
 
 
 def suite_dir() -> Path:
-    return Path(str(resources.files("builder.imagetests")))
+    return Path(str(resources.files("builder.verify.imagetests")))
 
 
 def run_suite(

@@ -4,7 +4,7 @@ Packer's amazon-ebs builder bakes, copies and shares the AMI; this module covers
 rest. Every function takes the frozen spec model (or plain names), never raw dicts,
 and every AWS failure a user can fix comes out as a one-line ``UserError``:
 
->>> from builder.spec import load_spec
+>>> from builder.spec.model import load_spec
 >>> loaded = load_spec("images/web.yaml")
 >>> image_regions(loaded.spec)
 ('us-east-1',)
@@ -46,11 +46,11 @@ from botocore.exceptions import (
     WaiterError,
 )
 
-from builder import cloudconfig
 from builder.errors import UserError
-from builder.packer import PackerVersion
-from builder.spec import AwsTarget, ImageSpec, LoadedSpec
-from builder.template import AMI_DEFAULTS, image_tags
+from builder.render import cloudconfig
+from builder.render.hcl import AMI_DEFAULTS, image_tags
+from builder.spec.model import AwsTarget, ImageSpec, LoadedSpec
+from builder.tools.packer import PackerVersion
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2.client import EC2Client
@@ -254,7 +254,7 @@ def image_regions(spec: ImageSpec) -> tuple[str, ...]:
 class AmiFilter:
     """The source AMI filter, exactly as the Packer template's ``source_ami_filter``.
 
-    >>> from builder.spec import load_spec
+    >>> from builder.spec.model import load_spec
     >>> source_filter(load_spec("images/web.yaml").spec).name
     'debian-12-amd64-*'
     """

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from builder.errors import UserError
-from builder.spec import ImageSpec, TokenSource
+from builder.spec.model import ImageSpec, TokenSource
 
 CARRIER = "/run/meshbake/firstboot.env"
 EC2_LIMIT = 16 * 1024
@@ -55,7 +55,7 @@ def dump(document: Mapping[str, object]) -> str:
 
 def baked_cloud_cfg() -> bytes:
     """``/etc/cloud/cloud.cfg.d/90-meshbake.cfg``, baked into every image."""
-    return resources.files("builder.cloudinit").joinpath("90-meshbake.cfg").read_bytes()
+    return resources.files("builder.image").joinpath("cloud.cfg.d", "90-meshbake.cfg").read_bytes()
 
 
 def seed_user_data(public_key: str | None) -> str:

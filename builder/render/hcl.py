@@ -5,7 +5,7 @@ qemu image and the AMI get exactly the same bake. String values carry their own 
 (``json.dumps``): ``q`` for meshbake's own strings, which may interpolate on purpose
 (``${path.root}``), and ``lit`` for text from the spec, which never does.
 
->>> from builder.spec import load_spec
+>>> from builder.spec.model import load_spec
 >>> files = packer_files(load_spec("images/web.yaml"), PackerVersion(1, 6, 6))
 >>> sorted(files)
 ['build.pkr.hcl', 'sources.pkr.hcl', 'variables.pkr.hcl']
@@ -20,9 +20,9 @@ from typing import Any
 import hcl2
 
 from builder import __version__
-from builder.cloudconfig import BUILD_USER
-from builder.packer import PackerVersion
-from builder.spec import BaseDistro, ImageSpec, LoadedSpec
+from builder.render.cloudconfig import BUILD_USER
+from builder.spec.model import BaseDistro, ImageSpec, LoadedSpec
+from builder.tools.packer import PackerVersion
 
 STAGE_IN_VM = "/tmp/meshbake"
 FINALIZE_IN_VM = "/run/meshbake-finalize"

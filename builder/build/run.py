@@ -32,12 +32,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from builder import __version__, artifacts, base, proc
-from builder.context import Context, render_context, write_seed
+from builder import __version__, proc
+from builder.build import artifacts, base
+from builder.build.gates import validate_spec
 from builder.errors import MeshbakeError, UserError
-from builder.packer import MachineEvent, Packer
-from builder.spec import Accelerator, LoadedSpec, load_spec
-from builder.validate import validate_spec
+from builder.render.context import Context, render_context, write_seed
+from builder.spec.model import Accelerator, LoadedSpec, load_spec
+from builder.tools.packer import MachineEvent, Packer
+from builder.tools.qemu import choose_accelerator
 
 Progress = Callable[[str], None]
 
@@ -197,27 +199,6 @@ def _validate(run: BuildRun, packer: Packer) -> None:
 
 
 # --- qemu -------------------------------------------------------------------------------
-
-
-def kvm_usable() -> bool:
-    """KVM only where it really works: /dev/kvm usable *and* the CPU shows vmx or svm.
-
-    A nested paravirtual /dev/kvm without those flags hangs a Debian kernel.
-    """
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split()}
-    return bool(flags & {"vmx", "svm"})
-
-
-def choose_accelerator(choice: Accelerator) -> Accelerator:
-    if choice is Accelerator.AUTO:
-        return Accelerator.KVM if kvm_usable() else Accelerator.TCG
-    return choice
 
 
 #: Packer ``ui`` messages that start a stage the user should see.
@@ -451,7 +432,7 @@ class AwsTarget:
     name = "aws"
 
     def build(self, run: BuildRun) -> BuildResult:
-        from builder import aws  # boto3 is only imported when the aws target is used
+        from builder.aws import client as aws  # boto3 is only imported when the aws target is used
 
         spec = run.loaded.spec
         if spec.targets.aws is None:

@@ -90,7 +90,7 @@ def unliteral(text: str) -> str:
 
 
 def active(host: Host, unit: str) -> bool:
-    return host.run("systemctl is-active %s", unit).stdout.strip() == "active"
+    return bool(host.run("systemctl is-active %s", unit).stdout.strip() == "active")
 
 
 def uid(host: Host, user: str) -> int:
@@ -174,7 +174,7 @@ def redirect_lines(host: Host, expect: dict[str, Any]) -> list[str]:
 
 def applied_this_boot(host: Host) -> int:
     journal = host.check_output("journalctl -b --no-pager -o cat -u %s", SIDECAR)
-    return journal.count("traffic redirection applied")
+    return int(journal.count("traffic redirection applied"))
 
 
 def expected_redirect_argv(host: Host, expect: dict[str, Any]) -> list[str]:
@@ -208,9 +208,11 @@ def mesh_up(host: Host) -> dict[str, bool]:
 
 def digests(host: Host) -> str:
     """sha256sum lines of the first-boot files that exist (to show they did not change)."""
-    return host.check_output(
-        f"for f in {SECRETS} {SIDECAR_TOKEN} {MARKER}; do "
-        'if [ -e "$f" ]; then sha256sum "$f"; fi; done'
+    return str(
+        host.check_output(
+            f"for f in {SECRETS} {SIDECAR_TOKEN} {MARKER}; do "
+            'if [ -e "$f" ]; then sha256sum "$f"; fi; done'
+        )
     )
 
 

@@ -1,0 +1,103 @@
+"""What the ``meshbake`` subcommands share: progress and warnings on stderr, loading a
+spec once with its warnings shown, and the first-boot secret options.
+
+>>> spec_paths([Path("images/web.yaml")])
+[PosixPath('images/web.yaml')]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from builder.errors import UserError
+from builder.render import cloudconfig
+from builder.spec.model import LoadedSpec, load_spec
+
+
+def warn(message: str) -> None:
+    print(f"meshbake: warning: {message}", file=sys.stderr)
+
+
+def progress(message: str) -> None:
+    print(f"meshbake: {message}", file=sys.stderr, flush=True)
+
+
+def load(path: Path) -> LoadedSpec:
+    loaded = load_spec(path)
+    for problem in loaded.warnings:
+        warn(str(problem))
+    return loaded
+
+
+def spec_paths(targets: Sequence[Path]) -> list[Path]:
+    """Expand folders into their ``*.yaml`` specs, keeping files as given."""
+    found: list[Path] = []
+    for target in targets:
+        if target.is_dir():
+            specs = sorted([*target.glob("*.yaml"), *target.glob("*.yml")])
+            if not specs:
+                raise UserError(f"{target}: no *.yaml image specs in this folder")
+            found += specs
+        else:
+            found.append(target)
+    return found
+
+
+def _token_args(values: Sequence[str]) -> tuple[str | None, str | None]:
+    agent = service = None
+    for value in values:
+        role, _, file = value.rpartition("=")
+        if role not in ("", "agent", "service"):
+            raise UserError(f"--token-file {value}: the role must be agent= or service=")
+        token = cloudconfig.read_secret(Path(file), f"{role or 'ACL'} token")
+        if role in ("", "agent"):
+            agent = token
+        if role in ("", "service"):
+            service = token if role else None
+    return agent, service
+
+
+def add_secret_args(p: argparse.ArgumentParser) -> None:
+    """The options that deliver first-boot secrets (``userdata`` and ``launch``)."""
+    p.add_argument(
+        "--token-file",
+        action="append",
+        default=[],
+        metavar="[ROLE=]FILE",
+        help="ACL token file; ROLE is agent or service when the tokens are separate",
+    )
+    p.add_argument("--gossip-key-file", type=Path)
+    p.add_argument("--tls-ca-file", type=Path)
+    p.add_argument("--tls-cert-file", type=Path)
+    p.add_argument("--tls-key-file", type=Path)
+
+
+def user_data_from_args(loaded: LoadedSpec, args: argparse.Namespace) -> str:
+    """The minimal first-boot user data from ``add_secret_args`` options, size-checked."""
+    agent, service = _token_args(args.token_file)
+
+    def read(path: Path | None, what: str) -> str | None:
+        return None if path is None else cloudconfig.read_secret(path, what)
+
+    def pem(path: Path | None, what: str) -> bytes | None:
+        text = read(path, what)
+        return None if text is None else text.encode()
+
+    secrets = cloudconfig.Secrets(
+        agent_token=agent,
+        service_token=service,
+        gossip_key=read(args.gossip_key_file, "gossip key"),
+        tls_ca=pem(args.tls_ca_file, "TLS CA"),
+        tls_cert=pem(args.tls_cert_file, "TLS certificate"),
+        tls_key=pem(args.tls_key_file, "TLS key"),
+    )
+    values = cloudconfig.carrier_values(loaded.spec, secrets, where=str(loaded.path))
+    user_data = cloudconfig.first_boot_user_data(values)
+    notes: list[str] = []
+    cloudconfig.check_size(user_data, notes)
+    for note in notes:
+        warn(note)
+    return user_data
