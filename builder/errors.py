@@ -8,8 +8,11 @@ and exits 1. Anything else is a bug: the CLI prints the traceback and exits 3.
 from __future__ import annotations
 
 import shlex
+import signal
+import urllib.error
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class MeshbakeError(Exception):
@@ -51,17 +54,46 @@ class ToolNotFound(UserError):
     """An external tool is not installed."""
 
 
-class CommandError(MeshbakeError):
-    """An external command exited non-zero."""
+def tool_name(argv: Sequence[str]) -> str:
+    """The tool an argv runs, past wrappers such as ``unshare ... --`` and ``chroot``.
+
+    >>> tool_name(["unshare", "--mount", "--", "mmdebstrap", "bookworm"])
+    'mmdebstrap'
+    >>> tool_name(["/usr/bin/qemu-img", "convert"])
+    'qemu-img'
+    """
+    name = Path(argv[0]).name if argv else "?"
+    if name == "unshare" and "--" in argv[:-1]:
+        return tool_name(argv[list(argv).index("--") + 1 :])
+    if name == "chroot" and len(argv) > 2:
+        return tool_name(argv[2:])
+    return name
+
+
+class CommandError(UserError):
+    """An external command exited non-zero.
+
+    A user can act on it (a mirror that is down, a full disk), so it is a ``UserError``:
+    the CLI prints one line naming the tool, the stage and the log with the full output
+    (``details()``), and exits 1. ``stage`` and ``log`` are filled in by whoever knows
+    them (``BuildRun.stage``, ``build_base``).
+    """
 
     def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
         self.argv = tuple(argv)
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
-        super().__init__(str(self))
+        self.stage: str | None = None
+        self.log: Path | None = None
+        super().__init__(self.details())
 
-    def __str__(self) -> str:
+    @property
+    def tool(self) -> str:
+        return tool_name(self.argv)
+
+    def details(self) -> str:
+        """The full record: argv, return code, stdout and stderr (pre-commit's layout)."""
         lines = [f"command: {shlex.join(self.argv)}", f"return code: {self.returncode}"]
         for name, text in (("stdout", self.stdout), ("stderr", self.stderr)):
             text = text.strip()
@@ -72,6 +104,65 @@ class CommandError(MeshbakeError):
                 lines.append(f"{name}: (none)")
         return "\n".join(lines)
 
+    def write_log(self, path: Path) -> None:
+        """Keep ``details()`` in ``path`` (best effort) and point the message at it."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self.details() + "\n")
+        except OSError:
+            return
+        self.log = path
+
+    def __str__(self) -> str:
+        last = next(
+            (
+                line.strip()
+                for line in reversed((self.stderr or self.stdout).splitlines())
+                if line.strip()
+            ),
+            "",
+        )
+        code = "timed out" if self.returncode == -1 else f"exit {self.returncode}"
+        text = f"{self.tool} failed ({code})"
+        if self.stage:
+            text += f" in stage {self.stage}"
+        if last:
+            text += f": {last[:300]}"
+        if self.log is not None:
+            text += f"; see {self.log}"
+        return "".join(c if c.isprintable() else " " for c in text)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived: unwind, clean up, exit ``128 + signum``.
+
+    A ``KeyboardInterrupt``, so every ``finally`` and ``except BaseException`` that
+    cleans up after Ctrl-C does the same for a CI cancel or a closed terminal.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
 
 class CheckFailed(UserError):
     """A validation gate or an image check failed."""
+
+
+def reason(exc: BaseException) -> str:
+    """Why an I/O or network operation failed, in a few words for a one-line error.
+
+    >>> reason(FileNotFoundError(2, "No such file or directory"))
+    'No such file or directory'
+    """
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__

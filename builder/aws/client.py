@@ -47,7 +47,10 @@ from botocore.exceptions import (
 )
 
 from builder.errors import UserError
+
+# Tag names come from one module, so what the template writes is what we read.
 from builder.render import cloudconfig
+from builder.render import tags as tag
 from builder.render.hcl import AMI_DEFAULTS, image_tags
 from builder.spec.model import AwsTarget, ImageSpec, LoadedSpec
 from builder.tools.packer import PackerVersion
@@ -63,11 +66,6 @@ if TYPE_CHECKING:
     )
 
 log = logging.getLogger(__name__)
-
-IMAGE_TAG = "meshbake:image"
-HASH_TAG = "meshbake:spec-hash"
-CONSUL_TAG = "meshbake:consul"
-ENVOY_TAG = "meshbake:envoy"
 
 #: The template's ami_name: ``<image>-<spec hash, 12>-<YYYYMMDD-hhmmss>``.
 _BAKED_NAME = re.compile(r"^(?P<image>[a-z][a-z0-9-]*)-[0-9a-f]{12}-\d{8}-\d{6}$")
@@ -366,15 +364,15 @@ class AmiRecord:
 
     @property
     def spec_hash(self) -> str:
-        return self.tags.get(HASH_TAG, "")
+        return self.tags.get(tag.SPEC_HASH, "")
 
     @property
     def consul(self) -> str:
-        return self.tags.get(CONSUL_TAG, "")
+        return self.tags.get(tag.CONSUL, "")
 
     @property
     def envoy(self) -> str:
-        return self.tags.get(ENVOY_TAG, "")
+        return self.tags.get(tag.ENVOY, "")
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -425,11 +423,11 @@ def list_images(name: str, regions: Sequence[str], *, aws: Aws | None = None) ->
             images = _describe_images(
                 aws.ec2(region),
                 owners=["self"],
-                filters=[{"Name": f"tag:{IMAGE_TAG}", "Values": [name]}],
+                filters=[{"Name": f"tag:{tag.IMAGE}", "Values": [name]}],
             )
         found = [_record(i, region) for i in images]
         # Only what carries our tag, even if a filter ever matched more.
-        found = [r for r in found if r.tags.get(IMAGE_TAG) == name]
+        found = [r for r in found if r.tags.get(tag.IMAGE) == name]
         records += sorted(found, key=lambda r: (r.creation_date, r.name), reverse=True)
     return records
 
@@ -508,7 +506,7 @@ def launch(
         images = ec2.describe_images(ImageIds=[ami]).get("Images", [])
     if not images:
         raise UserError(f"{ami} does not exist in {region} (or this account cannot see it)")
-    baked_for = _tags(images[0].get("Tags", [])).get(IMAGE_TAG)
+    baked_for = _tags(images[0].get("Tags", [])).get(tag.IMAGE)
     # Tags do not cross accounts: an AMI shared from a build account shows none here,
     # but its name still follows the template's ami_name.
     named_for = _BAKED_NAME.match(images[0].get("Name", ""))
@@ -522,8 +520,8 @@ def launch(
         )
     tags: list[TagTypeDef] = [
         {"Key": "Name", "Value": spec.name},
-        {"Key": IMAGE_TAG, "Value": spec.name},
-        {"Key": HASH_TAG, "Value": loaded.digest},
+        {"Key": tag.IMAGE, "Value": spec.name},
+        {"Key": tag.SPEC_HASH, "Value": loaded.digest},
     ]
     request: RunInstancesRequestTypeDef = {
         "ImageId": ami,
@@ -783,10 +781,10 @@ def check_published(
         record = _record(images[0], region)
         if record.state != "available":
             problems.append(f"{region}: {ami} is {record.state}, not available")
-        if record.tags.get(IMAGE_TAG) != loaded.spec.name:
-            problems.append(f"{region}: {ami} lacks the tag {IMAGE_TAG}={loaded.spec.name}")
+        if record.tags.get(tag.IMAGE) != loaded.spec.name:
+            problems.append(f"{region}: {ami} lacks the tag {tag.IMAGE}={loaded.spec.name}")
         if record.spec_hash != loaded.digest:
-            problems.append(f"{region}: {ami} has a {HASH_TAG} other than this spec's")
+            problems.append(f"{region}: {ami} has a {tag.SPEC_HASH} other than this spec's")
         if share.accounts or share.orgs or share.ous:
             with translated(f"reading the launch permissions of {ami}", region):
                 granted = ec2.describe_image_attribute(ImageId=ami, Attribute="launchPermission")
@@ -846,7 +844,7 @@ def aws_dry_run(
             f"not settable with Packer {packer} on the build instance; instances from"
             " 'meshbake launch' require it (HttpTokens=required, hop limit 1)"
         )
-    tags = {k: v for k, v in image_tags(loaded).items() if k != "meshbake:build-time"}
+    fixed = {k: v for k, v in image_tags(loaded).items() if k != tag.BUILD_TIME}
     kms = f"KMS key {target.kms_key_id}" if target.kms_key_id else "the account's default EBS key"
     rows = [
         _Row(
@@ -868,7 +866,7 @@ def aws_dry_run(
         _Row("AMI encryption", f"encrypted (encrypt_boot) with {kms}"),
         _Row("IMDSv2", imds),
         _Row("AMI name", f"{spec.name}-{loaded.digest[:12]}-<YYYYMMDD-hhmmss>"),
-        _Row("tags", ", ".join(f"{k}={v}" for k, v in tags.items()) + ", meshbake:build-time"),
+        _Row("tags", ", ".join([*(f"{k}={v}" for k, v in fixed.items()), tag.BUILD_TIME])),
     ]
     width = max(len(r.label) for r in rows) + 2
     lines = [f"aws build plan for {spec.name} ({loaded.path}, spec hash {loaded.digest[:12]}):"]

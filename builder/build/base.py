@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -28,12 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import __version__
+from builder.digest import sha256_file
 from builder.errors import CommandError, MeshbakeError, UserError
-from builder.proc import run, which
+from builder.proc import run, shielded, which
+from builder.progress import Progress, to_stderr
+from builder.render import paths
+from builder.render.cloudconfig import cloud_cfg_dropin
 
 #: Bump when the recipe below changes in a way that changes the image, so cached
 #: bases built by an older recipe are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: What goes into the base. Recommends stay off (mmdebstrap's default).
 BASE_PACKAGES: tuple[str, ...] = (
@@ -100,17 +103,6 @@ _DPKG_EXCLUDES = (
     "path-exclude=/usr/share/lintian/*",
 )
 
-_CLOUD_CFG = """\
-# Written by meshbake: the base only ever boots from a NoCloud seed (qemu, Packer).
-datasource_list: [ NoCloud, None ]
-system_info:
-  network:
-    renderers: [ networkd ]
-    activators: [ networkd ]
-# C.UTF-8 needs no locale-gen, which keeps the first boot short.
-locale: C.UTF-8
-"""
-
 _NETWORK_DHCP = """\
 # Written by meshbake. cloud-init's own file (10-cloud-init-*) wins when it writes one.
 [Match]
@@ -147,10 +139,6 @@ class BaseImage:
     key: str
     sha256: str
     reused: bool
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def base_key(suite: str = "bookworm", packages: Sequence[str] = BASE_PACKAGES) -> str:
@@ -196,7 +184,7 @@ def build_base(
     suite: str = "bookworm",
     packages: Sequence[str] = BASE_PACKAGES,
     disk_size_gib: int = 4,
-    progress: Callable[[str], None] = _stderr,
+    progress: Progress = to_stderr,
 ) -> BaseImage:
     """Build (or reuse from the cache) a bootable Debian base qcow2 and return it.
 
@@ -215,22 +203,29 @@ def build_base(
 
     # Reuse needs neither root nor the build tools.
     if final.is_file():
-        return BaseImage(final, key, _sha256(final), reused=True)
+        return BaseImage(final, key, sha256_file(final), reused=True)
 
     _check_host()
     base_dir.mkdir(parents=True, exist_ok=True)
     with _locked(base_dir / f"{name}.lock", progress):
         # Another build of the same key may have finished while we waited.
         if final.is_file():
-            return BaseImage(final, key, _sha256(final), reused=True)
+            return BaseImage(final, key, sha256_file(final), reused=True)
         _remove_stale_builds(base_dir, name, progress)
         work = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=base_dir))
         try:
             qcow2 = _build(work, suite, packages, disk_size_gib, progress)
-            digest = _sha256(qcow2)
+            digest = sha256_file(qcow2)
             qcow2.replace(final)
+        except CommandError as exc:
+            # mmdebstrap with a mirror down, say: name the tool, the stage and the log.
+            if exc.stage is None:
+                exc.stage = "base"
+                exc.write_log(base_dir / "logs" / f"{name}-{exc.tool}.log")
+            raise
         finally:
-            _remove_work_dir(work, progress)
+            with shielded():  # an interrupt must not leave the loop device or the mount
+                _remove_work_dir(work, progress)
     return BaseImage(final, key, digest, reused=False)
 
 
@@ -325,10 +320,11 @@ def _build(
         loop = None
     finally:
         # Only reached with work left when something failed: clean up, best effort.
-        if mounted:
-            run(["umount", "--recursive", "--lazy", root], check=False)
-        if loop is not None:
-            run(["losetup", "--detach", loop], check=False)
+        with shielded():
+            if mounted:
+                run(["umount", "--recursive", "--lazy", root], check=False)
+            if loop is not None:
+                run(["losetup", "--detach", loop], check=False)
     _check_clean_ext4(raw, _PARTITION_OFFSET)
 
     _write_boot_code(raw, root_boot_img=work / "boot.img", core_img=core)
@@ -403,7 +399,8 @@ def _configure(root: Path) -> None:
     # Empty, so systemd makes a new id on the first boot of every copy.
     (etc / "machine-id").write_text("")
 
-    (etc / "cloud" / "cloud.cfg.d" / "90_meshbake.cfg").write_text(_CLOUD_CFG)
+    dropin = root / paths.rel(paths.BASE_CLOUD_CFG_DROPIN)
+    dropin.write_bytes(cloud_cfg_dropin(paths.BASE_CLOUD_CFG_DROPIN))
     (etc / "systemd" / "network" / "90-meshbake-dhcp.network").write_text(_NETWORK_DHCP)
     ssh_dropin = etc / "systemd" / "system" / "ssh.service.d"
     ssh_dropin.mkdir(parents=True, exist_ok=True)
@@ -575,11 +572,3 @@ def _remove_stale_builds(base_dir: Path, name: str, progress: Callable[[str], No
             for line in run(["losetup", "--associated", raw]).stdout.splitlines():
                 run(["losetup", "--detach", line.split(":", 1)[0]], check=False)
         _remove_work_dir(stale, progress)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,5 +1,8 @@
 """Static gates run before any VM starts; every failure is reported together.
 
+The gates check a rendered ``BakeFolder``: ``build`` hands them the very folder Packer
+then builds from, and ``meshbake validate`` renders one into a temporary folder.
+
 >>> report = validate_spec(Path("images/web.yaml"))
 >>> report.ok, [g.name for g in report.gates][:2]
 (True, ['spec', 'consul/envoy'])
@@ -18,10 +21,9 @@ from pathlib import Path
 
 from builder import proc
 from builder.errors import MeshbakeError, SpecError
-from builder.render import cloudconfig
-from builder.render.context import Context, render_context
+from builder.render import cloudconfig, paths
+from builder.render.context import BakeFolder, render_context
 from builder.render.hcl import enabled_sources
-from builder.spec import compat
 from builder.spec.model import LoadedSpec, load_spec
 from builder.tools.packer import Packer
 
@@ -49,75 +51,92 @@ class Report:
     def ok(self) -> bool:
         return all(g.ok for g in self.gates)
 
+    def failures(self) -> list[str]:
+        return [g.line() for g in self.gates if not g.ok]
+
 
 def validate_spec(path: Path, packer: Packer | None = None) -> Report:
-    """Run every gate on one spec file; never raises for a failed gate."""
-    report = Report(path)
+    """``meshbake validate``: load ``path`` once, render it once into a temporary
+    folder and run every gate on that folder; never raises for a failed gate."""
     try:
         loaded = load_spec(path)
     except SpecError as exc:
-        report.gates.append(Gate("spec", False, "\n    " + "\n    ".join(map(str, exc.problems))))
-        return report
-    report.warnings += [str(w) for w in loaded.warnings]
-    spec = loaded.spec
-    report.gates.append(Gate("spec", True, f"{path} is a valid image spec"))
-    pair = f"Consul {spec.consul.version} with Envoy {spec.envoy.version}"
-    problem = compat.check_pair(spec.consul.version, spec.envoy.version)
-    if problem is None:
-        report.gates.append(Gate("consul/envoy", True, f"{pair} is a supported pair"))
-    else:  # only reachable with allow_unsupported: the spec load refuses it otherwise
-        report.gates.append(Gate("consul/envoy", True, f"{pair}: allowed by the spec"))
-        report.warnings.append(f"{path}: envoy.allow_unsupported: {problem}")
-
+        problems = "\n    " + "\n    ".join(map(str, exc.problems))
+        return Report(path, [Gate("spec", False, problems)])
     packer = packer or Packer()
     with tempfile.TemporaryDirectory(prefix="meshbake-validate-") as tmp:
-        work = Path(tmp)
+        scratch = Path(tmp)
         try:
-            ctx = render_context(loaded, work / "context", packer=packer)
+            folder = render_context(loaded, scratch / "context", packer=packer)
         except MeshbakeError as exc:
+            report = _spec_report(loaded)
             report.gates.append(Gate("render", False, str(exc)))
             return report
-        report.gates.append(Gate("render", True, "bake context rendered"))
-        for gate in GATES:
-            report.gates.append(_guarded(gate, ctx, loaded, packer, work))
+        return check_folder(loaded, folder, packer, scratch)
+
+
+def check_folder(loaded: LoadedSpec, folder: BakeFolder, packer: Packer, scratch: Path) -> Report:
+    """Run every gate on ``folder``, rendered from ``loaded``; never raises for a failed
+    gate. ``scratch`` is an empty folder the gates may write into (keys, unit copies)."""
+    report = _spec_report(loaded)
+    report.gates.append(Gate("render", True, f"bake folder {folder.root}"))
+    for gate in GATES:
+        report.gates.append(_guarded(gate, folder, loaded, packer, scratch))
+    return report
+
+
+def _spec_report(loaded: LoadedSpec) -> Report:
+    """The spec and pair gates, from what loading the spec found (nothing is re-checked)."""
+    spec = loaded.spec
+    report = Report(loaded.path, warnings=[str(w) for w in loaded.warnings])
+    report.gates.append(Gate("spec", True, f"{loaded.path} is a valid image spec"))
+    pair = f"Consul {spec.consul.version} with Envoy {spec.envoy.version}"
+    # The load refused an unsupported pair unless the spec allows it, and then warned.
+    allowed = any(w.path == "envoy.allow_unsupported" for w in loaded.warnings)
+    detail = f"{pair}: allowed by the spec" if allowed else f"{pair} is a supported pair"
+    report.gates.append(Gate("consul/envoy", True, detail))
     return report
 
 
 def _guarded(
-    gate: Callable[[Context, LoadedSpec, Packer, Path], Gate],
-    ctx: Context,
+    gate: Callable[[BakeFolder, LoadedSpec, Packer, Path], Gate],
+    folder: BakeFolder,
     loaded: LoadedSpec,
     packer: Packer,
     work: Path,
 ) -> Gate:
     try:
-        return gate(ctx, loaded, packer, work)
+        return gate(folder, loaded, packer, work)
     except MeshbakeError as exc:  # a missing tool, for one: say so and go on
         return Gate(GATE_NAMES[gate], False, str(exc))
 
 
-def gate_packer_fmt(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
-    result = packer.fmt(ctx.packer_dir, check=True)
+def gate_packer_fmt(folder: BakeFolder, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
+    result = packer.fmt(folder.packer_dir, check=True)
     detail = "template is packer fmt-clean" if result.ok else result.output
     return Gate("packer fmt -check", result.ok, detail)
 
 
-def gate_packer_validate(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
+def gate_packer_validate(
+    folder: BakeFolder, loaded: LoadedSpec, packer: Packer, work: Path
+) -> Gate:
     key = work / "validate-key"
-    proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "validate", "-f", key])
+    proc.ssh_keygen(key, "validate")
     sources = enabled_sources(loaded.spec)
     variables = {"ssh_private_key_file": str(key), "base_image": str(work / "base.qcow2")}
-    result = packer.validate(ctx.packer_dir, variables=variables)
+    result = packer.validate(folder.packer_dir, variables=variables)
     version = packer.version()
     detail = f"Packer {version} accepts {', '.join(sources)}" if result.ok else result.output
     return Gate("packer validate", result.ok, detail)
 
 
-def gate_cloud_init_schema(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
+def gate_cloud_init_schema(
+    folder: BakeFolder, loaded: LoadedSpec, packer: Packer, work: Path
+) -> Gate:
     example = work / "first-boot.example.yaml"
     example.write_text(cloudconfig.user_data_template(loaded.spec).replace("${", "x"))
     failures = []
-    docs = [*ctx.cloud_configs(), example]
+    docs = [*folder.cloud_configs(), example]
     for doc in docs:
         done = proc.run(["cloud-init", "schema", "--config-file", doc], check=False)
         if done.returncode != 0:
@@ -136,9 +155,14 @@ def shipped_scripts() -> list[Path]:
     return sorted(found)
 
 
-def gate_shellcheck(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
-    scripts = [*shipped_scripts(), *ctx.scripts()]
-    env_files = [ctx.stage_dir / "bake.env", ctx.rootfs / "etc/meshbake/mesh.env"]
+def gate_shellcheck(folder: BakeFolder, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
+    scripts = [*shipped_scripts(), *folder.scripts()]
+    env_files = [
+        folder.stage_dir / "bake.env",
+        folder.stage_dir / "paths.env",
+        folder.rootfs / paths.rel(paths.MESH_ENV),
+        folder.rootfs / paths.rel(paths.PATHS_ENV),
+    ]
     # The env files are sourced by scripts, so unused-variable warnings do not apply.
     problems = shellcheck(scripts) + shellcheck(env_files, "--shell=sh", "--exclude=SC2034")
     detail = "\n".join(problems) or f"{len(scripts)} scripts and {len(env_files)} env files clean"
@@ -156,9 +180,11 @@ def shellcheck(paths: list[Path], *options: str) -> list[str]:
 _EXEC = re.compile(r"^(Exec[A-Za-z]+=)([-+@!:]*)(/\S+)(.*)$")
 
 
-def gate_systemd_analyze(ctx: Context, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
-    units = ctx.units()
-    stderr = systemd_verify(units, ctx.rootfs, work / "units")
+def gate_systemd_analyze(
+    folder: BakeFolder, loaded: LoadedSpec, packer: Packer, work: Path
+) -> Gate:
+    units = folder.units()
+    stderr = systemd_verify(units, folder.rootfs, work / "units")
     detail = stderr or f"{len(units)} units verified with no warning"
     return Gate("systemd-analyze verify", not stderr, detail)
 
@@ -210,7 +236,7 @@ def _placeholders(rootfs: Path, scratch: Path) -> Iterator[Callable[[str], str]]
 
 
 #: The gates after render, in order, with the names reports use for them.
-GATE_NAMES: dict[Callable[[Context, LoadedSpec, Packer, Path], Gate], str] = {
+GATE_NAMES: dict[Callable[[BakeFolder, LoadedSpec, Packer, Path], Gate], str] = {
     gate_packer_fmt: "packer fmt -check",
     gate_packer_validate: "packer validate",
     gate_cloud_init_schema: "cloud-init schema",

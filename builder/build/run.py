@@ -19,11 +19,10 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict as asdataclass
@@ -33,19 +32,14 @@ from pathlib import Path
 from typing import Protocol
 
 from builder import __version__, proc
-from builder.build import artifacts, base
-from builder.build.gates import validate_spec
-from builder.errors import MeshbakeError, UserError
-from builder.render.context import Context, render_context, write_seed
+from builder.build import artifacts, base, gates
+from builder.digest import sha256_file
+from builder.errors import CommandError, MeshbakeError, UserError
+from builder.progress import Progress, to_stderr
+from builder.render.context import BakeFolder, render_context, write_seed
 from builder.spec.model import Accelerator, LoadedSpec, load_spec
 from builder.tools.packer import MachineEvent, Packer
 from builder.tools.qemu import choose_accelerator
-
-Progress = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -80,6 +74,12 @@ class BuildRun:
         start = time.monotonic()
         try:
             yield
+        except CommandError as exc:
+            # A tool failed in this stage: say which stage, and keep its full output.
+            if exc.stage is None:
+                exc.stage = name
+                exc.write_log(self.out_dir / "logs" / f"{name}-{exc.tool}.log")
+            raise
         finally:
             self.timings[name] = round(time.monotonic() - start, 1)
 
@@ -94,6 +94,8 @@ class BuildResult:
     error: str | None = None
     log: Path | None = None
     seconds: float = 0.0
+    #: ``build --target aws --dry-run``: the plan, for the caller to show.
+    plan: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdataclass(self).items()}
@@ -117,15 +119,13 @@ class Target(Protocol):
 def _fetch_artifacts(run: BuildRun) -> list[artifacts.Artifact]:
     spec = run.loaded.spec
     options = run.options
-    env_zip = os.environ.get("MESHBAKE_CONSUL_ZIP")
-    consul_zip = options.consul_zip or (Path(env_zip) if env_zip else None)
     with run.stage("download", f"Consul {spec.consul.version} and Envoy {spec.envoy.version}"):
         consul = artifacts.fetch_consul(
             spec.consul.version,
             run.cache,
             mirror=options.consul_mirror or spec.consul.source.mirror,
             key=options.consul_key,
-            zip_override=consul_zip,
+            zip_override=options.consul_zip,
             progress=run.progress,
         )
         envoy = artifacts.fetch_envoy(
@@ -147,7 +147,7 @@ def tree_digest(*roots: Path) -> str:
 
 
 def content_key(
-    run: BuildRun, ctx: Context, arts: Sequence[artifacts.Artifact], base_id: str
+    run: BuildRun, ctx: BakeFolder, arts: Sequence[artifacts.Artifact], base_id: str
 ) -> str:
     """Changes when anything that ends up in the image changes: the rendered context
     (template, configs, units, scripts), the artifacts, the base and meshbake itself."""
@@ -159,14 +159,6 @@ def content_key(
         "meshbake": __version__,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -190,12 +182,14 @@ def _up_to_date(manifest: Path, key: str) -> dict[str, object] | None:
     return dict(previous)
 
 
-def _validate(run: BuildRun, packer: Packer) -> None:
+def _validate(run: BuildRun, packer: Packer, folder: BakeFolder, work: Path) -> None:
+    """Gate ``folder``, the very folder Packer builds from next."""
+    scratch = work / "gates"
+    scratch.mkdir()
     with run.stage("validate", "static gates (packer, cloud-init, shellcheck, systemd)"):
-        report = validate_spec(run.loaded.path, packer)
+        report = gates.check_folder(run.loaded, folder, packer, scratch)
     if not report.ok:
-        failed = [g.line() for g in report.gates if not g.ok]
-        raise BuildFailed(f"validate: {'; '.join(failed)}")
+        raise BuildFailed(f"validate: {'; '.join(report.failures())}")
 
 
 # --- qemu -------------------------------------------------------------------------------
@@ -212,7 +206,9 @@ _MILESTONES = (
 )
 
 
-class QemuTarget:
+class QemuBuild:
+    """The ``qemu`` target: a local qcow2 baked on the Debian base."""
+
     name = "qemu"
 
     def build(self, run: BuildRun) -> BuildResult:
@@ -242,13 +238,14 @@ class QemuTarget:
                     run.out_dir / f"{spec.name}.qcow2",
                     manifest_path,
                 )
-            _validate(run, packer)
+            # The seed gets the build key before the gates, so they check what boots.
+            key_file = self._build_key(run, ctx, work)
+            _validate(run, packer, ctx, work)
             base_path, base_sha = self._base(run, base_ref)
             accel = choose_accelerator(run.options.accelerator or qemu.accelerator)
             log_dir = run.out_dir / "logs"
             log_dir.mkdir(exist_ok=True)
             log = log_dir / "packer.log"
-            key_file = self._build_key(run, ctx, work)
             artifacts.stage(arts, ctx.stage_dir / "artifacts")
             output = self._packer_build(run, packer, ctx, work, log, key_file, base_path, accel)
             final = run.out_dir / f"{spec.name}.qcow2"
@@ -280,8 +277,9 @@ class QemuTarget:
             output.replace(final)
             _write_json(manifest_path, manifest)
         finally:
-            kill_strays(work)
-            shutil.rmtree(work, ignore_errors=True)
+            with proc.shielded():  # an interrupt now must not leave the key or the disk
+                kill_strays(work)
+                shutil.rmtree(work, ignore_errors=True)
         return BuildResult(
             spec.name,
             run.loaded.path,
@@ -322,22 +320,20 @@ class QemuTarget:
             built = base.build_base(run.cache, progress=run.progress)
         return built.path, built.sha256
 
-    def _build_key(self, run: BuildRun, ctx: Context, work: Path) -> Path:
+    def _build_key(self, run: BuildRun, ctx: BakeFolder, work: Path) -> Path:
         """An ephemeral SSH key for the build user, in the private work folder."""
         keys = work / "ssh"
         keys.mkdir(mode=0o700)
         key_file = keys / "build_ed25519"
-        proc.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "meshbake-build", "-f", key_file]
-        )
-        write_seed(ctx, run.loaded, key_file.with_suffix(".pub").read_text())
+        public = proc.ssh_keygen(key_file, "meshbake-build")
+        write_seed(ctx, run.loaded, public.read_text())
         return key_file
 
     def _packer_build(
         self,
         run: BuildRun,
         packer: Packer,
-        ctx: Context,
+        ctx: BakeFolder,
         work: Path,
         log: Path,
         key_file: Path,
@@ -401,7 +397,9 @@ def packer_tmpdir() -> Iterator[Path]:
     try:
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with proc.shielded():
+            kill_strays(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def kill_strays(work: Path) -> list[int]:
@@ -428,7 +426,9 @@ def kill_strays(work: Path) -> list[int]:
 # --- aws ----------------------------------------------------------------------------
 
 
-class AwsTarget:
+class AwsBuild:
+    """The ``aws`` target: AMIs baked by Packer's amazon-ebs builder."""
+
     name = "aws"
 
     def build(self, run: BuildRun) -> BuildResult:
@@ -440,13 +440,15 @@ class AwsTarget:
                 f"{run.loaded.path}: targets.aws is not set; the spec has no aws target"
             )
         packer = Packer()
-        _validate(run, packer)
         if run.options.dry_run:
+            # Nothing is written into the output folder for a plan.
+            with tempfile.TemporaryDirectory(prefix="meshbake-plan-") as tmp:
+                with run.stage("render", "bake context"):
+                    ctx = render_context(run.loaded, Path(tmp) / "context", packer=packer)
+                _validate(run, packer, ctx, Path(tmp))
             with run.stage("plan", "resolving the source AMI"):
                 plan = aws.aws_dry_run(run.loaded, packer=packer.version())
-            print(plan)
-            return BuildResult(spec.name, run.loaded.path, "planned")
-        arts = _fetch_artifacts(run)
+            return BuildResult(spec.name, run.loaded.path, "planned", plan=plan)
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "logs").mkdir(exist_ok=True)
         log = run.out_dir / "logs" / "packer-aws.log"
@@ -454,7 +456,9 @@ class AwsTarget:
         try:
             with run.stage("render", "bake context"):
                 ctx = render_context(run.loaded, work / "context", packer=packer)
-                artifacts.stage(arts, ctx.stage_dir / "artifacts")
+            _validate(run, packer, ctx, work)
+            arts = _fetch_artifacts(run)
+            artifacts.stage(arts, ctx.stage_dir / "artifacts")
             packer_manifest = work / "packer-manifest.json"
             with run.stage("bake", "Packer amazon-ebs builder"), packer_tmpdir() as tmp:
                 result = packer.build(
@@ -487,14 +491,14 @@ class AwsTarget:
 
 
 #: The build targets, by name.
-TARGETS: dict[str, Target] = {"qemu": QemuTarget(), "aws": AwsTarget()}
+TARGETS: dict[str, Target] = {"qemu": QemuBuild(), "aws": AwsBuild()}
 
 
 # --- entry points -------------------------------------------------------------------
 
 
 def build_image(
-    spec_path: Path, options: BuildOptions, progress: Progress = _stderr
+    spec_path: Path, options: BuildOptions, progress: Progress = to_stderr
 ) -> BuildResult:
     """Build one spec for ``options.target``. Raises ``UserError`` on failure."""
     target = TARGETS.get(options.target)
@@ -511,7 +515,7 @@ def build_image(
 
 
 def build_many(
-    specs: Sequence[Path], options: BuildOptions, jobs: int, progress: Progress = _stderr
+    specs: Sequence[Path], options: BuildOptions, jobs: int, progress: Progress = to_stderr
 ) -> list[BuildResult]:
     """Build several specs with at most ``jobs`` at once; one failure loses no other result."""
     if options.out is not None and len(specs) > 1:

@@ -47,16 +47,27 @@ def spec_paths(targets: Sequence[Path]) -> list[Path]:
 
 
 def _token_args(values: Sequence[str]) -> tuple[str | None, str | None]:
-    agent = service = None
+    """``--token-file [ROLE=]FILE`` options -> (agent token, service token).
+
+    A plain FILE is the agent's token (with ``tokens.shared`` the one token); a role
+    given twice is an error, never a silent choice between the two.
+    """
+    given: dict[str, tuple[str, str]] = {}
     for value in values:
-        role, _, file = value.rpartition("=")
-        if role not in ("", "agent", "service"):
+        role, sep, file = value.partition("=")
+        if not sep:
+            role, file = "agent", value
+        elif role not in ("agent", "service"):
             raise UserError(f"--token-file {value}: the role must be agent= or service=")
-        token = cloudconfig.read_secret(Path(file), f"{role or 'ACL'} token")
-        if role in ("", "agent"):
-            agent = token
-        if role in ("", "service"):
-            service = token if role else None
+        if role in given:
+            raise UserError(
+                f"--token-file {value}: the {role} token is already given"
+                f" (--token-file {given[role][0]}); give each role once"
+            )
+        what = f"{role} token" if sep else "ACL token"
+        given[role] = (value, cloudconfig.read_secret(Path(file), what))
+    agent = given["agent"][1] if "agent" in given else None
+    service = given["service"][1] if "service" in given else None
     return agent, service
 
 

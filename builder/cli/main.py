@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from builder import __version__
+from builder import __version__, proc
 from builder.build.gates import validate_spec
 from builder.build.run import TARGETS
 from builder.cli import aws as cli_aws
@@ -26,7 +27,7 @@ from builder.cli.common import (
     user_data_from_args,
     warn,
 )
-from builder.errors import UserError
+from builder.errors import Interrupted, UserError
 from builder.render import cloudconfig
 from builder.render.context import render_context
 from builder.spec.model import Accelerator
@@ -85,6 +86,15 @@ def cmd_base(args: argparse.Namespace) -> int:
     return 0
 
 
+#: A local Consul zip to bake instead of downloading one (as ``--consul-zip``).
+CONSUL_ZIP_ENV = "MESHBAKE_CONSUL_ZIP"
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.build import artifacts
     from builder.build import run as build
@@ -102,7 +112,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         cache=args.cache,
         consul_mirror=args.consul_mirror,
         consul_key=key,
-        consul_zip=args.consul_zip,
+        consul_zip=args.consul_zip or _env_path(CONSUL_ZIP_ENV),
         accelerator=None if args.accelerator is None else Accelerator(args.accelerator),
         force=args.force,
         dry_run=args.dry_run,
@@ -119,7 +129,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(build.summary_table(results))
     else:
         for r in results:
-            print(r.output or r.manifest or r.status)
+            print(r.plan or r.output or r.manifest or r.status, end="" if r.plan else "\n")
     return 0 if all(r.status != "failed" for r in results) else 1
 
 
@@ -144,9 +154,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             phases=args.phase or verify.PHASES,
             accelerator=Accelerator(args.accelerator),
             progress=progress,
+            allow_spec_drift=args.allow_spec_drift,
         )
     if args.report is not None:
         args.report.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if args.junit is not None:
+        args.junit.write_text(report.to_junit())
     print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
     return 0 if report.ok else 1
 
@@ -203,8 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", type=Path, help="default: the spec named in the image's manifest")
     p.add_argument("--phase", action="append", choices=("baked", "firstboot"))
     p.add_argument("--report", type=Path, help="also write the JSON report here")
+    p.add_argument("--junit", type=Path, help="also write one JUnit XML (both phases) here")
     p.add_argument("--accelerator", choices=[a.value for a in Accelerator], default="auto")
     p.add_argument("--host", help="check a running host instead, e.g. ssh://admin@10.0.0.5")
+    p.add_argument(
+        "--allow-spec-drift",
+        action="store_true",
+        help="verify even if the spec changed since the image was built (its spec_hash)",
+    )
     p.add_argument("--token-file", type=Path, help="with --host (required): the token it got")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_verify)
@@ -228,13 +247,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        with proc.handle_signals():
+            return handler(args)
     except UserError as exc:
+        # A failed tool (CommandError) too: one line with the tool, the stage, the log.
         print(f"meshbake: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("meshbake: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # SIGINT, SIGTERM and SIGHUP all end here, after the cleanup ran: 128 + signal,
+        # as a shell reports it (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
+        code = exc.exit_code if isinstance(exc, Interrupted) else 130
+        name = f" ({exc.args[0]})" if isinstance(exc, Interrupted) else ""
+        print(f"meshbake: interrupted{name}; stopped and cleaned up", file=sys.stderr)
+        return code
     except Exception:
         traceback.print_exc()
         print(

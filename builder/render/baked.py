@@ -20,20 +20,22 @@ from typing import Any
 
 import jinja2
 
+from builder.errors import SpecError, SpecProblem
+from builder.render import escape, paths
 from builder.spec import compat
-from builder.spec.model import ImageSpec, LoadedSpec, TokenSource
+from builder.spec.model import BaseDistro, ImageSpec, LoadedSpec, TokenSource, file_fields
 
-CONSUL_BIN = "/usr/bin/consul"
-ENVOY_BIN = "/usr/bin/envoy"
-CONSUL_DIR = "/etc/consul.d"
-CONSUL_DATA = "/var/lib/consul"
-LIBEXEC = "/usr/libexec/meshbake"
-SIDECAR_TOKEN = "/etc/envoy/token"
 ENVOY_ADMIN = "127.0.0.1:19000"
-UNIT_DIR = "/etc/systemd/system"
 
 #: Runtime scripts from ``scripts/`` installed into every image.
-RUNTIME_SCRIPTS = ("meshbake-firstboot", "meshbake-redirect", "meshbake-cleanup", "meshbake-check")
+RUNTIME_SCRIPTS = (
+    "meshbake-firstboot",
+    "meshbake-redirect",
+    "meshbake-cleanup",
+    "meshbake-check",
+    "meshbake-secret-scan",
+    "meshbake-imds",
+)
 
 #: Installed too when the tokens come from a secret store (tokens.source ssm or
 #: secretsmanager), with what it needs besides python3 (cloud-init's own interpreter):
@@ -74,21 +76,21 @@ def _jinja() -> jinja2.Environment:
 
 def render_template(name: str, **values: Any) -> str:
     """Render ``builder/templates/<name>`` strictly."""
-    return _jinja().get_template(name).render(**values)
+    # Every template may name an in-image path as {{ paths.MESH_ENV }} and the like.
+    return _jinja().get_template(name).render(paths=paths, **values)
 
 
 def systemd_escape(word: str) -> str:
-    """Escape one word for an ``ExecStart=`` line: quote it and double ``%`` and ``$``.
+    """Escape one word for an ``ExecStart=`` line (see ``escape.unit_word``).
 
     >>> systemd_escape("50%")
     '"50%%"'
     """
-    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
-    return f'"{escaped}"' if escaped != word or not word or any(c.isspace() for c in word) else word
+    return escape.unit_word(word)
 
 
 def exec_line(argv: Sequence[str]) -> str:
-    return " ".join(systemd_escape(a) for a in argv)
+    return escape.unit_exec(argv)
 
 
 def consul_config(spec: ImageSpec) -> dict[str, Any]:
@@ -96,12 +98,12 @@ def consul_config(spec: ImageSpec) -> dict[str, Any]:
     c = spec.consul
     config: dict[str, Any] = {
         "datacenter": c.datacenter,
-        "data_dir": CONSUL_DATA,
+        "data_dir": paths.CONSUL_DATA_DIR,
         "server": False,
         "retry_join": list(c.retry_join),
         "client_addr": "127.0.0.1",
         "log_level": c.log_level.upper(),
-        "ports": {"grpc": 8502, "dns": c.dns.port if c.dns.forward else -1},
+        "ports": {**grpc_ports(spec), "dns": c.dns.port if c.dns.forward else -1},
         "connect": {"enabled": True},
         "disable_update_check": True,
     }
@@ -120,9 +122,32 @@ def consul_config(spec: ImageSpec) -> dict[str, Any]:
     return config
 
 
+#: The agent's gRPC ports: plaintext, and TLS (``ports.grpc_tls``, Consul 1.14+).
+GRPC_PORT = 8502
+GRPC_TLS_PORT = 8503
+
+
+def _grpc_tls(spec: ImageSpec) -> bool:
+    return spec.consul.tls.enabled and compat.parse_version(spec.consul.version) >= (1, 14, 0)
+
+
+def grpc_ports(spec: ImageSpec) -> dict[str, int]:
+    """Client agents serve no gRPC by default, and the sidecar needs it for xDS."""
+    if _grpc_tls(spec):
+        return {"grpc": -1, "grpc_tls": GRPC_TLS_PORT}
+    return {"grpc": GRPC_PORT}
+
+
+def grpc_address(spec: ImageSpec) -> str:
+    """What ``connect envoy -grpc-addr`` gets, so it never guesses the xDS port."""
+    if _grpc_tls(spec):
+        return f"https://127.0.0.1:{GRPC_TLS_PORT}"
+    return f"127.0.0.1:{GRPC_PORT}"
+
+
 def _tls_config(spec: ImageSpec) -> dict[str, Any]:
     tls = spec.consul.tls
-    tls_dir = f"{CONSUL_DIR}/tls"
+    tls_dir = paths.CONSUL_TLS_DIR
     files: dict[str, Any] = {"ca_file": f"{tls_dir}/ca.pem"}
     if tls.client_cert:
         files |= {"cert_file": f"{tls_dir}/cert.pem", "key_file": f"{tls_dir}/key.pem"}
@@ -186,7 +211,7 @@ def mesh_env(spec: ImageSpec) -> str:
         "MESHBAKE_ENVOY_USER": "envoy",
         "MESHBAKE_EXCLUDE_INBOUND_PORTS": _words(tproxy.inbound_exclusions),
         "MESHBAKE_EXCLUDE_OUTBOUND_PORTS": _words(tproxy.exclude_outbound_ports),
-        "MESHBAKE_EXCLUDE_OUTBOUND_CIDRS": _words(tproxy.exclude_outbound_cidrs),
+        "MESHBAKE_EXCLUDE_OUTBOUND_CIDRS": _words(outbound_cidr_exclusions(spec)),
         "MESHBAKE_EXCLUDE_UIDS": _words(tproxy.exclude_uids),
         "MESHBAKE_ACL": _bool(spec.consul.acl.enabled),
         "MESHBAKE_TOKENS": "shared" if spec.tokens.shared else "separate",
@@ -194,12 +219,29 @@ def mesh_env(spec: ImageSpec) -> str:
         "MESHBAKE_GOSSIP": _bool(spec.consul.gossip.enabled),
         "MESHBAKE_TLS": _bool(spec.consul.tls.enabled),
         "MESHBAKE_TLS_CLIENT_CERT": _bool(spec.consul.tls.enabled and spec.consul.tls.client_cert),
-        "MESHBAKE_CONSUL_BIN": CONSUL_BIN,
-        "MESHBAKE_SIDECAR_TOKEN_FILE": SIDECAR_TOKEN,
+        "MESHBAKE_CONSUL_VERSION": spec.consul.version,
+        "MESHBAKE_REDIRECT_BACKEND": compat.redirect_backend(spec.consul.version).value,
+        "MESHBAKE_SERVICE_PORT": str(spec.service.port),
+        "MESHBAKE_FAIL_CLOSED": _bool(tproxy.fail_closed),
+        "MESHBAKE_IMDS_RESTRICT": _bool(spec.imds_restricted),
+        "MESHBAKE_IMDS_ADDRESS": IMDS_ADDRESS,
+        "MESHBAKE_IMDS_ALLOW_USERS": _words(spec.imds.allow_users),
     }
-    lines = ["# Rendered by meshbake: parameters of the first-boot and redirect scripts."]
-    lines += [f'{key}="{value}"' for key, value in values.items()]
-    return "\n".join(lines) + "\n"
+    header = "Rendered by meshbake: parameters of the first-boot and redirect scripts."
+    return escape.shell_env_file(values, header)
+
+
+#: The instance metadata service (EC2, and the same address on other clouds).
+IMDS_ADDRESS = "169.254.169.254"
+
+
+def outbound_cidr_exclusions(spec: ImageSpec) -> tuple[str, ...]:
+    """The spec's outbound exclusions, plus IMDS when it is restricted: through Envoy
+    every connection would come from the envoy user, whom the restriction refuses."""
+    cidrs = tuple(str(c) for c in spec.service.transparent_proxy.exclude_outbound_cidrs)
+    if spec.imds_restricted:
+        cidrs = tuple(dict.fromkeys((*cidrs, f"{IMDS_ADDRESS}/32")))
+    return cidrs
 
 
 def _words(items: Iterable[object]) -> str:
@@ -211,18 +253,32 @@ def _bool(value: bool) -> str:
 
 
 def sidecar_argv(spec: ImageSpec) -> list[str]:
-    argv = [CONSUL_BIN, "connect", "envoy", f"-sidecar-for={spec.service.name}"]
+    argv = [paths.CONSUL_BIN, "connect", "envoy", f"-sidecar-for={spec.service.name}"]
+    argv.append(f"-grpc-addr={grpc_address(spec)}")
+    if _grpc_tls(spec):
+        argv.append(f"-grpc-ca-file={paths.CONSUL_TLS_DIR}/ca.pem")
     if spec.consul.acl.enabled:
-        argv.append(f"-token-file={SIDECAR_TOKEN}")
-    argv += [f"-admin-bind={ENVOY_ADMIN}", f"-envoy-binary={ENVOY_BIN}"]
+        argv.append(f"-token-file={paths.SIDECAR_TOKEN}")
+    argv += [f"-admin-bind={ENVOY_ADMIN}", f"-envoy-binary={paths.ENVOY_BIN}"]
+    if envoy_check_skipped(spec):
+        argv.append("-ignore-envoy-compatibility")
     return argv
+
+
+def envoy_check_skipped(spec: ImageSpec) -> bool:
+    """Whether the sidecar must pass ``-ignore-envoy-compatibility``: the spec allowed a
+    pair that ``connect envoy`` of this Consul would otherwise refuse at every start."""
+    # Short-circuit: without allow_unsupported the load already refused a bad pair.
+    if not spec.envoy.allow_unsupported:
+        return False
+    return compat.check_pair(spec.consul.version, spec.envoy.version) is not None
 
 
 def units(spec: ImageSpec) -> dict[str, str]:
     """systemd unit name -> text."""
     needs_network = spec.tokens.source.value != "userdata"
     environment = [
-        systemd_escape(f"{key}={value}") for key, value in sorted(spec.app.environment.items())
+        escape.unit_environment(key, value) for key, value in sorted(spec.app.environment.items())
     ]
     return {
         "consul.service": render_template("consul.service.j2", image=spec.name),
@@ -232,23 +288,44 @@ def units(spec: ImageSpec) -> dict[str, str]:
             service=spec.service.name,
             exec_start=exec_line(sidecar_argv(spec)),
         ),
+        "meshbake-imds.service": render_template("meshbake-imds.service.j2", image=spec.name),
+        **fail_closed_unit(spec),
         "meshbake-firstboot.service": render_template(
             "meshbake-firstboot.service.j2", image=spec.name, network=needs_network
         ),
         f"{spec.app.name}.service": render_template(
             "app.service.j2",
             image=spec.name,
-            description=spec.app.description or f"{spec.app.name} (baked by meshbake)",
+            description=escape.unit_text(
+                spec.app.description or f"{spec.app.name} (baked by meshbake)"
+            ),
             user=spec.app.run_as,
-            working_directory=spec.app.working_directory or "",
+            working_directory=escape.unit_path(spec.app.working_directory)
+            if spec.app.working_directory
+            else "",
             environment=environment,
             exec_start=_exec_start(spec.app.exec_start),
         ),
     }
 
 
+def fail_closed_unit(spec: ImageSpec) -> dict[str, str]:
+    """With ``fail_closed``, a oneshot that blocks the service from early boot on, so
+    there is no window before the sidecar's first start in which it answers directly."""
+    if not spec.service.transparent_proxy.fail_closed:
+        return {}
+    text = render_template(
+        "meshbake-fail-closed.service.j2",
+        image=spec.name,
+        service=spec.service.name,
+        app_unit=f"{spec.app.name}.service",
+    )
+    return {"meshbake-fail-closed.service": text}
+
+
 def _exec_start(command: str) -> str:
-    return exec_line(shlex.split(command))
+    # The model checked that the command splits (balanced quotes, no trailing '\').
+    return escape.unit_exec(shlex.split(command))
 
 
 def enabled_units(spec: ImageSpec) -> tuple[str, ...]:
@@ -259,32 +336,81 @@ def _json(data: dict[str, Any]) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
+def carrier_guard() -> list[BakedFile]:
+    """The first-boot carrier's folder exists, 0700 root, before cloud-init's
+    write_files creates the carrier in it: cloud-init writes the file with the default
+    umask before it applies 0600, and in a 0755 folder others could read it meanwhile."""
+    tmpfiles = f"# Rendered by meshbake.\nd {paths.CARRIER_DIR} 0700 root root -\n"
+    ordering = (
+        "# Rendered by meshbake: write_files (this stage) must find /run/meshbake 0700.\n"
+        "[Unit]\nAfter=systemd-tmpfiles-setup.service\n"
+    )
+    return [
+        BakedFile(paths.TMPFILES_DROPIN, tmpfiles.encode()),
+        BakedFile(paths.CLOUD_INIT_DROPIN, ordering.encode()),
+    ]
+
+
 def baked_files(loaded: LoadedSpec) -> list[BakedFile]:
     """Every rendered file the image gets, in install order."""
     spec = loaded.spec
     files = [
-        BakedFile(f"{CONSUL_DIR}/consul.json", _json(consul_config(spec)), 0o640, "root", "consul"),
         BakedFile(
-            f"{CONSUL_DIR}/service-{spec.service.name}.json",
+            f"{paths.CONSUL_CONFIG_DIR}/consul.json",
+            _json(consul_config(spec)),
+            0o640,
+            "root",
+            "consul",
+        ),
+        BakedFile(
+            f"{paths.CONSUL_CONFIG_DIR}/service-{spec.service.name}.json",
             _json(service_definition(spec)),
             0o640,
             "root",
             "consul",
         ),
-        BakedFile("/etc/meshbake/mesh.env", mesh_env(spec).encode()),
+        BakedFile(paths.MESH_ENV, mesh_env(spec).encode()),
+        BakedFile(paths.PATHS_ENV, paths.paths_env().encode()),
     ]
     if spec.consul.dns.forward:
-        files.append(
-            BakedFile("/etc/systemd/resolved.conf.d/consul.conf", resolved_dropin(spec).encode())
-        )
-    files += [BakedFile(f"{UNIT_DIR}/{name}", text.encode()) for name, text in units(spec).items()]
+        files.append(BakedFile(paths.RESOLVED_DROPIN, resolved_dropin(spec).encode()))
+    files += carrier_guard()
+    files += [
+        BakedFile(f"{paths.UNIT_DIR}/{name}", text.encode()) for name, text in units(spec).items()
+    ]
     for script in runtime_scripts(spec):
-        files.append(BakedFile(f"{LIBEXEC}/{script}", shipped_script(script), 0o755))
+        files.append(BakedFile(f"{paths.LIBEXEC}/{script}", shipped_script(script), 0o755))
+    check_spec_files(loaded, [f.dest for f in files])
     for file in spec.all_files:
         files.append(
             BakedFile(file.dest, loaded.read_file(file), int(file.mode, 8), file.owner, file.group)
         )
     return files
+
+
+#: Folders in ``paths.TABLE`` that the system shares with others: only meshbake's own
+#: files in them are protected, not the whole folder.
+_SHARED_FOLDERS = frozenset({paths.UNIT_DIR})
+
+
+def protected_paths(own: Iterable[str]) -> list[str]:
+    """Every path meshbake renders into the image: ``own`` (the rendered files) and
+    each path in ``paths.TABLE`` (binaries, its folders, drop-ins, the marker, ...)."""
+    table = [row.path for row in paths.TABLE if row.path not in _SHARED_FOLDERS]
+    return list(dict.fromkeys((*own, *table)))
+
+
+def check_spec_files(loaded: LoadedSpec, own: Iterable[str]) -> None:
+    """Refuse every spec file that would replace (or sit under, or be a folder of)
+    something meshbake renders; all of them in one ``SpecError``."""
+    protected = protected_paths(own)
+    problems = []
+    for where, file in file_fields(loaded.spec):
+        message = escape.protected_conflict(file.dest, protected)
+        if message is not None:
+            problems.append(SpecProblem(str(loaded.path), f"{where}.dest", message))
+    if problems:
+        raise SpecError(problems)
 
 
 def shipped_script(name: str) -> bytes:
@@ -293,14 +419,20 @@ def shipped_script(name: str) -> bytes:
 
 
 def image_packages(spec: ImageSpec) -> tuple[str, ...]:
-    """The spec's packages, plus curl when the tokens come from a secret store.
+    """The spec's packages, the tools the mesh needs at runtime, and curl when the
+    tokens come from a secret store. Every target gets the packet filter its Consul's
+    ``redirect-traffic`` drives (stock AMIs may lack it) and, with DNS forwarding,
+    systemd-resolved (part of the systemd package on Ubuntu 22.04).
 
     >>> from builder.spec.model import load_spec
     >>> image_packages(load_spec("images/web.yaml").spec)
-    ('python3',)
+    ('python3', 'nftables', 'systemd-resolved')
     """
+    mesh = [compat.redirect_backend(spec.consul.version).value]
+    if spec.consul.dns.forward and spec.base is not BaseDistro.UBUNTU_2204:
+        mesh.append("systemd-resolved")
     extra = FETCH_TOKEN_PACKAGES if _secret_store(spec) else ()
-    return tuple(dict.fromkeys((*spec.all_packages, *extra)))
+    return tuple(dict.fromkeys((*spec.all_packages, *mesh, *extra)))
 
 
 def bake_env(spec: ImageSpec, build_user: str) -> str:
@@ -313,18 +445,23 @@ def bake_env(spec: ImageSpec, build_user: str) -> str:
         "MESHBAKE_BUILD_USER": build_user,
         "MESHBAKE_DNS_FORWARD": _bool(spec.consul.dns.forward),
     }
-    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
+    return escape.shell_env_file(values)
 
 
 def groups_list(spec: ImageSpec) -> str:
     """``name|gid|system`` lines for the bake script."""
-    return "".join(f"{g.name}|{g.gid or ''}|{_bool(g.system)}\n" for g in spec.groups)
+    return "".join(
+        escape.record([g.name, str(g.gid or ""), _bool(g.system)], "|") for g in spec.groups
+    )
 
 
 def users_list(spec: ImageSpec) -> str:
     """``name|uid|system|shell|groups`` lines for the bake script."""
     return "".join(
-        f"{u.name}|{u.uid or ''}|{_bool(u.system)}|{u.shell}|{','.join(u.groups)}\n"
+        escape.record(
+            [u.name, str(u.uid or ""), _bool(u.system), u.shell, escape.record(u.groups, ",")[:-1]],
+            "|",
+        )
         for u in spec.users
     )
 

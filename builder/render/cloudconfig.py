@@ -17,15 +17,19 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from builder.errors import UserError
+from builder.errors import UserError, reason
+from builder.render import escape, paths
+from builder.render.paths import CARRIER
+from builder.spec import boundary
 from builder.spec.model import ImageSpec, TokenSource
 
-CARRIER = "/run/meshbake/firstboot.env"
 EC2_LIMIT = 16 * 1024
 WARN_ABOVE = 1024
 BUILD_USER = "packer"
@@ -33,29 +37,20 @@ BUILD_USER = "packer"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-class _Dumper(yaml.SafeDumper):
-    """Writes multi-line strings as ``|`` blocks, so files read as they will be written."""
-
-
-def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in data else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
-
-
-_Dumper.add_representer(str, _str)
-
-
 def dump(document: Mapping[str, object]) -> str:
     """Dump a cloud-config dict under its ``#cloud-config`` header."""
-    body = yaml.dump(
-        dict(document), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=4096
-    )
-    return "#cloud-config\n" + body
+    return escape.yaml_document(document, header="#cloud-config\n")
 
 
 def baked_cloud_cfg() -> bytes:
-    """``/etc/cloud/cloud.cfg.d/90-meshbake.cfg``, baked into every image."""
-    return resources.files("builder.image").joinpath("cloud.cfg.d", "90-meshbake.cfg").read_bytes()
+    """The cloud.cfg.d drop-in baked into every image (``paths.CLOUD_CFG_DROPIN``)."""
+    return cloud_cfg_dropin(paths.CLOUD_CFG_DROPIN)
+
+
+def cloud_cfg_dropin(dest: str) -> bytes:
+    """A shipped ``builder/image/cloud.cfg.d`` file, by where it goes in an image."""
+    name = PurePosixPath(dest).name
+    return resources.files("builder.image").joinpath("cloud.cfg.d", name).read_bytes()
 
 
 def seed_user_data(public_key: str | None) -> str:
@@ -90,10 +85,14 @@ class Secrets:
     tls_key: bytes | None = None
 
 
-def carrier_values(spec: ImageSpec, secrets: Secrets, *, where: str = "userdata") -> dict[str, str]:
+def carrier_values(
+    spec: ImageSpec, secrets: Secrets, *, where: str = "userdata", check_pem: bool = True
+) -> dict[str, str]:
     """Check ``secrets`` against what ``spec`` needs; return the carrier's KEY=VALUE map.
 
-    Every missing or malformed secret is reported together in one ``UserError``.
+    Every missing, malformed or unwanted secret is reported together in one
+    ``UserError``: a secret the spec does not use is refused, never dropped. With
+    ``check_pem`` the TLS files are parsed, and the key must match the certificate.
     """
     problems: list[str] = []
     values: dict[str, str] = {}
@@ -117,8 +116,23 @@ def carrier_values(spec: ImageSpec, secrets: Secrets, *, where: str = "userdata"
     elif acl and spec.tokens.source is TokenSource.SECRETSMANAGER:
         assert spec.tokens.secret_id is not None
         values["MESHBAKE_TOKEN_SECRET_ID"] = spec.tokens.secret_id
-    if (secrets.agent_token or secrets.service_token) and not acl:
+    given_token = secrets.agent_token is not None or secrets.service_token is not None
+    if given_token and not acl:
         problems.append("the spec has ACLs off, so it takes no token")
+    elif given_token and spec.tokens.source is not TokenSource.USERDATA:
+        problems.append(
+            f"tokens.source is {spec.tokens.source.value}: the instance fetches its token at"
+            " first boot, so give no --token-file"
+        )
+    if not spec.consul.gossip.enabled and secrets.gossip_key is not None:
+        problems.append("the spec has gossip encryption off, so it takes no --gossip-key-file")
+    unused = {"ca": secrets.tls_ca} if not spec.consul.tls.enabled else {}
+    if not (spec.consul.tls.enabled and spec.consul.tls.client_cert):
+        unused |= {"cert": secrets.tls_cert, "key": secrets.tls_key}
+    for part, pem in unused.items():
+        if pem is not None:
+            why = "TLS off" if not spec.consul.tls.enabled else "no client certificate"
+            problems.append(f"the spec has {why}, so it takes no --tls-{part}-file")
 
     if spec.consul.gossip.enabled:
         if secrets.gossip_key is None:
@@ -137,9 +151,48 @@ def carrier_values(spec: ImageSpec, secrets: Secrets, *, where: str = "userdata"
                 problems.append(f"{flag} is not a PEM file")
             else:
                 values[f"MESHBAKE_TLS_{part}_B64"] = base64.b64encode(pem).decode()
+        if check_pem:
+            problems += _pem_problems(needed)
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
     return values
+
+
+def _pem_problems(pems: Mapping[str, bytes | None]) -> list[str]:
+    """Parse the CA, certificate and key; say which is not what its flag promises
+    (a swapped certificate and key included) and whether the key fits the cert."""
+    problems: list[str] = []
+    loaded: dict[str, Any] = {}
+    for part, pem in pems.items():
+        if pem is None or b"-----BEGIN " not in pem:
+            continue
+        flag = f"--tls-{part.lower()}-file"
+        is_key = b"PRIVATE KEY-----" in pem
+        if part in ("CA", "CERT") and is_key:
+            swapped = " (are --tls-cert-file and --tls-key-file swapped?)" if part == "CERT" else ""
+            problems.append(f"{flag} holds a private key, not a certificate{swapped}")
+            continue
+        try:
+            if part == "KEY":
+                if not is_key:
+                    problems.append(
+                        f"{flag} holds no private key (are --tls-cert-file and"
+                        " --tls-key-file swapped?)"
+                    )
+                    continue
+                loaded[part] = serialization.load_pem_private_key(pem, password=None)
+            else:
+                loaded[part] = x509.load_pem_x509_certificate(pem)
+        except (ValueError, TypeError) as exc:
+            what = "an unencrypted private key" if part == "KEY" else "a PEM certificate"
+            problems.append(f"{flag} is not {what} ({' '.join(str(exc).split())[:80]})")
+    if "CERT" in loaded and "KEY" in loaded:
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        der = serialization.Encoding.DER
+        cert_key = loaded["CERT"].public_key().public_bytes(der, spki)
+        if loaded["KEY"].public_key().public_bytes(der, spki) != cert_key:
+            problems.append("--tls-key-file is not the key of the certificate in --tls-cert-file")
+    return problems
 
 
 def _token(raw: str, role: str, problems: list[str]) -> str:
@@ -198,15 +251,21 @@ def user_data_template(spec: ImageSpec) -> str:
         "MESHBAKE_TLS_CERT_B64": "tls_cert_b64",
         "MESHBAKE_TLS_KEY_B64": "tls_key_b64",
     }
+    # Stand-ins for exactly what the spec takes (the carrier refuses anything more).
+    tokens = spec.consul.acl.enabled and spec.tokens.source is TokenSource.USERDATA
+    tls = spec.consul.tls
+    client = tls.enabled and tls.client_cert
     dummy = Secrets(
-        agent_token="00000000-0000-4000-8000-000000000000",
-        service_token=None if spec.tokens.shared else "00000000-0000-4000-8000-000000000001",
-        gossip_key=base64.b64encode(bytes(32)).decode(),
-        tls_ca=b"-----BEGIN CERTIFICATE-----\n",
-        tls_cert=b"-----BEGIN CERTIFICATE-----\n",
-        tls_key=b"-----BEGIN PRIVATE KEY-----\n",
+        agent_token="00000000-0000-4000-8000-000000000000" if tokens else None,
+        service_token=None
+        if spec.tokens.shared or not tokens
+        else "00000000-0000-4000-8000-000000000001",
+        gossip_key=base64.b64encode(bytes(32)).decode() if spec.consul.gossip.enabled else None,
+        tls_ca=b"-----BEGIN CERTIFICATE-----\n" if tls.enabled else None,
+        tls_cert=b"-----BEGIN CERTIFICATE-----\n" if client else None,
+        tls_key=b"-----BEGIN PRIVATE KEY-----\n" if client else None,
     )
-    values = carrier_values(spec, dummy, where="template")
+    values = carrier_values(spec, dummy, where="template", check_pem=False)
     return first_boot_user_data(
         {k: ("${" + names[k] + "}" if k in names else v) for k, v in values.items()}
     )
@@ -215,7 +274,6 @@ def user_data_template(spec: ImageSpec) -> str:
 def read_secret(path: Path, what: str) -> str:
     """Read a secret file for ``userdata``; a clear one-line error if it cannot be read."""
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise UserError(f"{path}: cannot read the {what}: {reason}") from None
+        return boundary.read_regular(path, boundary.MAX_SECRET_BYTES).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError, boundary.UnreadableFile) as exc:
+        raise UserError(f"{path}: cannot read the {what}: {reason(exc)}") from None

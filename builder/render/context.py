@@ -4,7 +4,7 @@ Layout of ``DIR``::
 
     packer/*.pkr.hcl            the template (packer fmt-ed)
     stage/                      uploaded into the VM as /tmp/meshbake
-        bake.env users.list groups.list keys/  parameters of scripts/meshbake-bake
+        bake.env paths.env users.list groups.list keys/  parameters of meshbake-bake
         rootfs/... files.tsv    every rendered file, with its mode and owner
         scripts/                meshbake-bake, meshbake-finalize
         artifacts/              consul.zip, envoy, SHA256SUMS (added by ``build``)
@@ -21,6 +21,7 @@ True
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -28,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import __version__
-from builder.errors import UserError
+from builder.errors import UserError, reason
 from builder.render import baked as bake
-from builder.render import cloudconfig
+from builder.render import cloudconfig, escape, paths
 from builder.render.hcl import packer_files
+from builder.spec import boundary
 from builder.spec.model import LoadedSpec
 from builder.tools.packer import Packer, PackerVersion
 
@@ -40,8 +42,8 @@ STAGE_SCRIPTS = ("meshbake-bake", "meshbake-finalize")
 
 
 @dataclass(frozen=True)
-class Context:
-    """A rendered bake context on disk."""
+class BakeFolder:
+    """A rendered bake folder on disk: what Packer builds from (not run state)."""
 
     root: Path
 
@@ -62,19 +64,19 @@ class Context:
         return self.stage_dir / "rootfs"
 
     def units(self) -> list[Path]:
-        return sorted((self.rootfs / "etc/systemd/system").glob("*.service"))
+        return sorted((self.rootfs / paths.rel(paths.UNIT_DIR)).glob("*.service"))
 
     def scripts(self) -> list[Path]:
         """Every rendered shell script: stage scripts and the runtime scripts."""
         found = [self.stage_dir / "scripts" / name for name in STAGE_SCRIPTS]
-        found += sorted((self.rootfs / bake.LIBEXEC.lstrip("/")).iterdir())
+        found += sorted((self.rootfs / paths.rel(paths.LIBEXEC)).iterdir())
         return found
 
     def cloud_configs(self) -> list[Path]:
         return [
             self.seed_dir / "user-data",
             self.root / "cloudinit" / "first-boot.tftpl",
-            self.rootfs / "etc/cloud/cloud.cfg.d/90-meshbake.cfg",
+            self.rootfs / paths.rel(paths.CLOUD_CFG_DROPIN),
         ]
 
 
@@ -85,8 +87,8 @@ def render_context(
     packer: Packer | None = None,
     packer_version: PackerVersion | None = None,
     public_key: str | None = None,
-) -> Context:
-    """Render ``loaded`` into ``out`` and return the ``Context``.
+) -> BakeFolder:
+    """Render ``loaded`` into ``out`` and return the ``BakeFolder``.
 
     The context is built in a sibling temp folder and swapped in whole, so ``out``
     is never left half-written. An existing ``out`` that is not a meshbake context is
@@ -94,11 +96,15 @@ def render_context(
     """
     if packer_version is None:
         packer_version = packer.version() if packer is not None else PackerVersion(1, 6, 6)
+    _check_out(out)
     _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        ctx = Context(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the bake folder here: {reason(exc)}") from None
+    try:
+        ctx = BakeFolder(tmp)
         _write_packer(ctx, loaded, packer_version)
         _write_stage(ctx, loaded)
         write_seed(ctx, loaded, public_key)
@@ -114,17 +120,61 @@ def render_context(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Context(out)
+    return BakeFolder(out)
+
+
+#: What the marker says, so that only a folder meshbake rendered is ever replaced.
+MARKER_KIND = "meshbake bake folder"
+
+#: File systems that are not storage: an output folder there is refused.
+_NOT_STORAGE = ("/proc", "/sys", "/dev")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be a folder of files: under /proc, /sys or /dev,
+    the root itself, a symbolic link, or under something that is not a folder."""
+    absolute = Path.cwd() / out  # lexical: a symlink is judged below, not followed
+    real = out.resolve()
+    for root in _NOT_STORAGE:
+        if absolute.is_relative_to(root) or real.is_relative_to(root):
+            raise UserError(f"{out}: is under {root}, which holds no files; choose another folder")
+    if absolute == absolute.parent or real == real.parent:
+        raise UserError(f"{out}: is the root folder; choose a folder of its own")
+    if out.is_symlink():
+        raise UserError(f"{out}: is a symbolic link; give the folder it points to")
+    for parent in absolute.parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise UserError(f"{out}: {parent} is a file, not a folder")
+            break
 
 
 def _check_replaceable(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
-        raise UserError(f"{out}: exists and is not a meshbake context; refusing to overwrite it")
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir() or (any(out.iterdir()) and not is_bake_folder(out)):
+        raise UserError(
+            f"{out}: exists and is not a meshbake context (no {MARKER} written by meshbake);"
+            " refusing to overwrite it"
+        )
+
+
+def is_bake_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a marker that meshbake wrote (its ``kind`` says so)."""
+    marker = folder / MARKER
+    if marker.is_symlink():
+        return False
+    try:
+        data = json.loads(boundary.read_regular(marker, boundary.MAX_SECRET_BYTES))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == MARKER_KIND
 
 
 def _summary(loaded: LoadedSpec, packer_version: PackerVersion) -> dict[str, object]:
     spec = loaded.spec
     return {
+        "kind": MARKER_KIND,
         "image": spec.name,
         "spec": str(loaded.path),
         "spec_hash": loaded.digest,
@@ -144,37 +194,39 @@ def _write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def _write_packer(ctx: Context, loaded: LoadedSpec, version: PackerVersion) -> None:
+def _write_packer(ctx: BakeFolder, loaded: LoadedSpec, version: PackerVersion) -> None:
     for name, text in packer_files(loaded, version).items():
         _write(ctx.packer_dir / name, text)
 
 
-def _write_stage(ctx: Context, loaded: LoadedSpec) -> None:
+def _write_stage(ctx: BakeFolder, loaded: LoadedSpec) -> None:
     spec = loaded.spec
     stage = ctx.stage_dir
     files = [
         *bake.baked_files(loaded),
-        bake.BakedFile("/etc/cloud/cloud.cfg.d/90-meshbake.cfg", cloudconfig.baked_cloud_cfg()),
+        bake.BakedFile(paths.CLOUD_CFG_DROPIN, cloudconfig.baked_cloud_cfg()),
     ]
     for file in files:
-        _write(ctx.rootfs / file.dest.lstrip("/"), file.content, file.mode)
+        _write(escape.inside(ctx.rootfs, escape.image_rel(file.dest)), file.content, file.mode)
     _write(stage / "files.tsv", _files_tsv(files))
     _write(stage / "bake.env", bake.bake_env(spec, cloudconfig.BUILD_USER))
+    # The bake runs before the rootfs is installed, so it gets the paths beside bake.env.
+    _write(stage / "paths.env", paths.paths_env())
     _write(stage / "users.list", bake.users_list(spec))
     _write(stage / "groups.list", bake.groups_list(spec))
     (stage / "keys").mkdir(parents=True, exist_ok=True)
     for user, keys in bake.authorized_keys(spec).items():
-        _write(stage / "keys" / f"{user}.pub", keys)
+        _write(escape.inside(stage / "keys", f"{user}.pub"), keys)
     for name in STAGE_SCRIPTS:
         _write(stage / "scripts" / name, bake.shipped_script(name), 0o755)
     (stage / "artifacts").mkdir(exist_ok=True)
 
 
 def _files_tsv(files: Iterable[bake.BakedFile]) -> str:
-    return "".join(f"{f.mode:04o}\t{f.owner}\t{f.group}\t{f.dest}\n" for f in files)
+    return "".join(escape.record([f"{f.mode:04o}", f.owner, f.group, f.dest], "\t") for f in files)
 
 
-def write_seed(ctx: Context, loaded: LoadedSpec, public_key: str | None) -> None:
+def write_seed(ctx: BakeFolder, loaded: LoadedSpec, public_key: str | None) -> None:
     """(Re)write the qemu build seed, e.g. with a build's ephemeral public key."""
     name = loaded.spec.name
     _write(ctx.seed_dir / "user-data", cloudconfig.seed_user_data(public_key))

@@ -13,20 +13,20 @@ qemu image and the AMI get exactly the same bake. String values carry their own 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any
 
 import hcl2
 
 from builder import __version__
+from builder.render import escape, paths, tags
 from builder.render.cloudconfig import BUILD_USER
 from builder.spec.model import BaseDistro, ImageSpec, LoadedSpec
 from builder.tools.packer import PackerVersion
 
-STAGE_IN_VM = "/tmp/meshbake"
-FINALIZE_IN_VM = "/run/meshbake-finalize"
-BUILD_TIME_TAG = "meshbake:build-time"
+STAGE_IN_VM = paths.BAKE_STAGE
+FINALIZE_IN_VM = paths.FINALIZE
+BUILD_TIME_TAG = tags.BUILD_TIME
 
 #: Source AMI owners and name patterns per base (Debian's and Canonical's accounts).
 AMI_DEFAULTS: dict[BaseDistro, tuple[str, str, str]] = {
@@ -45,21 +45,21 @@ AMI_DEFAULTS: dict[BaseDistro, tuple[str, str, str]] = {
 
 
 def q(value: str) -> str:
-    """Quote a string for HCL, as python-hcl2's Builder expects.
+    """Quote meshbake's own text for HCL (see ``escape.hcl_string``).
 
     >>> q('a "b"')
     '"a \\\\"b\\\\""'
     """
-    return json.dumps(value)
+    return escape.hcl_string(value)
 
 
 def lit(value: str) -> str:
-    """Quote spec text for HCL so Packer reads it literally, never as a template.
+    """Quote spec text for HCL so Packer reads it literally (see ``escape.hcl_literal``).
 
     >>> lit("costs ${x}")
     '"costs $${x}"'
     """
-    return q(value.replace("${", "$${").replace("%{", "%%{"))
+    return escape.hcl_literal(value)
 
 
 def _qlist(values: Iterable[object]) -> list[str]:
@@ -245,17 +245,17 @@ def _aws_source(b: hcl2.Builder, loaded: LoadedSpec, packer: PackerVersion) -> N
 def image_tags(loaded: LoadedSpec) -> dict[str, str]:
     """Tags every AMI (and its snapshots) carries; meshbake's own are prefixed."""
     spec = loaded.spec
-    tags = dict(spec.targets.aws.tags) if spec.targets.aws else {}
-    tags |= {
+    found = dict(spec.targets.aws.tags) if spec.targets.aws else {}
+    found |= {
         "Name": spec.name,
-        "meshbake:image": spec.name,
-        "meshbake:spec-hash": loaded.digest,
-        "meshbake:consul": spec.consul.version,
-        "meshbake:envoy": spec.envoy.version,
-        "meshbake:version": __version__,
-        BUILD_TIME_TAG: "${local.stamp}",
+        tags.IMAGE: spec.name,
+        tags.SPEC_HASH: loaded.digest,
+        tags.CONSUL: spec.consul.version,
+        tags.ENVOY: spec.envoy.version,
+        tags.VERSION: __version__,
+        tags.BUILD_TIME: "${local.stamp}",
     }
-    return tags
+    return found
 
 
 def build_file(loaded: LoadedSpec) -> str:

@@ -1,40 +1,107 @@
-"""Which Envoy releases each Consul release supports.
+"""Which Envoy releases each Consul release line *runs*, as the Consul binary decides.
 
-Consul only tests and supports a few Envoy major.minor lines per release; a pair outside
-them may start but misbehave in ways that are hard to see. The table mirrors Consul's
-``envoyextensions/xdscommon/ENVOY_VERSIONS`` (1.15+) and its older ``proxysupport``
-list; for 1.21.x and 1.22.x it is DESIGN.md's list.
+Before it execs Envoy, ``consul connect envoy`` runs ``envoy --version`` and refuses
+any version below the lowest minor listed in ``envoyextensions/xdscommon/ENVOY_VERSIONS``
+of its release branch, or at or above the highest listed minor + 1
+(``checkEnvoyVersionCompatibility`` in ``command/connect/envoy/envoy.go``; the bounds
+come from ``GetMinEnvoyMajorVersion``/``GetMaxEnvoyMajorVersion`` in
+``envoyextensions/xdscommon/proxysupport.go``). ``-ignore-envoy-compatibility`` skips
+the check. The documentation's compatibility table disagrees with these files for
+1.21.x and 1.22.x (hashicorp/consul issue #23929); the binary is what counts, so the
+table below follows the files.
 
->>> supported_envoy("1.22.1")
-('1.38', '1.37', '1.35')
->>> check_pair("1.22.1", "1.38.3") is None
+>>> accepted_range("1.22.1")
+EnvoyRange(low=(1, 33), high=(1, 36))
+>>> print(check_pair("1.22.1", "1.38.3"))  # doctest: +ELLIPSIS
+Consul 1.22.1 refuses Envoy 1.38.3: ... 1.33.0 up to but not including 1.36.0 (1.33-1.35); ...
+>>> check_pair("2.1.0", "1.38.3") is None
 True
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from enum import StrEnum
 
-#: Consul major.minor -> supported Envoy major.minor lines, newest first.
-SUPPORTED_ENVOY: dict[str, tuple[str, ...]] = {
-    "1.22": ("1.38", "1.37", "1.35"),
-    "1.21": ("1.38", "1.37", "1.35"),
-    "1.20": ("1.32", "1.31", "1.30", "1.29"),
-    "1.19": ("1.29", "1.28", "1.27", "1.26"),
-    "1.18": ("1.28", "1.27", "1.26", "1.25"),
-    "1.17": ("1.27", "1.26", "1.25", "1.24"),
-    "1.16": ("1.26", "1.25", "1.24", "1.23"),
-    "1.15": ("1.25", "1.24", "1.23", "1.22"),
-    "1.14": ("1.24", "1.23", "1.22", "1.21"),
-    "1.13": ("1.23", "1.22", "1.21", "1.20"),
-    "1.12": ("1.22", "1.21", "1.20", "1.19"),
-    "1.11": ("1.20", "1.19", "1.18", "1.17"),
+
+@dataclass(frozen=True)
+class ConsulLine:
+    """One Consul release line and its branch's ``ENVOY_VERSIONS``, newest first."""
+
+    envoy_versions: tuple[str, ...]
+    source: str
+
+
+#: Consul major.minor -> the ENVOY_VERSIONS of that release branch, with where it was read.
+CONSUL_LINES: dict[str, ConsulLine] = {
+    "2.1": ConsulLine(
+        ("1.38.2", "1.37.4", "1.36.8", "1.35.12"),
+        "release/2.1.x was cut from main after hashicorp/consul PR #23664, whose "
+        "envoyextensions/xdscommon/ENVOY_VERSIONS lists 1.38.2/1.37.4/1.36.8/1.35.12 "
+        "(tabulated in issue #23929); no later change to that file on release/2.1.x was found",
+    ),
+    "2.0": ConsulLine(
+        ("1.37.2", "1.36.6", "1.35.10", "1.34.14"),
+        "envoyextensions/xdscommon/ENVOY_VERSIONS on release/2.0.x "
+        "(hashicorp/consul PR #23469, backported by #23499)",
+    ),
+    "1.22": ConsulLine(
+        ("1.35.9", "1.34.13", "1.33.14"),
+        "envoyextensions/xdscommon/ENVOY_VERSIONS on release/1.22.x (hashicorp/consul #23929)",
+    ),
+    "1.21": ConsulLine(
+        ("1.34.7", "1.33.9", "1.32.12", "1.31.10"),
+        "envoyextensions/xdscommon/ENVOY_VERSIONS on release/1.21.x (hashicorp/consul #23929)",
+    ),
+    "1.20": ConsulLine(
+        ("1.31.2", "1.30.6", "1.29.9", "1.28.7"),
+        "envoyextensions/xdscommon/ENVOY_VERSIONS at hashicorp/consul 66247ed2 (1.20 era)",
+    ),
 }
 
 #: The first Consul release with transparent proxy on VMs (``redirect-traffic``).
 MIN_CONSUL = (1, 11, 1)
 
+#: The first Consul release whose ``redirect-traffic`` uses nftables (``sdk/nftables``;
+#: CHANGELOG 2.1.0: "Migrated the consul connect redirect-traffic command ... to nftables").
+NFTABLES_SINCE = (2, 1, 0)
+
 VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+
+Minor = tuple[int, int]
+
+
+class RedirectBackend(StrEnum):
+    """The packet filter that ``consul connect redirect-traffic`` drives."""
+
+    IPTABLES = "iptables"
+    NFTABLES = "nftables"
+
+
+@dataclass(frozen=True)
+class EnvoyRange:
+    """Envoy versions from ``low``.0 up to, but not including, ``high``.0."""
+
+    low: Minor
+    high: Minor
+
+    def __contains__(self, version: object) -> bool:
+        if not isinstance(version, str):
+            return False
+        major, minor, _ = parse_version(version)
+        return self.low <= (major, minor) < self.high
+
+    def describe(self) -> str:
+        last = (self.high[0], self.high[1] - 1)
+        return (
+            f"{_fmt(self.low)}.0 up to but not including {_fmt(self.high)}.0"
+            f" ({_fmt(self.low)}-{_fmt(last)})"
+        )
+
+
+def _fmt(minor: Minor) -> str:
+    return f"{minor[0]}.{minor[1]}"
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
@@ -56,23 +123,44 @@ def minor_of(version: str) -> str:
     return f"{major}.{minor}"
 
 
-def supported_envoy(consul_version: str) -> tuple[str, ...] | None:
-    """The Envoy lines a Consul version supports, or None when the table lacks it."""
-    return SUPPORTED_ENVOY.get(minor_of(consul_version))
+def accepted_range(consul_version: str) -> EnvoyRange | None:
+    """What ``consul connect envoy`` of this version accepts, or None when unknown.
+
+    The lowest listed minor is the floor; the highest listed minor + 1 is the
+    exclusive ceiling (``checkEnvoyVersionCompatibility``).
+    """
+    line = CONSUL_LINES.get(minor_of(consul_version))
+    if line is None:
+        return None
+    minors = [parse_version(v)[:2] for v in line.envoy_versions]
+    top = max(minors)
+    return EnvoyRange(low=min(minors), high=(top[0], top[1] + 1))
 
 
 def check_pair(consul_version: str, envoy_version: str) -> str | None:
-    """Return a plain message when the pair is unsupported, else None."""
-    lines = supported_envoy(consul_version)
-    if lines is None:
-        known = ", ".join(sorted(SUPPORTED_ENVOY, key=lambda v: parse_version(v + ".0")))
+    """Return one plain line when real Consul would refuse the pair, else None."""
+    accepted = accepted_range(consul_version)
+    if accepted is None:
+        known = ", ".join(sorted(CONSUL_LINES, key=lambda v: parse_version(v + ".0")))
         return (
-            f"Consul {minor_of(consul_version)}.x is not in meshbake's supported-Envoy table"
-            f" (known: {known}); set envoy.allow_unsupported: true to bake it anyway"
+            f"Consul {minor_of(consul_version)}.x is not in meshbake's compatibility table"
+            f" (known lines: {known}); set envoy.allow_unsupported: true to bake it anyway"
         )
-    if minor_of(envoy_version) not in lines:
+    if envoy_version not in accepted:
         return (
-            f"Envoy {envoy_version} is not supported by Consul {consul_version}"
-            f" (supported: {', '.join(lines)}); set envoy.allow_unsupported: true to bake it anyway"
+            f"Consul {consul_version} refuses Envoy {envoy_version}: its connect envoy accepts"
+            f" Envoy {accepted.describe()}; pick an Envoy in that range or set"
+            " envoy.allow_unsupported: true"
         )
     return None
+
+
+def redirect_backend(consul_version: str) -> RedirectBackend:
+    """iptables before Consul 2.1, nftables from 2.1 on.
+
+    >>> redirect_backend("2.0.0"), redirect_backend("2.1.0")
+    (<RedirectBackend.IPTABLES: 'iptables'>, <RedirectBackend.NFTABLES: 'nftables'>)
+    """
+    if parse_version(consul_version) >= NFTABLES_SINCE:
+        return RedirectBackend.NFTABLES
+    return RedirectBackend.IPTABLES

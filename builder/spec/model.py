@@ -15,12 +15,14 @@ import hashlib
 import ipaddress
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -28,12 +30,13 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from builder.errors import SpecError, SpecProblem
-from builder.spec import compat
+from builder.errors import SpecError, SpecProblem, reason
+from builder.spec import boundary, compat
 
 # --- small reusable field types ---------------------------------------------------
 
@@ -55,7 +58,14 @@ Version = Annotated[str, _matching(r"^\d+\.\d+\.\d+$", "a version like 1.22.1")]
 Duration = Annotated[str, _matching(r"^\d+(ms|s|m|h)$", "a duration like 10s, 500ms or 1m")]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Mode = Annotated[str, _matching(r"^0?[0-7]{3,4}$", 'an octal mode like "0644" (quote it in YAML)')]
-AbsPath = Annotated[str, _matching(r"^/[^\x00\n]*$", "an absolute path")]
+
+
+def _abs_path(value: str) -> str:
+    return boundary.normal_path(value)
+
+
+#: An absolute path, normalised (``//`` and ``/./`` removed); ``..`` is refused.
+AbsPath = Annotated[str, AfterValidator(_abs_path)]
 Size = Annotated[str, _matching(r"^\d+[MG]$", "a size like 4G or 512M")]
 AwsRegion = Annotated[
     str, _matching(r"^[a-z]{2}(-gov)?-[a-z]+-\d$", "an AWS region like us-east-1")
@@ -86,6 +96,8 @@ RESERVED_USERS = frozenset({"root", "consul", "envoy"})
 
 
 def _cidr(value: str) -> str:
+    if "%" in value:  # Python accepts fe80::%eth0/64; iptables and nft do not
+        raise ValueError(f"{value!r} has an IPv6 zone id (%...), which a CIDR cannot carry")
     try:
         ipaddress.ip_network(value, strict=False)
     except ValueError as exc:
@@ -95,11 +107,69 @@ def _cidr(value: str) -> str:
 
 Cidr = Annotated[str, AfterValidator(_cidr)]
 
+#: Debian's package name (Policy 5.6.7), optionally ``=version`` (Policy 5.6.12):
+#: ``[epoch:]upstream[-revision]``. No apt options, globs or release suffixes.
+DebPackage = Annotated[
+    str,
+    _matching(
+        r"^[a-z0-9][a-z0-9+.-]+(=([0-9]+:)?[0-9][A-Za-z0-9.+~]*(-[A-Za-z0-9.+~]+)*)?$",
+        "a Debian package name, optionally with =VERSION (no options or globs)",
+    ),
+]
+
+#: A login shell: an absolute path of plain names (no ':', ',', '|' or spaces, which
+#: would split the passwd line or the bake's user list).
+Shell = Annotated[
+    str,
+    _matching(r"^(/[A-Za-z0-9_+-][A-Za-z0-9._+-]*)+$", "an absolute path such as /bin/bash"),
+    AfterValidator(_abs_path),
+]
+
+#: Consul's limits on service meta (hashicorp/consul agent/structs/structs.go:
+#: metaKeyFormat, metaKeyMaxLength 128, metaValueMaxLength 512, metaMaxKeyPairs 64,
+#: metaKeyReservedPrefix "consul-").
+MetaKey = Annotated[
+    str,
+    _matching(r"^[A-Za-z0-9_-]{1,128}$", "a meta key (A-Z, a-z, 0-9, '_', '-'; at most 128)"),
+]
+MetaValue = Annotated[str, StringConstraints(max_length=512)]
+
 
 class Model(BaseModel):
     """Base for every spec node: frozen, unknown fields rejected."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+    #: Fields whose text is written to a file as it is (file content): exempt from
+    #: the printable-text rule below.
+    _multiline: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _printable(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every string a node holds (in a field, a tuple or a mapping, keys too) is
+        printable text of at most ``boundary.MAX_TEXT`` characters: no newline, CR, NUL
+        or other control character ever reaches a unit, an env file or the shell."""
+        if info.field_name in cls._multiline:
+            return value
+        for text in _strings(value):
+            if "PRIVATE KEY" in text or "PuTTY-User-Key-File" in text:
+                raise ValueError("holds a private key; only public keys may be baked")
+            problem = boundary.printable_problem(text) or boundary.length_problem(text)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+
+def _strings(value: Any) -> list[str]:
+    """The strings directly inside a field's value (not inside nested nodes)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [s for item in value for s in _strings(item)]
+    if isinstance(value, dict):
+        return [s for pair in value.items() for item in pair for s in _strings(item)]
+    return []
 
 
 # --- fixed choices ----------------------------------------------------------------
@@ -141,19 +211,42 @@ class User(Model):
     name: UnixName
     uid: int | None = Field(default=None, ge=1, le=65533)
     groups: tuple[UnixName, ...] = ()
-    shell: AbsPath = "/bin/bash"
+    shell: Shell = "/bin/bash"
     system: bool = False
     ssh_authorized_keys: tuple[str, ...] = ()
 
     @field_validator("ssh_authorized_keys")
     @classmethod
     def _keys_are_public(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
-        for key in keys:
-            if "PRIVATE KEY" in key:
-                raise ValueError("holds a private key; only public keys may be baked")
-            if not re.match(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+|sk-\S+) \S+", key):
-                raise ValueError(f"{key[:30]!r}... is not an OpenSSH public key")
+        for i, key in enumerate(keys):
+            problem = _public_key_problem(key)
+            if problem is not None:
+                raise ValueError(f"[{i}] {problem}")
         return keys
+
+
+_KEY_TYPE = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-[a-z0-9@.-]+)$")
+_KEY_MARKERS = ("PRIVATE KEY", "PuTTY-User-Key-File", "Private-Lines", "Encryption:")
+
+
+def _public_key_problem(entry: str) -> str | None:
+    """Why ``entry`` is not exactly one OpenSSH public key (``TYPE BASE64 [COMMENT]``),
+    parsed by ``cryptography``; None when it is one."""
+    if any(marker in entry for marker in _KEY_MARKERS):
+        return "holds a private key; only public keys may be baked"
+    fields = entry.strip().split(None, 2)
+    shown = f"{entry[:30]!r}..."
+    if len(fields) < 2 or not _KEY_TYPE.match(fields[0]):
+        return f"{shown} is not an OpenSSH public key (TYPE BASE64 [COMMENT])"
+    comment = fields[2] if len(fields) == 3 else ""
+    if any(_KEY_TYPE.match(word) for word in comment.split()):
+        return f"{shown} holds more than one key; give one key per entry"
+    try:
+        load_ssh_public_key(f"{fields[0]} {fields[1]}".encode())
+    except Exception as exc:  # ValueError, or UnsupportedAlgorithm for some types
+        reason_ = " ".join(str(exc).split()) or type(exc).__name__
+        return f"{shown} is not a valid {fields[0]} public key ({reason_})"
+    return None
 
 
 class File(Model):
@@ -167,6 +260,28 @@ class File(Model):
     owner: UnixName = "root"
     group: UnixName = "root"
 
+    _multiline = frozenset({"content"})
+
+    @field_validator("dest")
+    @classmethod
+    def _a_file(cls, dest: str) -> str:
+        problem = _dest_problem(dest)
+        if problem is not None:
+            raise ValueError(problem)
+        return dest
+
+    @field_validator("source")
+    @classmethod
+    def _relative(cls, source: str | None) -> str | None:
+        if source is not None and (not source or source.startswith("/")):
+            raise ValueError(f"{source!r} is outside the spec's folder; give a path relative to it")
+        if source is not None and ".." in source.split("/"):
+            raise ValueError(
+                f"{source!r} has a '..' segment, so it may be outside the spec's folder;"
+                " keep it beside the spec"
+            )
+        return source
+
     @model_validator(mode="after")
     def _one_origin(self) -> File:
         if (self.content is None) == (self.source is None):
@@ -174,17 +289,80 @@ class File(Model):
         return self
 
 
+#: Folders of a stock system that a file may not replace, and virtual or temporary
+#: file systems where a baked file would not survive (or would write to the kernel).
+_SYSTEM_DIRS = frozenset(
+    {
+        *("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media"),
+        *("/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr"),
+        *("/var", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/libexec", "/usr/share"),
+        *("/usr/local", "/usr/local/bin", "/usr/local/sbin", "/usr/local/lib", "/usr/src"),
+        *("/var/lib", "/var/log", "/var/cache", "/var/tmp", "/var/spool", "/var/opt"),
+        *("/etc/systemd", "/etc/systemd/system", "/etc/default", "/etc/ssh", "/etc/cloud"),
+    }
+)
+_VIRTUAL_ROOTS = ("/proc", "/sys", "/dev", "/run")
+
+
+def _dest_problem(dest: str) -> str | None:
+    if dest == "/":
+        return "'/' is the root folder, not a file"
+    if dest in _SYSTEM_DIRS:
+        return f"{dest} is a system folder, not a file"
+    for root in _VIRTUAL_ROOTS:
+        if boundary.is_under(dest, root):
+            return f"{dest} is under {root}, which is not part of the image's disk"
+    return None
+
+
 class App(Model):
     """The application itself, baked as a systemd unit running as its own user."""
 
     name: Name
+    #: The unit's ``Description=``: one line, no surrounding spaces or trailing '\\'.
     description: str = ""
     user: UnixName | None = None
+    #: Split into words as a POSIX shell would (quotes, backslashes) but never run by
+    #: one: each word reaches ``ExecStart=`` as itself.
     exec_start: Annotated[str, _matching(r"^/\S+.*$", "a command starting with an absolute path")]
     working_directory: AbsPath | None = None
     environment: dict[EnvName, str] = {}
-    packages: tuple[str, ...] = ()
+    packages: tuple[DebPackage, ...] = ()
     files: tuple[File, ...] = ()
+
+    @field_validator("description")
+    @classmethod
+    def _one_unit_line(cls, text: str) -> str:
+        if text != text.strip():
+            raise ValueError("has leading or trailing spaces, which systemd would drop")
+        if text.endswith("\\"):
+            raise ValueError("ends with '\\', which systemd reads as a line continuation")
+        return text
+
+    @field_validator("working_directory")
+    @classmethod
+    def _unit_path(cls, path: str | None) -> str | None:
+        if path is not None and (path.endswith("\\") or path != path.strip()):
+            raise ValueError(
+                f"{path!r} ends with a space or '\\', which systemd would drop or read as"
+                " a line continuation"
+            )
+        return path
+
+    @field_validator("exec_start")
+    @classmethod
+    def _words(cls, command: str) -> str:
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise ValueError(
+                f"{command!r} cannot be split into words ({exc}): check its quotes"
+                " and any trailing backslash"
+            ) from None
+        if not argv or not argv[0].startswith("/"):
+            raise ValueError(f"{command!r} does not start with an absolute path")
+        boundary.normal_path(argv[0])
+        return command
 
     @property
     def run_as(self) -> str:
@@ -282,6 +460,10 @@ class Check(Model):
         return self
 
 
+#: Consul's default Serf LAN port (``ports.serf_lan``).
+SERF_LAN_PORT = 8301
+
+
 class TransparentProxy(Model):
     #: SSH (22) is excluded unless this is turned off: redirecting it cuts SSH.
     exclude_ssh: bool = True
@@ -289,11 +471,18 @@ class TransparentProxy(Model):
     exclude_outbound_ports: tuple[Port, ...] = ()
     exclude_outbound_cidrs: tuple[Cidr, ...] = ()
     exclude_uids: tuple[Annotated[int, Field(ge=0, le=65534)], ...] = ()
+    #: The agent's Serf LAN port (8301) is excluded too: other agents' gossip push/pull
+    #: over TCP would otherwise land in Envoy's mTLS listener and fail.
+    exclude_serf_lan: bool = True
+    #: When Envoy is down, refuse inbound connections to the service instead of letting
+    #: them reach the app around the mesh (the default, fail-open, removes the rules).
+    fail_closed: bool = False
 
     @property
     def inbound_exclusions(self) -> tuple[int, ...]:
         ssh = (22,) if self.exclude_ssh else ()
-        return tuple(dict.fromkeys((*ssh, *self.exclude_inbound_ports)))
+        serf = (SERF_LAN_PORT,) if self.exclude_serf_lan else ()
+        return tuple(dict.fromkeys((*ssh, *serf, *self.exclude_inbound_ports)))
 
 
 class Service(Model):
@@ -301,8 +490,16 @@ class Service(Model):
     port: Port
     check: Check
     tags: tuple[str, ...] = ()
-    meta: dict[str, str] = {}
+    meta: Annotated[dict[MetaKey, MetaValue], Field(max_length=64)] = {}
     transparent_proxy: TransparentProxy = TransparentProxy()
+
+    @field_validator("meta")
+    @classmethod
+    def _not_reserved(cls, meta: dict[str, str]) -> dict[str, str]:
+        for key in meta:
+            if key.startswith("consul-"):
+                raise ValueError(f"{key!r}: the prefix 'consul-' is reserved by Consul")
+        return meta
 
     @property
     def proxy_id(self) -> str:
@@ -314,6 +511,19 @@ class Mesh(Model):
     setting that changes what a VM can reach is worth a warning at bake time."""
 
     destinations_only: bool = False
+
+
+class Imds(Model):
+    """Who may reach the instance metadata service once the token is in place.
+
+    With the token in user data, any local user could read it back from IMDS; so by
+    default (``restrict`` unset and ``tokens.source: userdata``) only root, plus the
+    users listed here, may connect to it. An app that needs the instance role lists
+    its user: ``allow_users: [web]``.
+    """
+
+    restrict: bool | None = None
+    allow_users: tuple[Name, ...] = ()
 
 
 # --- targets --------------------------------------------------------------------
@@ -383,9 +593,10 @@ class ImageSpec(Model):
     """One golden image."""
 
     name: Name
-    description: str = ""
+    #: Also the AMI's description, which EC2 caps at 255 characters.
+    description: Annotated[str, StringConstraints(max_length=255)] = ""
     base: BaseDistro = BaseDistro.DEBIAN_12
-    packages: tuple[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9+.-]+$")], ...] = ()
+    packages: tuple[DebPackage, ...] = ()
     groups: tuple[Group, ...] = ()
     users: tuple[User, ...] = ()
     files: tuple[File, ...] = ()
@@ -395,6 +606,7 @@ class ImageSpec(Model):
     envoy: Envoy
     service: Service
     mesh: Mesh = Mesh()
+    imds: Imds = Imds()
     targets: Targets
 
     @property
@@ -404,6 +616,13 @@ class ImageSpec(Model):
     @property
     def all_packages(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((*self.packages, *self.app.packages)))
+
+    @property
+    def imds_restricted(self) -> bool:
+        """Whether IMDS is closed to all but root and ``imds.allow_users``."""
+        if self.imds.restrict is not None:
+            return self.imds.restrict
+        return self.tokens.source is TokenSource.USERDATA
 
 
 # --- loading --------------------------------------------------------------------
@@ -427,7 +646,7 @@ class LoadedSpec:
         if file.content is not None:
             return file.content.encode()
         assert file.source is not None
-        return (self.root / file.source).read_bytes()
+        return boundary.read_regular(self.root / file.source, boundary.MAX_SOURCE_BYTES)
 
 
 def load_spec(path: str | Path) -> LoadedSpec:
@@ -435,9 +654,9 @@ def load_spec(path: str | Path) -> LoadedSpec:
     path = Path(path)
     shown = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([SpecProblem(shown, "", f"cannot read: {_reason(exc)}")]) from None
+        text = boundary.read_regular(path, boundary.MAX_SPEC_BYTES).decode("utf-8")
+    except (OSError, UnicodeDecodeError, boundary.UnreadableFile) as exc:
+        raise SpecError([SpecProblem(shown, "", f"cannot read: {reason(exc)}")]) from None
     return parse_spec(text, path)
 
 
@@ -445,7 +664,7 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
     """Check spec ``text`` as if read from ``path`` (used by tests and by ``load_spec``)."""
     shown = str(path)
     try:
-        data = yaml.safe_load(text)
+        data = boundary.load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -474,10 +693,6 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
         warnings=tuple(SpecProblem(shown, p, m) for p, m in warnings),
         digest=_digest(spec, path),
     )
-
-
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -515,10 +730,17 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
     errors: Found = []
     warnings: Found = []
 
-    if not spec.envoy.allow_unsupported:
-        message = compat.check_pair(spec.consul.version, spec.envoy.version)
-        if message is not None:
-            errors.append(("envoy.version", message))
+    message = compat.check_pair(spec.consul.version, spec.envoy.version)
+    if message is not None and not spec.envoy.allow_unsupported:
+        errors.append(("envoy.version", message))
+    elif message is not None:
+        warnings.append(
+            (
+                "envoy.allow_unsupported",
+                f"{message}; baking it anyway, and the sidecar passes"
+                " -ignore-envoy-compatibility so that real Consul starts it",
+            )
+        )
 
     if spec.mesh.destinations_only:
         warnings.append(
@@ -563,6 +785,19 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
         seen_users.add(user.name)
     if spec.app.run_as in RESERVED_USERS:
         errors.append(("app.user", f"the app may not run as {spec.app.run_as!r}"))
+    known_users = {spec.app.run_as, *(u.name for u in spec.users)}
+    for i, allowed in enumerate(spec.imds.allow_users):
+        if allowed not in known_users:
+            errors.append(
+                (
+                    f"imds.allow_users[{i}]",
+                    f"{allowed!r} is neither the app's user nor in users:, so it has no uid",
+                )
+            )
+    if spec.imds.allow_users and not spec.imds_restricted:
+        warnings.append(
+            ("imds.allow_users", "IMDS is not restricted (imds.restrict), so the list does nothing")
+        )
     group_names = {g.name for g in spec.groups}
     for i, user in enumerate(spec.users):
         for group in user.groups:
@@ -570,23 +805,32 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
                 message = f"group {group!r} is neither a stock group nor in groups"
                 errors.append((f"users[{i}].groups", message))
 
-    for prefix, files in (("files", spec.files), ("app.files", spec.app.files)):
-        for i, file in enumerate(files):
-            if file.source is not None:
-                source = path.parent / file.source
-                inside = source.resolve().is_relative_to(path.parent.resolve())
-                unreadable = _unreadable(source)
-                if Path(file.source).is_absolute() or not inside:
-                    errors.append(
-                        (
-                            f"{prefix}[{i}].source",
-                            f"{file.source} is outside the spec's folder; keep it beside the spec",
-                        )
+    dests: dict[str, str] = {}
+    for where, file in file_fields(spec):
+        if file.source is not None:
+            source = path.parent / file.source
+            inside = source.resolve().is_relative_to(path.parent.resolve())
+            unreadable = _unreadable(source)
+            if Path(file.source).is_absolute() or not inside:
+                errors.append(
+                    (
+                        f"{where}.source",
+                        f"{file.source} is outside the spec's folder; keep it beside the spec",
                     )
-                elif unreadable is not None:
-                    errors.append((f"{prefix}[{i}].source", f"{source} {unreadable}"))
-            if file.dest.startswith(_MANAGED_PREFIXES):
-                errors.append((f"{prefix}[{i}].dest", f"{file.dest} is managed by meshbake"))
+                )
+            elif unreadable is not None:
+                errors.append((f"{where}.source", f"{source} {unreadable}"))
+        if file.dest in dests:
+            errors.append((f"{where}.dest", f"{file.dest} is also {dests[file.dest]}.dest"))
+        dests.setdefault(file.dest, where)
+    for dest, where in dests.items():
+        for other, other_where in dests.items():
+            if other != dest and boundary.is_under(other, dest):
+                message = f"{dest} is a folder: {other_where}.dest ({other}) is under it"
+                errors.append((f"{where}.dest", message))
+                break
+    # Paths meshbake renders itself are refused at render time (builder.render.escape
+    # derives them from the rendered files), where the renderer knows them all.
 
     aws = spec.targets.aws
     shared = aws is not None and (aws.share.accounts or aws.share.orgs or aws.share.ous)
@@ -609,22 +853,27 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
     return errors, warnings
 
 
+def file_fields(spec: ImageSpec) -> list[tuple[str, File]]:
+    """Every baked file of ``spec`` with its field path (``files[0]``, ``app.files[1]``)."""
+    return [
+        *((f"files[{i}]", f) for i, f in enumerate(spec.files)),
+        *((f"app.files[{i}]", f) for i, f in enumerate(spec.app.files)),
+    ]
+
+
 def _unreadable(path: Path) -> str | None:
     """Why ``path`` cannot be baked as a file, or None when it can be read."""
     try:
-        if not path.is_file():
+        if not path.exists():
             return "does not exist"
-        with path.open("rb"):
-            return None
-    except OSError as exc:  # a name too long for the file system, no permission, ...
-        return f"cannot be read: {_reason(exc)}"
+        boundary.read_regular(path, boundary.MAX_SOURCE_BYTES)
+        return None
+    except (OSError, boundary.UnreadableFile) as exc:  # a FIFO, no permission, ...
+        return f"cannot be read: {reason(exc)}"
 
 
 #: Groups present on a stock Debian or Ubuntu system.
 _STOCK_GROUPS = frozenset({"sudo", "adm", "users", "systemd-journal", "docker", "staff"})
-
-#: Paths meshbake renders itself; user files there would be overwritten or conflict.
-_MANAGED_PREFIXES = ("/etc/consul.d/", "/etc/meshbake/", "/usr/libexec/meshbake/", "/etc/envoy/")
 
 
 def _digest(spec: ImageSpec, path: Path) -> str:
@@ -634,5 +883,5 @@ def _digest(spec: ImageSpec, path: Path) -> str:
     for file in spec.all_files:
         if file.source is not None:
             h.update(b"\0" + file.source.encode() + b"\0")
-            h.update((path.parent / file.source).read_bytes())
+            h.update(boundary.read_regular(path.parent / file.source, boundary.MAX_SOURCE_BYTES))
     return h.hexdigest()

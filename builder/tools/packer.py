@@ -7,6 +7,7 @@ False
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,14 +69,33 @@ class BuildResult:
     errors: tuple[str, ...] = ()
 
 
+#: Packer versions already read in this process, by the binary's full path.
+_VERSIONS: dict[str, PackerVersion] = {}
+_VERSIONS_LOCK = threading.Lock()
+
+
 class Packer:
-    """The Packer CLI. ``binary`` may name another packer for tests."""
+    """The Packer CLI. ``binary`` may name another packer for tests.
+
+    ``validate`` and ``build`` run ``init`` on their folder first (Packer 1.7+), once
+    per folder, so the template's ``required_plugins`` are installed before either.
+    """
 
     def __init__(self, binary: str = "packer") -> None:
         self.binary = binary
+        self._initialised: set[Path] = set()
 
     def version(self) -> PackerVersion:
-        out = proc.run([self.binary, "version"]).stdout
+        """The installed Packer's version, read once per process (per binary)."""
+        path = proc.which(self.binary)
+        with _VERSIONS_LOCK:  # parallel builds share one read
+            if path not in _VERSIONS:
+                _VERSIONS[path] = self._read_version(path)
+            return _VERSIONS[path]
+
+    @staticmethod
+    def _read_version(path: str) -> PackerVersion:
+        out = proc.run([path, "version"]).stdout
         match = re.search(r"v?(\d+)\.(\d+)\.(\d+)", out)
         if match is None:
             raise UserError(f"cannot read the Packer version from {out.strip()!r}")
@@ -83,9 +103,16 @@ class Packer:
         return PackerVersion(major, minor, patch)
 
     def init(self, folder: Path) -> None:
-        """Install required plugins (Packer 1.7+ only; 1.6 has them built in)."""
+        """Install required plugins (Packer 1.7+ only; 1.6 has them built in).
+
+        Runs once per folder; ``validate`` and ``build`` call it themselves.
+        """
+        folder = folder.resolve()
+        if folder in self._initialised:
+            return
         if self.version().supports_plugins:
-            proc.run([self.binary, "init", folder])
+            proc.run([self.binary, "init", folder], cwd=folder)
+        self._initialised.add(folder)
 
     def fmt(self, folder: Path, *, check: bool = False) -> GateResult:
         argv = [self.binary, "fmt"] + (["-check", "-diff"] if check else []) + [folder]
@@ -99,6 +126,7 @@ class Packer:
         only: Sequence[str] = (),
         variables: Mapping[str, str] | None = None,
     ) -> GateResult:
+        self.init(folder)
         argv: list[str | Path] = [self.binary, "validate"]
         if only:
             argv.append("-only=" + ",".join(only))
@@ -121,6 +149,7 @@ class Packer:
         Packer's full log (PACKER_LOG=1) goes to ``log_file``; artifact ids come from
         the ``artifact`` events (the manifest post-processor writes them too).
         """
+        self.init(folder)
         argv: list[str | Path] = [self.binary, "build", "-machine-readable", "-color=false"]
         argv += ["-only=" + ",".join(only)]
         argv += [f"-var={k}={v}" for k, v in variables.items()]

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,17 +36,21 @@ import paramiko
 
 from builder import proc
 from builder.errors import UserError
-from builder.render import cloudconfig
+from builder.progress import Progress, to_stderr
+from builder.render import cloudconfig, paths
+from builder.spec import compat
 from builder.spec.model import Accelerator, LoadedSpec, load_spec
 from builder.tools.qemu import choose_accelerator
+from builder.verify.imagetests.helpers import (
+    HTTP_PROBE,
+    INBOUND_CX,
+    parse_stats,
+    stats_command,
+    tcp_exchange,
+)
 
-Progress = Callable[[str], None]
 PHASES = ("baked", "firstboot")
 VERIFY_USER = "meshbake-verify"
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class CheckResult:
     outcome: str  # passed | failed | error | skipped
     seconds: float
     message: str = ""
+    #: What the check measured (``record_property`` in the suites), e.g. connection counts.
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,13 @@ class PhaseResult:
     boot_to_ssh: float | None = None
     first_boot: float | None = None
     error: str | None = None
+    #: Phase-wide figures, e.g. ``vm_start_to_first_proxied_s`` (seconds, host clock).
+    figures: dict[str, Any] = field(default_factory=dict)
+    #: Seconds on the guest's CLOCK_MONOTONIC (0 = kernel start) when each first-boot
+    #: milestone was reached; ``None`` where it was not (see :func:`first_boot_timeline`).
+    timeline: dict[str, float | None] = field(default_factory=dict)
+    #: ``systemd-analyze plot`` of the first boot, kept in the report folder.
+    plot: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -96,6 +111,9 @@ class VerifyReport:
                 timing.append(f"boot to SSH {phase.boot_to_ssh:.0f}s")
             if phase.first_boot is not None:
                 timing.append(f"VM start to mesh ready {phase.first_boot:.0f}s")
+            first = phase.figures.get("vm_start_to_first_proxied_s")
+            if first is not None:
+                timing.append(f"VM start to first proxied connection {first:.1f}s")
             passed = sum(c.outcome == "passed" for c in phase.checks)
             head = f"phase {phase.phase}: {passed}/{len(phase.checks)} checks passed"
             lines.append(head + (f" ({', '.join(timing)})" if timing else ""))
@@ -103,18 +121,92 @@ class VerifyReport:
                 lines.append(f"  ERROR  {phase.error}")
             for check in phase.checks:
                 mark = {"passed": "ok  ", "skipped": "skip"}.get(check.outcome, "FAIL")
-                lines.append(f"  {mark}  {check.name} ({check.seconds:.1f}s)")
+                figures = "".join(f", {k}={v}" for k, v in check.figures.items())
+                lines.append(f"  {mark}  {check.name} ({check.seconds:.1f}s{figures})")
                 if check.outcome in ("failed", "error") and check.message:
-                    lines.append(f"        {check.message.splitlines()[0][:200]}")
+                    lines += [f"        {line[:300]}" for line in failure_lines(check.message)]
+            if phase.plot:
+                lines.append(f"  first boot plot: {phase.plot}")
         lines.append("ALL CHECKS PASSED" if self.ok else "SOME CHECKS FAILED")
         return "\n".join(lines)
+
+    def to_junit(self) -> str:
+        """One JUnit XML document with a ``<testsuite>`` per phase (for CI)."""
+        root = ET.Element("testsuites", name=f"meshbake verify {self.image}")
+        for phase in self.phases:
+            cases = list(phase.checks)
+            if phase.error:
+                cases.append(CheckResult("phase", "error", 0.0, phase.error))
+            suite = ET.SubElement(
+                root,
+                "testsuite",
+                name=phase.phase,
+                tests=str(len(cases)),
+                failures=str(sum(c.outcome == "failed" for c in cases)),
+                errors=str(sum(c.outcome == "error" for c in cases)),
+                skipped=str(sum(c.outcome == "skipped" for c in cases)),
+                time=f"{sum(c.seconds for c in cases):.2f}",
+            )
+            figures = {**phase.figures, **{f"timeline.{k}": v for k, v in phase.timeline.items()}}
+            if phase.plot:
+                figures["plot"] = phase.plot
+            _junit_properties(suite, figures)
+            for check in cases:
+                case = ET.SubElement(
+                    suite,
+                    "testcase",
+                    classname=f"meshbake.verify.{phase.phase}",
+                    name=check.name,
+                    time=f"{check.seconds:.2f}",
+                )
+                _junit_properties(case, check.figures)
+                if check.outcome in ("failed", "error", "skipped"):
+                    tag = {"failed": "failure", "error": "error", "skipped": "skipped"}
+                    node = ET.SubElement(case, tag[check.outcome])
+                    node.set("message", " | ".join(failure_lines(check.message)))
+                    node.text = check.message
+        ET.indent(root)
+        return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _junit_properties(parent: ET.Element, figures: dict[str, Any]) -> None:
+    if figures:
+        node = ET.SubElement(parent, "properties")
+        for name, value in figures.items():
+            ET.SubElement(node, "property", name=name, value="" if value is None else str(value))
+
+
+def failure_lines(message: str) -> list[str]:
+    """The readable part of a failure: ``expected: ...`` / ``seen: ...`` when the check
+    worded it so (``helpers.CheckFailed``), else its first line.
+
+    >>> failure_lines("CheckFailed: expected: 1 reply\\nseen: none\\n\\nTraceback ...")
+    ['expected: 1 reply', 'seen: none']
+    """
+    lines = [line.strip() for line in message.strip().splitlines()]
+    if lines:
+        # "builder.verify.imagetests.helpers.CheckFailed: expected: ..." -> "expected: ..."
+        lines[0] = re.sub(r"^[\w.]*(CheckFailed|AssertionError): ", "", lines[0])
+    worded = [line for line in lines[:6] if line.startswith(("expected: ", "seen: "))]
+    return worded or lines[:1]
 
 
 # --- expectations --------------------------------------------------------------
 
 
-def expectations(loaded: LoadedSpec, phase: str, token: str, fixture: bool) -> dict[str, Any]:
-    """What the Testinfra suites check, derived from the spec (see tests/image)."""
+def expectations(
+    loaded: LoadedSpec,
+    phase: str,
+    token: str,
+    fixture: bool,
+    traffic: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What the Testinfra suites check, derived from the spec (see imagetests/conftest.py).
+
+    ``traffic`` holds the outside ends of the first-boot traffic checks: ``inbound``
+    (address and port reaching the service port) and ``outbound`` (see
+    :class:`HostListener`); either may be ``None`` where nothing can reach.
+    """
     spec = loaded.spec
     tproxy = spec.service.transparent_proxy
     return {
@@ -142,6 +234,9 @@ def expectations(loaded: LoadedSpec, phase: str, token: str, fixture: bool) -> d
         "dns_forward": spec.consul.dns.forward,
         "token": token,
         "fixture": fixture,
+        "redirect_backend": compat.redirect_backend(spec.consul.version).value,
+        "fail_closed": tproxy.fail_closed,
+        "traffic": traffic or {"inbound": None, "outbound": None},
     }
 
 
@@ -260,21 +355,21 @@ def boot_vm(
     progress: Progress,
     memory: int = 1024,
     timeout: float = 420.0,
+    forwards: Mapping[int, int] | None = None,
 ) -> Iterator[Vm]:
     """Boot ``image`` on an overlay in ``work`` and yield once SSH answers.
 
     ``user_data`` receives the ephemeral public key and returns the seed's user data.
+    ``forwards`` maps more ports on the host's 127.0.0.1 to guest ports (TCP), as SSH's.
     The VM is powered off (then killed, if it must be) on the way out.
     """
     key = work / "verify_ed25519"
-    proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "meshbake-verify", "-f", key])
+    public = proc.ssh_keygen(key, "meshbake-verify")
     overlay = work / "overlay.qcow2"
     proc.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", image.resolve(), overlay]
     )
-    iso = _seed_iso(
-        work, user_data(key.with_suffix(".pub").read_text()), f"verify-{uuid.uuid4().hex[:8]}"
-    )
+    iso = _seed_iso(work, user_data(public.read_text()), f"verify-{uuid.uuid4().hex[:8]}")
     port = _free_port()
     serial = work / "serial.log"
     accel = choose_accelerator(accelerator)
@@ -299,7 +394,8 @@ def boot_vm(
         "-drive",
         f"file={iso},media=cdrom,readonly=on",
         "-netdev",
-        f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22",
+        f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22"
+        + "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in (forwards or {}).items()),
         "-device",
         "virtio-net,netdev=n0",
     ]
@@ -310,10 +406,18 @@ def boot_vm(
     try:
         _wait_ssh(vm, qemu, started + timeout)
         yield vm
+    except BaseException:
+        # Failed or interrupted (SIGINT, SIGTERM): no polite poweroff, the overlay is
+        # thrown away anyway. The VM and its guard go now, before the work folder.
+        proc.terminate_group(qemu)
+        raise
     finally:
-        with suppress(OSError, paramiko.SSHException, EOFError):
-            ssh_run(vm, "sudo systemctl poweroff", timeout=10)
-        proc.terminate_group(qemu, grace=60)
+        try:
+            if qemu.poll() is None:
+                with suppress(OSError, paramiko.SSHException, EOFError):
+                    ssh_run(vm, "sudo systemctl poweroff", timeout=10)
+        finally:
+            proc.terminate_group(qemu)
 
 
 # --- running the suites -------------------------------------------------------------
@@ -342,6 +446,9 @@ def run_suite(
         f"--hosts={uri}",
         f"--expect={expect_file}",
         f"--junitxml={junit}",
+        # xunit1 keeps each check's record_property figures in the file.
+        "-o",
+        "junit_family=xunit1",
         "-q",
     ]
     if sudo:
@@ -366,8 +473,273 @@ def parse_junit(path: Path) -> list[CheckResult]:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
                 message = node.get("message", "") or (node.text or "")
                 break
-        results.append(CheckResult(name, outcome, round(seconds, 2), message.strip()))
+        figures = {
+            prop.get("name", "?"): _number(prop.get("value", ""))
+            for prop in case.iterfind("properties/property")
+        }
+        results.append(CheckResult(name, outcome, round(seconds, 2), message.strip(), figures))
     return results
+
+
+def _number(text: str) -> int | float | str:
+    """A figure from JUnit text: ``"3"`` -> 3, ``"0.5"`` -> 0.5, anything else as it is."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+# --- first boot: the outside ends of the traffic, the timeline, the plot ---------------
+
+
+class HostListener:
+    """A TCP listener on the host's 127.0.0.1 for the outbound check.
+
+    The VM reaches it as ``10.0.2.2`` (qemu's user-mode gateway maps to the host's
+    loopback). Each connection's first line goes into ``log``, one line each, and is
+    answered with ``banner`` and the line, so a check can tell that its connection
+    arrived here, and nowhere else.
+    """
+
+    GUEST_ADDRESS = "10.0.2.2"
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.banner = f"meshbake-listener {uuid.uuid4().hex[:12]}"
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.5)
+        self.port: int = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self.log.touch()
+
+    def __enter__(self) -> HostListener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def outbound(self) -> dict[str, Any]:
+        """The ``traffic.outbound`` entry of expect.json."""
+        return {
+            "address": self.GUEST_ADDRESS,
+            "port": self.port,
+            "banner": self.banner,
+            "log": str(self.log),
+        }
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn, suppress(OSError):
+            conn.settimeout(10)
+            data = b""
+            while b"\n" not in data and len(data) < 1024:
+                chunk = conn.recv(1024)
+                if not chunk:
+                    break
+                data += chunk
+            line = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+            with self._lock, self.log.open("a", encoding="utf-8") as out:
+                out.write(line + "\n")
+            conn.sendall(f"{self.banner} {line}\n".encode())
+
+
+class ServiceProbe:
+    """Connects to the service port (through a forward) every ``interval`` s from VM
+    start, and keeps the host's monotonic time of each connection the app answered.
+
+    Once the redirect is in place every answered connection is a proxied one, so with
+    Envoy's count of proxied connections (``n``) the n-th answer from the end is the
+    first that crossed the sidecar (:meth:`first_proxied`).
+    """
+
+    def __init__(self, port: int, interval: float = 0.5) -> None:
+        self.port = port
+        self.interval = interval
+        self.answered: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ServiceProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        return list(self.answered)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            if tcp_exchange("127.0.0.1", self.port, HTTP_PROBE, timeout=2).answered:
+                self.answered.append(sent)
+            self._stop.wait(self.interval)
+
+    @staticmethod
+    def first_proxied(answered: Sequence[float], proxied: int) -> float | None:
+        """The time of the first proxied connection among ``answered``.
+
+        >>> ServiceProbe.first_proxied([1.0, 1.5, 2.0, 2.5], 2)
+        2.0
+        >>> ServiceProbe.first_proxied([1.0], 0) is None
+        True
+        """
+        if 0 < proxied <= len(answered):
+            return answered[-proxied]
+        return None
+
+
+#: Milestones of the first boot -> the unit whose ActiveEnterTimestampMonotonic marks it.
+TIMELINE_UNITS = {
+    "cloud_init_network_done": "cloud-init.service",
+    "meshbake_firstboot_done": "meshbake-firstboot.service",
+    "consul_active": "consul.service",
+    "sidecar_active": "envoy-sidecar.service",
+}
+
+
+def _envoy_counter(vm: Vm, name: str) -> int | None:
+    with suppress(OSError, paramiko.SSHException, EOFError):
+        code, out = ssh_run(vm, stats_command((name,)))
+        if code == 0:
+            return parse_stats(out).get(name)
+    return None
+
+
+def _guest_clock_offset(vm: Vm) -> tuple[float, float]:
+    """(offset, uncertainty): host monotonic = guest CLOCK_MONOTONIC + offset.
+
+    Reads the guest's /proc/uptime a few times over one SSH connection and keeps the
+    quickest round trip; the uncertainty is half of it.
+    """
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # a throwaway VM
+    best: tuple[float, float] | None = None
+    try:
+        client.connect(
+            "127.0.0.1",
+            port=vm.port,
+            username=VERIFY_USER,
+            key_filename=str(vm.key_file),
+            timeout=30,
+            allow_agent=False,
+            look_for_keys=False,
+        )
+        for _ in range(5):
+            sent = time.monotonic()
+            _, stdout, _ = client.exec_command("cat /proc/uptime", timeout=30)
+            uptime = float(stdout.read().split()[0])
+            back = time.monotonic()
+            candidate = ((sent + back) / 2 - uptime, (back - sent) / 2)
+            if best is None or candidate[1] < best[1]:
+                best = candidate
+    finally:
+        client.close()
+    assert best is not None
+    return best
+
+
+def first_boot_timeline(vm: Vm, first_proxied: float | None) -> dict[str, float | None]:
+    """When each first-boot milestone was reached, in seconds on the guest's monotonic
+    clock (systemd's own timestamps; 0 is the kernel's start). ``vm_start`` (qemu's
+    start, before firmware and the boot loader) and ``first_proxied_connection`` are
+    host times moved onto that clock."""
+    units = " ".join(TIMELINE_UNITS.values())
+    _, out = ssh_run(
+        vm,
+        f"for u in {units}; do"
+        ' echo "$u=$(systemctl show -p ActiveEnterTimestampMonotonic --value "$u")"; done',
+    )
+    entered: dict[str, float] = {}
+    for line in out.splitlines():
+        unit, _, value = line.partition("=")
+        if value.isdigit() and int(value) > 0:  # microseconds; 0: never active
+            entered[unit] = int(value) / 1e6
+    offset, uncertainty = _guest_clock_offset(vm)
+    timeline: dict[str, float | None] = {"vm_start": round(vm.started - offset, 2)}
+    for milestone, name in TIMELINE_UNITS.items():
+        seconds = entered.get(name)
+        timeline[milestone] = None if seconds is None else round(seconds, 2)
+    timeline["first_proxied_connection"] = (
+        None if first_proxied is None else round(first_proxied - offset, 2)
+    )
+    timeline["clock_uncertainty"] = round(uncertainty, 3)
+    return timeline
+
+
+def _keep_plot(vm: Vm, folder: Path) -> Path | None:
+    """``systemd-analyze plot`` of this (first) boot, saved as ``folder/firstboot.svg``."""
+    with suppress(OSError, paramiko.SSHException, EOFError):
+        code, svg = ssh_run(
+            vm,
+            "timeout 120 systemctl is-system-running --wait >/dev/null 2>&1;"
+            " systemd-analyze plot 2>&1",
+            timeout=180,
+        )
+        if code == 0 and "<svg" in svg:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "firstboot.svg"
+            path.write_text(svg)
+            return path
+    return None
+
+
+def _first_boot_figures(
+    vm: Vm, probe: ServiceProbe, ready: bool, progress: Progress
+) -> tuple[dict[str, Any], dict[str, float | None]]:
+    """Stop ``probe`` once Envoy has proxied one of its connections; the figures and the
+    timeline of the first boot."""
+    deadline = time.monotonic() + 120
+    while ready and time.monotonic() < deadline:
+        if (_envoy_counter(vm, INBOUND_CX) or 0) > 0:
+            break
+        time.sleep(2)
+    answered = probe.stop()
+    proxied = _envoy_counter(vm, INBOUND_CX) or 0
+    first = ServiceProbe.first_proxied(answered, proxied)
+    figures: dict[str, Any] = {
+        "probe_connections_answered": len(answered),
+        "probe_connections_proxied": proxied,
+        "vm_start_to_first_proxied_s": None if first is None else round(first - vm.started, 2),
+    }
+    try:
+        timeline = first_boot_timeline(vm, first)
+    except (OSError, paramiko.SSHException, EOFError, ValueError) as exc:
+        progress(f"verify: firstboot: no timeline: {exc}")
+        timeline = {}
+    network = timeline.get("cloud_init_network_done")
+    crossed = timeline.get("first_proxied_connection")
+    if network is not None and crossed is not None:
+        figures["network_stage_to_first_proxied_s"] = round(crossed - network, 2)
+    if first is None:
+        progress("verify: firstboot: no connection crossed the sidecar before the checks")
+    else:
+        progress(
+            f"verify: firstboot: first proxied connection {first - vm.started:.1f}s after VM start"
+        )
+    return figures, timeline
 
 
 def _phase(
@@ -387,12 +759,35 @@ def _phase(
         )
         values = cloudconfig.carrier_values(loaded.spec, secrets, where="verify")
         extra = cloudconfig.first_boot_document(values)
-    with tempfile.TemporaryDirectory(prefix="meshbake-verify-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="meshbake-verify-") as tmp, ExitStack() as ends:
         work = Path(tmp)
         boot_to_ssh = first_boot = None
+        figures: dict[str, Any] = {}
+        timeline: dict[str, float | None] = {}
+        plot: Path | None = None
+        forwards: dict[int, int] = {}
+        traffic: dict[str, Any] | None = None
+        probe: ServiceProbe | None = None
+        if phase == "firstboot":
+            # The outside ends of the traffic checks: a forward from the host to the
+            # service port (probed from VM start on, for the first proxied connection),
+            # and a listener the VM reaches through qemu's gateway.
+            inbound = _free_port()
+            forwards[inbound] = loaded.spec.service.port
+            listener = ends.enter_context(HostListener(work / "listener.log"))
+            probe = ends.enter_context(ServiceProbe(inbound))
+            traffic = {
+                "inbound": {"address": "127.0.0.1", "port": inbound},
+                "outbound": listener.outbound(),
+            }
         try:
             with boot_vm(
-                image, work, lambda key: verify_user_data(key, extra), accelerator, progress
+                image,
+                work,
+                lambda key: verify_user_data(key, extra),
+                accelerator,
+                progress,
+                forwards=forwards,
             ) as vm:
                 boot_to_ssh = round(time.monotonic() - vm.started, 1)
                 progress(f"verify: {phase}: SSH answered after {boot_to_ssh:.0f}s")
@@ -402,7 +797,7 @@ def _phase(
                     "done",
                     time.monotonic() + 300,
                 )
-                if phase == "firstboot":
+                if probe is not None:
                     ready = _poll(
                         vm,
                         "systemctl is-active envoy-sidecar.service",
@@ -415,20 +810,44 @@ def _phase(
                         if ready
                         else "verify: firstboot: the sidecar did not become active"
                     )
-                _, version = ssh_run(vm, "/usr/bin/consul version 2>/dev/null | head -n 2")
-                expect = expectations(loaded, phase, token, "Revision fixture" in version)
+                    figures, timeline = _first_boot_figures(vm, probe, ready, progress)
+                    plot = _keep_plot(vm, report_folder(image))
+                _, version = ssh_run(vm, f"{paths.CONSUL_BIN} version 2>/dev/null | head -n 2")
+                expect = expectations(loaded, phase, token, "Revision fixture" in version, traffic)
                 progress(f"verify: {phase}: running the Testinfra checks")
                 checks = run_suite(vm.uri, expect, work)
         except UserError as exc:
-            return PhaseResult(phase, (), boot_to_ssh, first_boot, error=str(exc))
+            return PhaseResult(
+                phase,
+                (),
+                boot_to_ssh,
+                first_boot,
+                error=str(exc),
+                figures=figures,
+                timeline=timeline,
+                plot=None if plot is None else str(plot),
+            )
         finally:
             _keep_logs(work, image, phase)
-    return PhaseResult(phase, tuple(checks), boot_to_ssh, first_boot)
+    return PhaseResult(
+        phase,
+        tuple(checks),
+        boot_to_ssh,
+        first_boot,
+        figures=figures,
+        timeline=timeline,
+        plot=None if plot is None else str(plot),
+    )
+
+
+def report_folder(image: Path) -> Path:
+    """Where verify keeps what a person reads after a run: logs and the first-boot plot."""
+    return image.parent / "logs"
 
 
 def _keep_logs(work: Path, image: Path, phase: str) -> None:
     """Keep the serial console and pytest logs next to the image for a post-mortem."""
-    logs = image.parent / "logs"
+    logs = report_folder(image)
     try:
         logs.mkdir(exist_ok=True)
         for name in ("serial.log", f"pytest-{phase}.log"):
@@ -438,15 +857,37 @@ def _keep_logs(work: Path, image: Path, phase: str) -> None:
         pass
 
 
+def _manifest(image: Path) -> dict[str, Any]:
+    """The manifest beside ``image`` ({} when there is none or it cannot be read)."""
+    try:
+        data = json.loads((image.parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def spec_for(image: Path) -> Path:
     """The spec an image was built from, read from the manifest beside it."""
-    manifest = image.parent / "manifest.json"
-    try:
-        return Path(json.loads(manifest.read_text())["spec"])
-    except (OSError, ValueError, KeyError):
-        raise UserError(
-            f"{image}: no manifest.json beside it names the spec; pass --spec"
-        ) from None
+    spec = _manifest(image).get("spec")
+    if not isinstance(spec, str):
+        raise UserError(f"{image}: no manifest.json beside it names the spec; pass --spec")
+    return Path(spec)
+
+
+def check_spec_drift(image: Path, loaded: LoadedSpec, *, allow: bool = False) -> None:
+    """Refuse to check ``image`` against a spec other than the one it was built from.
+
+    The manifest's ``spec_hash`` must equal the hash of the spec given now; ``allow``
+    (``--allow-spec-drift``) skips the comparison. An image with no manifest has
+    nothing to compare.
+    """
+    built = _manifest(image).get("spec_hash")
+    if allow or not isinstance(built, str) or built == loaded.digest:
+        return
+    raise UserError(
+        f"{image}: built from a spec with hash {built[:12]}, but {loaded.path} hashes to"
+        f" {loaded.digest[:12]} now; rebuild the image, or pass --allow-spec-drift"
+    )
 
 
 def verify_image(
@@ -455,8 +896,9 @@ def verify_image(
     spec: Path | None = None,
     phases: Sequence[str] = PHASES,
     accelerator: Accelerator = Accelerator.AUTO,
-    progress: Progress = _stderr,
+    progress: Progress = to_stderr,
     token: str | None = None,
+    allow_spec_drift: bool = False,
 ) -> VerifyReport:
     """Boot ``image`` once per phase and run the checks; never raises for a failed check.
 
@@ -469,6 +911,7 @@ def verify_image(
         if phase not in PHASES:
             raise UserError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
     loaded = load_spec(spec or spec_for(image))
+    check_spec_drift(image, loaded, allow=allow_spec_drift)
     results = [_phase(image, loaded, phase, accelerator, progress, token) for phase in phases]
     return VerifyReport(loaded.spec.name, tuple(results))
 

@@ -1,17 +1,22 @@
 """The whole round: bake images/web.yaml into a qcow2, rebuild as a no-op, boot it twice
-(no token; then the minimal user data) and prove it with the shipped Testinfra suites.
+(no token; then the minimal user data) and prove it with the shipped Testinfra suites:
+at first boot, connections cross the real Envoy behind the Consul double both ways, and
+the report says so with Envoy's own counters and a first-boot timeline.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import yaml
 
-from builder.build.run import BuildOptions, BuildResult, build_image, sha256_file
-from builder.verify.runner import verify_image
+from builder.build.run import BuildOptions, BuildResult, build_image
+from builder.digest import sha256_file
+from builder.verify.runner import VerifyReport, verify_image
 
 from .conftest import SPEC
 
@@ -24,8 +29,9 @@ def test_build_writes_image_and_manifest(built: BuildResult) -> None:
     assert manifest["output"]["sha256"] == sha256_file(built.output)
     assert {a["name"] for a in manifest["artifacts"]} == {"consul", "envoy"}
     assert all(len(a["sha256"]) == 64 for a in manifest["artifacts"])
-    assert manifest["versions"]["consul"] == "1.22.1"
-    assert manifest["versions"]["envoy"] == "1.38.3"
+    spec = yaml.safe_load(SPEC.read_text())
+    assert manifest["versions"]["consul"] == spec["consul"]["version"]
+    assert manifest["versions"]["envoy"] == spec["envoy"]["version"]
     assert manifest["versions"]["packer"]
     assert manifest["base"]["id"] and len(manifest["base"]["sha256"]) == 64
     for stage in ("download", "validate", "base", "render", "bake"):
@@ -52,11 +58,11 @@ def test_second_build_is_a_noop(built: BuildResult, e2e_options: BuildOptions) -
 
 
 @pytest.fixture(scope="module")
-def report(golden_image: Path):  # type: ignore[no-untyped-def]
+def report(golden_image: Path) -> VerifyReport:
     return verify_image(golden_image, spec=SPEC)
 
 
-def test_verify_both_phases_pass(report) -> None:  # type: ignore[no-untyped-def]
+def test_verify_both_phases_pass(report: VerifyReport) -> None:
     assert [p.phase for p in report.phases] == ["baked", "firstboot"]
     failures = [
         (p.phase, c.name, c.message[:300])
@@ -69,8 +75,53 @@ def test_verify_both_phases_pass(report) -> None:  # type: ignore[no-untyped-def
     assert report.ok
 
 
-def test_verify_reports_timings(report) -> None:  # type: ignore[no-untyped-def]
+def test_verify_reports_timings(report: VerifyReport) -> None:
     baked, firstboot = report.phases
     assert baked.boot_to_ssh is not None and baked.boot_to_ssh > 0
     assert firstboot.first_boot is not None and firstboot.first_boot > 0
     assert len(baked.checks) >= 10 and len(firstboot.checks) >= 8
+
+
+def test_report_counts_connections_through_envoy(report: VerifyReport) -> None:
+    firstboot = report.phases[1]
+    figures = {c.name: c.figures for c in firstboot.checks}
+    inbound = figures["test_inbound_crosses_the_sidecar"]["inbound_connections"]
+    outbound = figures["test_outbound_crosses_the_sidecar"]["outbound_connections"]
+    assert inbound >= 1 and outbound >= 1, report.summary()
+    # Nothing traffic checked was skipped: every check ran for real.
+    skipped = [c.name for c in firstboot.checks if c.outcome == "skipped"]
+    assert not skipped, report.summary()
+    assert firstboot.figures["probe_connections_proxied"] >= 1, firstboot.figures
+    assert firstboot.figures["vm_start_to_first_proxied_s"] > 0, firstboot.figures
+
+
+def test_report_has_the_first_boot_timeline_and_plot(report: VerifyReport) -> None:
+    firstboot = report.phases[1]
+    t = firstboot.timeline
+    slack = t["clock_uncertainty"] or 0.0
+    order = [
+        "vm_start",
+        "cloud_init_network_done",
+        "meshbake_firstboot_done",
+        "consul_active",
+        "sidecar_active",
+        "first_proxied_connection",
+    ]
+    values = [t[k] for k in order]
+    assert all(v is not None for v in values), t
+    # systemd's own order (the units are ordered After= each other), and the first
+    # proxied connection after the sidecar started (within the clock mapping's slack).
+    assert values[:5] == sorted(values[:5]), t
+    assert values[5] + slack >= values[4], t
+    assert firstboot.figures["network_stage_to_first_proxied_s"] > 0, firstboot.figures
+    assert firstboot.plot is not None
+    assert "<svg" in Path(firstboot.plot).read_text()[:2000]
+
+
+def test_junit_has_both_phases(report: VerifyReport) -> None:
+    root = ET.fromstring(report.to_junit())
+    suites = {s.get("name"): s for s in root.iter("testsuite")}
+    assert set(suites) == {"baked", "firstboot"}
+    for phase in report.phases:
+        assert suites[phase.phase].get("tests") == str(len(phase.checks))
+        assert suites[phase.phase].get("failures") == "0"

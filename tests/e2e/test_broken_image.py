@@ -1,18 +1,33 @@
-"""The baked-phase checks can fail: break a copy of a good image offline, verify it.
+"""The checks can fail: break copies of a good image offline, verify them, and each
+fails exactly the checks that see its break, with a message that says what it saw.
 
-Three things are broken in the copy, the way a bad bake or a careless hand would:
+Phase baked, one copy with three breaks, the way a bad bake or a careless hand would:
 
 - a secrets file holding the token is baked in (``zz-meshbake-secrets.json``);
 - the ``envoy`` user is gone (passwd, shadow, group, gshadow);
 - ``envoy-sidecar.service`` is disabled (its ``multi-user.target.wants`` link removed).
 
-The report must fail exactly the checks that see those, and pass the rest. The baked
-secrets file also lets consul start without first boot (its ExecCondition only looks
-for that file), so the "consul is down until first boot" check must fail too: that is
-the check doing its job, not a side effect to hide.
+The baked secrets file also lets consul start without first boot (its ExecCondition
+only looks for that file), so the "consul is down until first boot" check must fail
+too: that is the check doing its job, not a side effect to hide.
+
+Phase firstboot, one copy per break, each proved by traffic (Envoy's counters):
+
+- ``no_uid_exclusion``: the redirect loses its proxy-uid exclusion (Envoy's own
+  connections are sent back into Envoy: a loop);
+- ``inbound_port_wrong``: inbound traffic is redirected to a port where Envoy does not
+  listen;
+- ``envoy_missing``: ``/usr/bin/envoy`` is gone;
+- ``app_not_listening``: the app runs but listens nowhere.
+
+The first two are applied by a drop-in of the sidecar unit that edits Consul's own
+rules right after the redirect (``ExecStartPre`` lines of a drop-in run after the
+unit's), so they come back at every start and every boot, as a bad redirect would.
+A last copy turns ``fail_closed`` on (mesh.env, and the spec verify reads): it must
+pass every check, and its "sidecar down" check must see the connection refused.
 
 The good image is ``MESHBAKE_E2E_IMAGE`` when set, else the session's ``golden_image``
-(tests/e2e/conftest.py bakes it).
+(tests/e2e/conftest.py bakes it). Each copy costs one conversion and one boot.
 """
 
 from __future__ import annotations
@@ -21,9 +36,11 @@ import json
 import os
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from builder.verify import runner as verify
 from tests.paths import REPO
@@ -109,31 +126,36 @@ def break_image(root: Path) -> None:
     wants.unlink()
 
 
-@pytest.fixture
-def broken_image(good_image: Path, tmp_path: Path) -> Path:
-    """A qcow2 copy of the good image with the three breaks in it."""
-    raw = tmp_path / "broken.raw"
-    run("qemu-img", "convert", "-O", "raw", good_image, raw)
+def edited_copy(good: Path, folder: Path, edit: Callable[[Path], None]) -> Path:
+    """A qcow2 copy of ``good`` whose root file system went through ``edit(root)``."""
+    raw = folder / "broken.raw"
+    run("qemu-img", "convert", "-O", "raw", good, raw)
     offset, size = first_partition(raw)
     assert offset == 1048576, f"the root partition starts at byte {offset}, not 1 MiB"
     loop = run(
         "losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size), raw
     ).strip()
-    root = tmp_path / "root"
+    root = folder / "root"
     root.mkdir()
     mounted = False
     try:
         run("mount", loop, root)
         mounted = True
-        break_image(root)
+        edit(root)
     finally:
         if mounted:
             subprocess.run(["umount", str(root)], check=False)
         subprocess.run(["losetup", "-d", loop], check=False)
-    out = tmp_path / "broken.qcow2"
+    out = folder / "broken.qcow2"
     run("qemu-img", "convert", "-O", "qcow2", raw, out)
     raw.unlink()
     return out
+
+
+@pytest.fixture
+def broken_image(good_image: Path, tmp_path: Path) -> Path:
+    """A qcow2 copy of the good image with the three baked-phase breaks in it."""
+    return edited_copy(good_image, tmp_path, break_image)
 
 
 def check_name(name: str) -> str:
@@ -153,3 +175,170 @@ def test_broken_image_fails_exactly_the_broken_checks(broken_image: Path) -> Non
     assert failed == MUST_FAIL, report.summary()
     assert all(outcomes.get(name) == "passed" for name in MUST_PASS), report.summary()
     assert not report.ok
+
+
+# --- phase firstboot: traffic --------------------------------------------------------
+
+#: Runs as root from the sidecar's drop-in, after meshbake-redirect; mesh.env is loaded.
+SIDECAR_DROPIN = "/etc/systemd/system/envoy-sidecar.service.d/zz-meshbake-broken.conf"
+BREAK_SCRIPT = "/usr/local/sbin/meshbake-broken-redirect"
+
+DROP_UID_EXCLUSION = r"""#!/bin/sh
+# Deliberately broken by tests/e2e/test_broken_image.py: drop the proxy-uid exclusion.
+set -eu
+uid=$(id -u envoy)
+if [ "$MESHBAKE_REDIRECT_BACKEND" = nftables ]; then
+    handle=$(nft -a list chain inet consul_tproxy CONSUL_PROXY_OUTPUT |
+        sed -n "s/.*meta skuid $uid return # handle \([0-9]*\)$/\1/p")
+    nft delete rule inet consul_tproxy CONSUL_PROXY_OUTPUT handle "$handle"
+else
+    iptables -w -t nat -D CONSUL_PROXY_OUTPUT -m owner --uid-owner "$uid" -j RETURN
+fi
+"""
+
+WRONG_INBOUND_PORT = r"""#!/bin/sh
+# Deliberately broken by tests/e2e/test_broken_image.py: inbound goes to a dead port.
+set -eu
+if [ "$MESHBAKE_REDIRECT_BACKEND" = nftables ]; then
+    nft insert rule inet consul_tproxy CONSUL_PROXY_IN_REDIRECT meta l4proto tcp redirect to :21099
+else
+    iptables -w -t nat -I CONSUL_PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-port 21099
+fi
+"""
+
+
+def after_redirect(script: str) -> Callable[[Path], None]:
+    """An edit that runs ``script`` in the VM right after every redirect."""
+
+    def edit(root: Path) -> None:
+        path = root / BREAK_SCRIPT.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(script)
+        path.chmod(0o755)
+        dropin = root / SIDECAR_DROPIN.lstrip("/")
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(f"[Service]\nExecStartPre=+{BREAK_SCRIPT}\n")
+
+    return edit
+
+
+def remove_envoy(root: Path) -> None:
+    envoy = root / "usr/bin/envoy"
+    assert envoy.is_file(), "the good image has no /usr/bin/envoy"
+    envoy.unlink()
+
+
+def app_listens_nowhere(root: Path) -> None:
+    unit = root / "etc/systemd/system/web.service"
+    assert unit.is_file(), "the good image has no web.service"
+    dropin = root / "etc/systemd/system/web.service.d/zz-meshbake-broken.conf"
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nExecStart=\nExecStart=/bin/sleep infinity\n")
+
+
+def fail_closed(root: Path) -> None:
+    mesh_env = root / "etc/meshbake/mesh.env"
+    text = mesh_env.read_text()
+    assert 'MESHBAKE_FAIL_CLOSED="false"' in text, "mesh.env has no MESHBAKE_FAIL_CLOSED"
+    mesh_env.write_text(text.replace('MESHBAKE_FAIL_CLOSED="false"', 'MESHBAKE_FAIL_CLOSED="true"'))
+
+
+#: The two checks every traffic break must also fail: after a restart and after a
+#: reboot, the traffic checks run again.
+AGAIN = {"test_sidecar_down", "test_reboot_keeps_the_mesh"}
+
+#: break -> (edit, the firstboot checks it must fail, words its failure must show).
+FIRSTBOOT_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, str]]] = {
+    "no_uid_exclusion": (
+        after_redirect(DROP_UID_EXCLUSION),
+        {"test_outbound_crosses_the_sidecar", "test_consul_rules_exactly_once", *AGAIN},
+        {
+            "test_outbound_crosses_the_sidecar": "did not arrive",
+            "test_consul_rules_exactly_once": "uid exclusion envoy",
+        },
+    ),
+    "inbound_port_wrong": (
+        after_redirect(WRONG_INBOUND_PORT),
+        {"test_inbound_crosses_the_sidecar", *AGAIN},
+        {"test_inbound_crosses_the_sidecar": "tcp.public_listener.downstream_cx_total +0"},
+    ),
+    "envoy_missing": (
+        remove_envoy,
+        {
+            "test_consul_and_sidecar_active",
+            "test_consul_rules_exactly_once",
+            "test_inbound_crosses_the_sidecar",
+            "test_outbound_crosses_the_sidecar",
+            "test_consul_user_bypasses_the_sidecar",
+            "test_ssh_bypasses_the_sidecar",
+            *AGAIN,
+        },
+        {
+            "test_consul_and_sidecar_active": "Envoy LIVE",
+            "test_inbound_crosses_the_sidecar": "Envoy's admin at 127.0.0.1:19000",
+        },
+    ),
+    "app_not_listening": (
+        app_listens_nowhere,
+        {"test_inbound_crosses_the_sidecar", *AGAIN},
+        {"test_inbound_crosses_the_sidecar": "cluster.local_app.upstream_cx_connect_fail +1"},
+    ),
+}
+
+#: Checks no firstboot break here touches: they must pass in every copy.
+FIRSTBOOT_MUST_PASS = {
+    "test_carrier_removed",
+    "test_first_boot_marker",
+    "test_redirect_argv",
+    "test_dns_reaches_the_agent",
+    "test_firstboot_rerun_is_noop",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIRSTBOOT_BREAKS))
+def test_firstboot_break_fails_exactly_its_checks(
+    name: str, good_image: Path, tmp_path: Path
+) -> None:
+    edit, must_fail, words = FIRSTBOOT_BREAKS[name]
+    image = edited_copy(good_image, tmp_path, edit)
+    report = verify.verify_image(
+        image, spec=SPEC, phases=("firstboot",), progress=lambda message: None
+    )
+    (phase,) = report.phases
+    assert phase.error is None, phase.error
+    outcomes = {check_name(c.name): c for c in phase.checks}
+    failed = {n for n, c in outcomes.items() if c.outcome in ("failed", "error")}
+    assert failed == must_fail, report.summary()
+    assert all(outcomes[n].outcome == "passed" for n in FIRSTBOOT_MUST_PASS), report.summary()
+    summary = report.summary()
+    for check, text in words.items():
+        # The readable report names the check, what it expected and what it saw.
+        assert "expected: " in outcomes[check].message, outcomes[check].message
+        assert text in outcomes[check].message, outcomes[check].message
+        assert f"FAIL  {check}" in summary
+    assert "seen: " in summary
+
+
+def spec_with_fail_closed(folder: Path) -> Path:
+    images = folder / "images"
+    subprocess.run(["cp", "-a", str(REPO / "images"), str(images)], check=True)
+    spec = images / "web.yaml"
+    data = yaml.safe_load(spec.read_text())
+    data["service"].setdefault("transparent_proxy", {})["fail_closed"] = True
+    spec.write_text(yaml.safe_dump(data))
+    return spec
+
+
+def test_fail_closed_refuses_inbound_while_envoy_is_down(good_image: Path, tmp_path: Path) -> None:
+    image = edited_copy(good_image, tmp_path, fail_closed)
+    report = verify.verify_image(
+        image,
+        spec=spec_with_fail_closed(tmp_path),
+        phases=("firstboot",),
+        progress=lambda message: None,
+    )
+    assert report.ok, report.summary()
+    (phase,) = report.phases
+    down = {check_name(c.name): c for c in phase.checks}["test_sidecar_down"]
+    assert down.figures["answered_with_sidecar_down"] == 0, report.summary()
+    assert down.figures["after_restart_inbound_connections"] >= 1, report.summary()

@@ -4,11 +4,7 @@ moto runs as a real HTTP server on 127.0.0.1 (``python -m moto.server``), starte
 per session; every test resets its state. boto3 finds it through AWS_ENDPOINT_URL,
 so the code under test is the code users run. Nothing here talks to AWS itself:
 the metadata service is disabled for botocore, and meshbake-fetch-token gets a fake
-IMDS on 127.0.0.1 (a TEST DOUBLE of 169.254.169.254, named FakeImds below).
-
-moto's ``register_image`` ignores architecture, virtualization and root-device type,
-so the Debian source AMIs are seeded through MOTO_AMIS_PATH instead, with Debian's
-real owner id (136693071363) and fixed creation dates.
+IMDS on 127.0.0.1. Both doubles live in tests/fixtures/aws.py.
 """
 
 from __future__ import annotations
@@ -16,16 +12,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +32,7 @@ from builder.render import cloudconfig
 from builder.render.hcl import image_tags, packer_files
 from builder.spec.model import LoadedSpec, parse_spec
 from builder.tools.packer import PackerVersion
+from tests.fixtures.aws import DEBIAN_OWNER, HOME, NEWEST_DEBIAN, FakeImds, Moto, free_port
 from tests.paths import REPO
 
 pytestmark = pytest.mark.integration
@@ -50,128 +41,10 @@ WEB_SPEC = REPO / "images" / "web.yaml"
 FETCH_TOKEN = REPO / "builder" / "image" / "scripts" / "meshbake-fetch-token"
 
 ACCOUNT = "123456789012"  # moto's default account
-DEBIAN_OWNER = "136693071363"
 SHARE_WITH = "210987654321"
-HOME = "us-east-1"
 COPY = "eu-west-1"
 TOKEN = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"
 SERVICE_TOKEN = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
-
-#: Source AMIs as the Debian account publishes them. Only ami-de12000000000002 fits
-#: the default filter and is the newest that does; the others are there to be passed over.
-DEBIAN_AMIS = [
-    ("ami-de12000000000001", "debian-12-amd64-20240102-1614", "x86_64", "2024-01-02T16:14:00Z"),
-    ("ami-de12000000000002", "debian-12-amd64-20240717-1811", "x86_64", "2024-07-17T18:11:00Z"),
-    ("ami-de12000000000003", "debian-12-arm64-20240901-0000", "arm64", "2024-09-01T00:00:00Z"),
-    ("ami-de11000000000004", "debian-11-amd64-20241001-0000", "x86_64", "2024-10-01T00:00:00Z"),
-]
-NEWEST_DEBIAN = "ami-de12000000000002"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Moto:
-    """The moto server: its endpoint and the moto-api calls the tests need."""
-
-    url: str
-
-    def post(self, path: str, data: bytes = b"") -> None:
-        # Not form-encoded, or Flask would eat the body before moto reads it.
-        headers = {"Content-Type": "text/plain"}
-        request = urllib.request.Request(self.url + path, data=data, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            assert response.status == 200
-
-    def reset(self) -> None:
-        self.post("/moto-api/reset")
-
-    def require_auth(self, on: bool) -> None:
-        # moto checks signatures and IAM policies once this many calls went unchecked.
-        self.post("/moto-api/reset-auth", b"0" if on else b"inf")
-
-
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
-    """``python -m moto.server`` on a free loopback port, stopped by PID at the end."""
-    folder = tmp_path_factory.mktemp("moto")
-    amis = [
-        {
-            "ami_id": ami_id,
-            "name": name,
-            "description": f"Debian 12 ({name})",
-            "owner_id": DEBIAN_OWNER,
-            "public": True,
-            "state": "available",
-            "architecture": arch,
-            "virtualization_type": "hvm",
-            "root_device_type": "ebs",
-            "root_device_name": "/dev/xvda",
-            "hypervisor": "xen",
-            "image_type": "machine",
-            "sriov": "simple",
-            "creation_date": created,
-        }
-        for ami_id, name, arch, created in DEBIAN_AMIS
-    ]
-    amis_path = folder / "amis.json"
-    amis_path.write_text(json.dumps(amis))
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env["MOTO_AMIS_PATH"] = str(amis_path)
-    log = (folder / "server.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    moto = Moto(f"http://127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"moto server exited: {(folder / 'server.log').read_text()}")
-            try:
-                urllib.request.urlopen(moto.url + "/moto-api/", timeout=2).close()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    pytest.fail("moto server did not answer within 60 s")
-                time.sleep(0.2)
-        yield moto
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
-
-
-@pytest.fixture
-def moto(moto_server: Moto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Moto]:
-    """A freshly reset moto, with boto3 pointed at it and at nothing else."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", HOME)
-    # No credential lookup may reach 169.254.169.254 or a user's files.
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    moto_server.reset()
-    yield moto_server
-    moto_server.require_auth(False)
 
 
 def ec2(region: str = HOME) -> Any:
@@ -326,7 +199,7 @@ def test_tags_copies_and_sharing_are_visible(moto: Moto) -> None:
     assert {(r.region, r.id) for r in records} == set(amis.items())
     for record in records:
         assert record.spec_hash == loaded.digest
-        assert (record.consul, record.envoy) == ("1.22.1", "1.38.3")
+        assert (record.consul, record.envoy) == ("2.1.0", "1.38.3")
         assert record.tags["team"] == "platform"
         assert record.snapshot_ids and record.state == "available"
 
@@ -641,7 +514,7 @@ def test_cli_images_launch_prune(
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["REGION", "AMI", "CREATED", "STATE", "CONSUL", "ENVOY", "SPEC",
                                 "NAME"]  # fmt: skip
-    assert new in table[1] and "1.22.1" in table[1]
+    assert new in table[1] and "2.1.0" in table[1]
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -682,65 +555,6 @@ def test_cli_needs_a_region_for_a_bare_name(moto: Moto, capsys: pytest.CaptureFi
 # --- meshbake-fetch-token: IMDSv2 credentials, a request signed by curl ---------------------
 
 
-@dataclass
-class FakeImds:
-    """TEST DOUBLE of the instance metadata service (IMDSv2 only) on 127.0.0.1.
-
-    It hands out ``credentials`` as the instance role's and answers 401 to any GET
-    without a session token, as an instance with HttpTokens=required does.
-    """
-
-    credentials: dict[str, str]
-    role: str = "meshbake-web"
-    region: str = HOME
-    session_token: str = "imds-session-token-for-tests"
-    log: list[tuple[str, str, bool]] = field(default_factory=list)
-    url: str = ""
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        imds = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_: Any) -> None:
-                pass
-
-            def reply(self, status: int, body: str) -> None:
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
-                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
-                imds.log.append(("PUT", self.path, ttl is not None))
-                if self.path != "/latest/api/token" or ttl is None:
-                    self.reply(400, "")
-                else:
-                    self.reply(200, imds.session_token)
-
-            def do_GET(self) -> None:  # noqa: N802
-                ok = self.headers.get("X-aws-ec2-metadata-token") == imds.session_token
-                imds.log.append(("GET", self.path, ok))
-                if not ok:
-                    self.reply(401, "")
-                    return
-                prefix = "/latest/meta-data/iam/security-credentials/"
-                documents = {
-                    "/latest/meta-data/placement/region": imds.region,
-                    prefix: imds.role,
-                    prefix + imds.role: json.dumps(
-                        {"Code": "Success", "Type": "AWS-HMAC", **imds.credentials}
-                    ),
-                }
-                if self.path in documents:
-                    self.reply(200, documents[self.path])
-                else:
-                    self.reply(404, "")
-
-        return Handler
-
-
 @pytest.fixture
 def instance_role(moto: Moto) -> Callable[[list[str]], dict[str, str]]:
     """Make an IAM role allowed ``actions`` and return its temporary credentials."""
@@ -778,24 +592,6 @@ def instance_role(moto: Moto) -> Callable[[list[str]], dict[str, str]]:
         }
 
     return make
-
-
-@pytest.fixture
-def fake_imds() -> Iterator[Callable[[dict[str, str]], FakeImds]]:
-    servers: list[ThreadingHTTPServer] = []
-
-    def start(credentials: dict[str, str]) -> FakeImds:
-        imds = FakeImds(credentials)
-        server = ThreadingHTTPServer(("127.0.0.1", 0), imds.handler())
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        imds.url = f"http://127.0.0.1:{server.server_address[1]}"
-        return imds
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def fetch_token(moto: Moto, imds: FakeImds, role: str = "agent", **env: str) -> Any:
@@ -888,7 +684,7 @@ def test_fetch_token_plain_value_has_no_separate_service_token(
 
 
 def test_fetch_token_without_imds_fails_cleanly(moto: Moto) -> None:
-    nobody = FakeImds({}, url=f"http://127.0.0.1:{_free_port()}")
+    nobody = FakeImds({}, url=f"http://127.0.0.1:{free_port()}")
     done = fetch_token(moto, nobody, MESHBAKE_TOKEN_SSM_PARAMETER="x", MESHBAKE_FETCH_ATTEMPTS="1")
     assert done.returncode == 1 and done.stdout == ""
     assert "no IMDSv2 session token" in done.stderr
@@ -904,7 +700,13 @@ def test_secret_store_images_get_curl_and_the_fetch_script() -> None:
     data = yaml.safe_load(WEB_SPEC.read_text())
     data["tokens"] = {"source": "ssm", "ssm_parameter": "/meshbake/web/token"}
     loaded = parse_spec(yaml.safe_dump(data), WEB_SPEC)
-    assert bake.image_packages(loaded.spec) == ("python3", "curl", "ca-certificates")
+    assert bake.image_packages(loaded.spec) == (
+        "python3",
+        "nftables",
+        "systemd-resolved",
+        "curl",
+        "ca-certificates",
+    )
     assert "curl" not in bake.image_packages(spec_variant().spec)
     assert bake.FETCH_TOKEN_SCRIPT not in bake.runtime_scripts(spec_variant().spec)
     script = {f.dest: f for f in bake.baked_files(loaded)}[

@@ -103,6 +103,7 @@ class Image:
             "MESHBAKE_GOSSIP": "false",
             "MESHBAKE_TLS": "false",
             "MESHBAKE_TLS_CLIENT_CERT": "false",
+            "MESHBAKE_CONSUL_VERSION": "2.1.0",
         }
         return env | settings
 
@@ -179,7 +180,7 @@ def test_separate_tokens_gossip_and_tls_are_written_private(image: Image) -> Non
     assert_no_secret_in(result)
 
     assert json.loads(image.secrets_file.read_text()) == {
-        "acl": {"tokens": {"agent": AGENT_TOKEN, "default": SERVICE_TOKEN}},
+        "acl": {"tokens": {"agent": AGENT_TOKEN, REGISTRATION: SERVICE_TOKEN}},
         "encrypt": GOSSIP_KEY,
     }
     assert_private(image.secrets_file, image.consul_user)
@@ -200,12 +201,23 @@ def test_separate_tokens_gossip_and_tls_are_written_private(image: Image) -> Non
     assert leftovers == []
 
 
+#: Consul 1.15+ registers config-file services with this token; no default token is set.
+REGISTRATION = "config_file_service_registration"
+
+
+def test_before_consul_1_15_the_default_token_registers_the_service(image: Image) -> None:
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, MESHBAKE_SERVICE_TOKEN=SERVICE_TOKEN)
+    assert_ok(image.firstboot(MESHBAKE_TOKENS="separate", MESHBAKE_CONSUL_VERSION="1.14.9"))
+    tokens = json.loads(image.secrets_file.read_text())["acl"]["tokens"]
+    assert tokens == {"agent": AGENT_TOKEN, "default": SERVICE_TOKEN}
+
+
 def test_shared_token_serves_agent_and_sidecar(image: Image) -> None:
     image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN)
     result = image.firstboot()
     assert_ok(result)
     assert json.loads(image.secrets_file.read_text()) == {
-        "acl": {"tokens": {"agent": AGENT_TOKEN, "default": AGENT_TOKEN}}
+        "acl": {"tokens": {"agent": AGENT_TOKEN, REGISTRATION: AGENT_TOKEN}}
     }
     assert image.token_file.read_text() == AGENT_TOKEN + "\n"
     assert_private(image.token_file, image.envoy_user)
@@ -395,6 +407,6 @@ def test_secret_store_route_uses_the_helper(image: Image, tmp_path: Path) -> Non
     assert calls.read_text() == "agent /mesh/web/token\nservice /mesh/web/token\n"
     assert json.loads(image.secrets_file.read_text())["acl"]["tokens"] == {
         "agent": AGENT_TOKEN,
-        "default": SERVICE_TOKEN,
+        REGISTRATION: SERVICE_TOKEN,
     }
     assert image.token_file.read_text() == SERVICE_TOKEN + "\n"

@@ -20,7 +20,7 @@ from builder.build.gates import (
     validate_spec,
 )
 from builder.errors import ToolNotFound
-from builder.render.context import Context, render_context
+from builder.render.context import BakeFolder, render_context
 from builder.spec.model import LoadedSpec, load_spec
 from builder.tools.packer import Packer
 
@@ -51,7 +51,7 @@ def work(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def ctx(loaded: LoadedSpec, tmp_path: Path) -> Context:
+def ctx(loaded: LoadedSpec, tmp_path: Path) -> BakeFolder:
     """The example's context, packer fmt-ed by the real Packer as ``render`` does."""
     return render_context(loaded, tmp_path / "ctx", packer=Packer())
 
@@ -79,7 +79,7 @@ def test_broken_spec_fails_the_spec_gate(tmp_path: Path) -> None:
 # --- packer ----------------------------------------------------------------------------
 
 
-def test_packer_validate_rejects_bad_hcl(ctx: Context, loaded: LoadedSpec, work: Path) -> None:
+def test_packer_validate_rejects_bad_hcl(ctx: BakeFolder, loaded: LoadedSpec, work: Path) -> None:
     packer = Packer()
     assert gate_packer_validate(ctx, loaded, packer, work).ok is True
     (ctx.packer_dir / "broken.pkr.hcl").write_text('source "qemu" "x" {\n  cpus = \n')
@@ -92,7 +92,7 @@ def test_packer_validate_rejects_bad_hcl(ctx: Context, loaded: LoadedSpec, work:
 
 
 def test_packer_validate_rejects_an_unknown_attribute(
-    ctx: Context, loaded: LoadedSpec, work: Path
+    ctx: BakeFolder, loaded: LoadedSpec, work: Path
 ) -> None:
     sources = ctx.packer_dir / "sources.pkr.hcl"
     sources.write_text(sources.read_text().replace("headless", "headles"))
@@ -102,7 +102,7 @@ def test_packer_validate_rejects_an_unknown_attribute(
 
 
 def test_packer_fmt_check_rejects_unformatted_hcl(
-    ctx: Context, loaded: LoadedSpec, work: Path
+    ctx: BakeFolder, loaded: LoadedSpec, work: Path
 ) -> None:
     packer = Packer()
     assert gate_packer_fmt(ctx, loaded, packer, work).ok is True
@@ -124,7 +124,7 @@ def test_unformatted_render_is_caught_by_fmt_check(
 
 
 def test_cloud_init_schema_rejects_a_bad_document(
-    ctx: Context, loaded: LoadedSpec, work: Path
+    ctx: BakeFolder, loaded: LoadedSpec, work: Path
 ) -> None:
     assert gate_cloud_init_schema(ctx, loaded, Packer(), work).ok is True
     seed = ctx.seed_dir / "user-data"
@@ -135,7 +135,9 @@ def test_cloud_init_schema_rejects_a_bad_document(
     assert "bogus" in gate.detail
 
 
-def test_cloud_init_schema_rejects_bad_yaml(ctx: Context, loaded: LoadedSpec, work: Path) -> None:
+def test_cloud_init_schema_rejects_bad_yaml(
+    ctx: BakeFolder, loaded: LoadedSpec, work: Path
+) -> None:
     (ctx.root / "cloudinit" / "first-boot.tftpl").write_text("#cloud-config\nfoo: [\n")
     gate = gate_cloud_init_schema(ctx, loaded, Packer(), work)
     assert gate.ok is False
@@ -158,7 +160,7 @@ def test_shellcheck_rejects_a_bad_script(tmp_path: Path) -> None:
 
 
 def test_shellcheck_gate_rejects_a_bad_stage_script(
-    ctx: Context, loaded: LoadedSpec, work: Path
+    ctx: BakeFolder, loaded: LoadedSpec, work: Path
 ) -> None:
     assert gate_shellcheck(ctx, loaded, Packer(), work).ok is True
     finalize = ctx.stage_dir / "scripts" / "meshbake-finalize"
@@ -199,7 +201,7 @@ def test_systemd_verify_rejects_a_bad_unit(tmp_path: Path, service: str, expecte
 
 
 def test_systemd_gate_rejects_a_bad_rendered_unit(
-    ctx: Context, loaded: LoadedSpec, work: Path
+    ctx: BakeFolder, loaded: LoadedSpec, work: Path
 ) -> None:
     assert gate_systemd_analyze(ctx, loaded, Packer(), work).ok is True
     (unit,) = [u for u in ctx.units() if u.name == "envoy-sidecar.service"]

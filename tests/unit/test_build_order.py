@@ -25,7 +25,9 @@ def test_unsupported_pair_stops_before_any_download(
     fetched: list[str] = []
     monkeypatch.setattr(artifacts, "fetch_consul", lambda *a, **k: fetched.append("consul"))
     monkeypatch.setattr(artifacts, "fetch_envoy", lambda *a, **k: fetched.append("envoy"))
-    with pytest.raises(SpecError, match=r"envoy\.version: Envoy 1\.30\.0 is not supported"):
+    with pytest.raises(
+        SpecError, match=r"envoy\.version: Consul 2\.1\.0 refuses Envoy 1\.30\.0: .*1\.35-1\.38"
+    ):
         build_image(spec, BuildOptions(out=tmp_path / "out", cache=tmp_path / "cache"))
     assert fetched == []
     assert not (tmp_path / "out").exists()

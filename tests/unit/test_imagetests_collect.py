@@ -1,19 +1,28 @@
-"""The shipped image suites (``builder.imagetests``) collect the right module per phase.
+"""The shipped image suites (``builder.verify.imagetests``) collect the right module per
+phase, and what they report reaches verify's summary and JUnit file.
 
 The suites run against a booted image; here they are only collected, from a copy of
 exactly the files the wheel ships (``*.py``), so that an accidental import from
-``tests.*`` or a stray helper shows up as a collection error.
+``tests.*``, or a shared helper that the copy cannot import relatively, shows up as a
+collection error. Their pure parts (Envoy's stats, nft listings) and the runner's
+reports are checked here too; tests/e2e runs them against real images.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
+import time
+import xml.etree.ElementTree as ET
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from builder.verify import runner
 
 EXPECT = {
     "image": "web",
@@ -39,6 +48,12 @@ EXPECT = {
     "dns_forward": True,
     "token": "4d3c2b1a-0000-4000-8000-000000000000",
     "fixture": True,
+    "redirect_backend": "nftables",
+    "fail_closed": False,
+    "traffic": {
+        "inbound": {"address": "127.0.0.1", "port": 9},
+        "outbound": {"address": "10.0.2.2", "port": 9, "banner": "b", "log": "/nonexistent"},
+    },
 }
 
 #: Nothing listens here; collection must not connect.
@@ -97,10 +112,19 @@ def test_phase_selects_its_module(suite: Path, phase: str, module: str, other: s
     assert "deselected" in result.stdout, "the other module must be deselected, not skipped"
     assert all(f"{other}::" not in i for i in ids)
     if phase == "firstboot":
+        # The traffic checks are all there.
+        for check in (
+            "inbound_crosses_the_sidecar",
+            "outbound_crosses_the_sidecar",
+            "consul_user_bypasses_the_sidecar",
+            "ssh_bypasses_the_sidecar",
+            "dns_reaches_the_agent",
+        ):
+            assert f"test_firstboot.py::test_{check}" in ids, ids
         # These change the host; the reboot must be last.
         assert ids[-2:] == [
-            "test_firstboot.py::test_stopping_sidecar_removes_only_consul_chains",
-            "test_firstboot.py::test_reboot_reapplies_redirect_once",
+            "test_firstboot.py::test_sidecar_down",
+            "test_firstboot.py::test_reboot_keeps_the_mesh",
         ], ids
     # Each check runs once, against the one host.
     assert len(ids) == len(set(ids))
@@ -140,3 +164,161 @@ def test_suite_ships_nothing_but_python() -> None:
     shipped = resources.files("builder.verify.imagetests")
     others = [e.name for e in shipped.iterdir() if e.is_file() and not e.name.endswith(".py")]
     assert not others, others
+
+
+# --- the shared helpers and the reports built from the suites' results ---------------
+
+#: ``nft -nn list table inet consul_tproxy`` after sdk/nftables' transaction with
+#: -proxy-uid=998 -exclude-uid=0 -exclude-inbound-port=22 and 8301 (real nft 1.0.6).
+NFT_LISTING = """\
+table inet consul_tproxy {
+	chain CONSUL_PROXY_INBOUND {
+		tcp dport 8301 return
+		tcp dport 22 return
+		meta l4proto 6 jump CONSUL_PROXY_IN_REDIRECT
+	}
+
+	chain CONSUL_PROXY_IN_REDIRECT {
+		meta l4proto 6 redirect to :21000
+	}
+
+	chain CONSUL_PROXY_OUTPUT {
+		meta skuid 0 return
+		meta skuid 998 return
+		ip daddr 127.0.0.1 return
+		ip6 daddr ::1 return
+		jump CONSUL_PROXY_REDIRECT
+	}
+
+	chain CONSUL_PROXY_REDIRECT {
+		meta l4proto 6 redirect to :15001
+	}
+
+	chain CONSUL_DNS_REDIRECT {
+	}
+
+	chain CONSUL_NAT_OUTPUT {
+		type nat hook output priority -100; policy accept;
+		meta nfproto 10 return
+		meta l4proto 6 jump CONSUL_PROXY_OUTPUT
+	}
+
+	chain CONSUL_NAT_PREROUTING {
+		type nat hook prerouting priority -100; policy accept;
+		meta nfproto 10 return
+		meta l4proto 6 jump CONSUL_PROXY_INBOUND
+	}
+}
+"""
+
+
+def _suite_module(name: str) -> Any:
+    return importlib.import_module(f"builder.verify.imagetests.{name}")
+
+
+def test_nft_layout_problems_see_a_missing_uid_exclusion() -> None:
+    firstboot = _suite_module("test_firstboot")
+    expect = {**EXPECT, "inbound_exclusions": [22, 8301]}
+    uids = {"envoy": 998, "consul": 0}
+    assert firstboot.nft_layout_problems(NFT_LISTING, expect, uids) == []
+    broken = NFT_LISTING.replace("\t\tmeta skuid 998 return\n", "")
+    assert firstboot.nft_layout_problems(broken, expect, uids) == [
+        "uid exclusion envoy (998): 0 times"
+    ]
+    twice = NFT_LISTING + NFT_LISTING.replace("table inet consul_tproxy {", "")
+    assert "chain CONSUL_PROXY_OUTPUT: 2 times" in firstboot.nft_layout_problems(
+        twice, expect, uids
+    )
+    assert firstboot.nft_layout_problems(None, expect, uids) == [
+        "table inet consul_tproxy: missing"
+    ]
+
+
+def test_parse_stats_reads_counters_only() -> None:
+    helpers = _suite_module("helpers")
+    text = (
+        "tcp.public_listener.downstream_cx_total: 2\n"
+        "cluster.local_app.upstream_cx_connect_fail: 0\n"
+        "cluster.local_app.upstream_cx_length_ms: P0(nan,1) P25(nan,1)\n"
+    )
+    assert helpers.parse_stats(text) == {
+        "tcp.public_listener.downstream_cx_total": 2,
+        "cluster.local_app.upstream_cx_connect_fail": 0,
+    }
+
+
+def test_host_listener_logs_and_answers_and_the_probe_sees_it(tmp_path: Path) -> None:
+    helpers = _suite_module("helpers")
+    log = tmp_path / "listener.log"
+    with runner.HostListener(log) as listener:
+        exchange = helpers.tcp_exchange("127.0.0.1", listener.port, b"marker one\n")
+        assert exchange.answered
+        assert exchange.reply == f"{listener.banner} marker one\n"
+        assert listener.outbound()["address"] == "10.0.2.2"
+        with runner.ServiceProbe(listener.port, interval=0.05) as probe:
+            deadline = time.monotonic() + 10
+            while len(probe.answered) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            answered = probe.stop()
+    assert "marker one" in log.read_text().splitlines()
+    assert len(answered) >= 3 and answered == sorted(answered)
+    assert runner.ServiceProbe.first_proxied(answered, 1) == answered[-1]
+    # Nothing listens any more: no connection, and the probe counts no answer.
+    closed = helpers.tcp_exchange("127.0.0.1", listener.port, b"x\n", timeout=2)
+    assert not closed.connected and "no connection" in closed.describe()
+
+
+def test_failures_reach_the_reports_as_check_expected_seen(tmp_path: Path) -> None:
+    """A check that fails with ``require`` shows up in the summary and the JUnit file
+    as its name, what was expected and what was seen; figures come along."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_demo.py").write_text(
+        "from builder.verify.imagetests.helpers import require\n"
+        "def test_inbound(record_property):\n"
+        "    record_property('inbound_connections', 0)\n"
+        "    require(False, 'the app answers through Envoy', 'no connection (refused)')\n"
+        "def test_fine(record_property):\n"
+        "    record_property('outbound_connections', 1)\n"
+    )
+    junit = tmp_path / "junit.xml"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", str(suite), "-p", "no:cacheprovider", "-q"]
+        + [f"--junitxml={junit}", "-o", "junit_family=xunit1", f"--rootdir={suite}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    checks = runner.parse_junit(junit)
+    by_name = {c.name: c for c in checks}
+    assert by_name["test_inbound"].outcome == "failed"
+    assert by_name["test_inbound"].figures == {"inbound_connections": 0}
+    assert by_name["test_fine"].figures == {"outbound_connections": 1}
+    phase = runner.PhaseResult(
+        "firstboot",
+        tuple(checks),
+        figures={"vm_start_to_first_proxied_s": 71.5},
+        timeline={"sidecar_active": 60.1, "first_proxied_connection": 60.4},
+    )
+    report = runner.VerifyReport("web", (phase, runner.PhaseResult("baked", (), error="boom")))
+    summary = report.summary()
+    assert "FAIL  test_inbound" in summary
+    assert "expected: the app answers through Envoy" in summary
+    assert "seen: no connection (refused)" in summary
+    assert "VM start to first proxied connection 71.5s" in summary
+    # One JUnit document, a suite per phase; a phase that could not run is an error.
+    root = ET.fromstring(report.to_junit())
+    suites = {s.get("name"): s for s in root.iter("testsuite")}
+    assert set(suites) == {"firstboot", "baked"}
+    assert suites["firstboot"].get("failures") == "1"
+    assert suites["baked"].get("errors") == "1"
+    failure = suites["firstboot"].find("testcase[@name='test_inbound']/failure")
+    assert failure is not None
+    assert failure.get("message") == (
+        "expected: the app answers through Envoy | seen: no connection (refused)"
+    )
+    props = {p.get("name"): p.get("value") for p in suites["firstboot"].iter("property")}
+    assert props["timeline.first_proxied_connection"] == "60.4"
+    assert props["inbound_connections"] == "0"
+    assert json.loads(json.dumps(report.to_json()))["phases"][0]["timeline"]["sidecar_active"]

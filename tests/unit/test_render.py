@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,15 @@ from builder.render.context import MARKER, render_context
 from builder.spec.model import LoadedSpec
 from builder.tools.packer import PackerVersion
 from tests.unit.conftest import Data, Variant
+from tests.unit.pems import tls_files
 
 AGENT = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"
 SERVICE = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
 GOSSIP = base64.b64encode(bytes(range(32))).decode()
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-KEY = b"-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
+CA = tls_files()["ca"]
+CERT = tls_files()["cert"]
+KEY = tls_files()["key"]  # CERT's key
 
 PACKER_16 = PackerVersion(1, 6, 6)
 PACKER_17 = PackerVersion(1, 7, 0)
@@ -92,11 +95,12 @@ def test_tls_layout_follows_the_consul_version(variant: Variant) -> None:
         def mutate(d: Data) -> None:
             d["consul"]["version"] = version
             d["envoy"]["version"] = envoy
+            d["envoy"]["allow_unsupported"] = True  # 1.11 is older than the table
             d["consul"]["tls"] = {"enabled": True}
 
         return bake.consul_config(variant(mutate).spec)
 
-    new = tls("1.22.1", "1.38.3")
+    new = tls("1.22.1", "1.35.0")
     assert new["tls"]["defaults"]["ca_file"] == "/etc/consul.d/tls/ca.pem"
     assert new["auto_encrypt"] == {"tls": True}
     assert "ca_file" not in new
@@ -175,6 +179,7 @@ def test_every_unit_is_baked_and_enabled(example: LoadedSpec) -> None:
         "consul.service",
         "envoy-sidecar.service",
         "meshbake-firstboot.service",
+        "meshbake-imds.service",
         "web.service",
     }
     assert set(bake.enabled_units(example.spec)) == names
@@ -196,8 +201,7 @@ def parse_env(text: str) -> dict[str, str]:
     for line in text.splitlines():
         if line and not line.startswith("#"):
             key, value = line.split("=", 1)
-            assert value.startswith('"') and value.endswith('"'), line
-            values[key] = value[1:-1]
+            (values[key],) = shlex.split(value) or [""]  # one shell word (shlex.quote)
     return values
 
 
@@ -205,8 +209,12 @@ def test_mesh_env_of_the_example(example: LoadedSpec) -> None:
     env = parse_env(bake.mesh_env(example.spec))
     assert env["MESHBAKE_SERVICE"] == "web"
     assert env["MESHBAKE_PROXY_ID"] == "web-sidecar-proxy"
-    assert env["MESHBAKE_EXCLUDE_INBOUND_PORTS"] == "22"
+    assert env["MESHBAKE_EXCLUDE_INBOUND_PORTS"] == "22 8301"
     assert env["MESHBAKE_EXCLUDE_OUTBOUND_PORTS"] == ""
+    assert env["MESHBAKE_REDIRECT_BACKEND"] == "nftables"
+    assert env["MESHBAKE_CONSUL_VERSION"] == "2.1.0"
+    assert env["MESHBAKE_SERVICE_PORT"] == "8080"
+    assert env["MESHBAKE_FAIL_CLOSED"] == "false"
     assert env["MESHBAKE_TOKENS"] == "shared"
     assert env["MESHBAKE_ACL"] == "true"
 
@@ -215,6 +223,7 @@ def test_mesh_env_carries_the_exclusions(variant: Variant) -> None:
     def exclusions(d: Data) -> None:
         d["service"]["transparent_proxy"] = {
             "exclude_ssh": False,
+            "exclude_serf_lan": False,
             "exclude_inbound_ports": [9100, 9101],
             "exclude_outbound_ports": [443],
             "exclude_outbound_cidrs": ["169.254.169.254/32", "10.0.0.0/8"],
@@ -236,7 +245,6 @@ def test_mesh_env_carries_the_exclusions(variant: Variant) -> None:
         ("50%", '"50%%"'),
         ("$HOME", '"$$HOME"'),
         ("two words", '"two words"'),
-        ("tab\there", '"tab\there"'),
         ('say "hi"', '"say \\"hi\\""'),
         ("back\\slash", '"back\\\\slash"'),
         ("", '""'),
@@ -355,10 +363,10 @@ def tls_spec(variant: Variant) -> LoadedSpec:
 
 
 def test_tls_pems_are_base64_in_the_carrier(tls_spec: LoadedSpec) -> None:
-    secrets = Secrets(agent_token=AGENT, tls_ca=CA, tls_cert=CA, tls_key=KEY)
+    secrets = Secrets(agent_token=AGENT, tls_ca=CA, tls_cert=CERT, tls_key=KEY)
     values = cloudconfig.carrier_values(tls_spec.spec, secrets)
     assert base64.b64decode(values["MESHBAKE_TLS_CA_B64"]) == CA
-    assert base64.b64decode(values["MESHBAKE_TLS_CERT_B64"]) == CA
+    assert base64.b64decode(values["MESHBAKE_TLS_CERT_B64"]) == CERT
     assert base64.b64decode(values["MESHBAKE_TLS_KEY_B64"]) == KEY
 
 
@@ -490,7 +498,7 @@ def test_image_tags(example: LoadedSpec) -> None:
     tags = template.image_tags(example)
     assert tags["team"] == "platform"
     assert tags["meshbake:spec-hash"] == example.digest
-    assert tags["meshbake:consul"] == "1.22.1"
+    assert tags["meshbake:consul"] == "2.1.0"
 
 
 # --- the bake context ------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_worked_example_loads(repo: Path) -> None:
     spec = loaded.spec
     assert spec.name == "web"
     assert spec.base is BaseDistro.DEBIAN_12
-    assert spec.consul.version == "1.22.1"
+    assert spec.consul.version == "2.1.0"
     assert spec.envoy.version == "1.38.3"
     assert spec.service.port == 8080
     assert spec.service.check.http == "http://127.0.0.1:8080/"
@@ -101,7 +101,8 @@ def test_defaults(images: Path, example_data: Data) -> None:
     spec = load_variant(images, example_data, lambda d: None).spec
     tproxy = spec.service.transparent_proxy
     assert tproxy.exclude_ssh is True
-    assert tproxy.inbound_exclusions == (22,)
+    assert tproxy.inbound_exclusions == (22, 8301)  # SSH and the agent's Serf LAN port
+    assert tproxy.fail_closed is False
     assert spec.service.proxy_id == "web-sidecar-proxy"
     assert spec.consul.acl.default_policy is AclPolicy.DENY
     assert spec.consul.gossip.enabled is False
@@ -113,7 +114,11 @@ def test_defaults(images: Path, example_data: Data) -> None:
 
 def test_ssh_is_only_excluded_while_exclude_ssh_is_on(images: Path, example_data: Data) -> None:
     def no_ssh(d: Data) -> None:
-        d["service"]["transparent_proxy"] = {"exclude_ssh": False, "exclude_inbound_ports": [9100]}
+        d["service"]["transparent_proxy"] = {
+            "exclude_ssh": False,
+            "exclude_serf_lan": False,
+            "exclude_inbound_ports": [9100],
+        }
 
     assert load_variant(
         images, example_data, no_ssh
@@ -123,7 +128,7 @@ def test_ssh_is_only_excluded_while_exclude_ssh_is_on(images: Path, example_data
         d["service"]["transparent_proxy"] = {"exclude_inbound_ports": [9100, 22]}
 
     tproxy = load_variant(images, example_data, extra).spec.service.transparent_proxy
-    assert tproxy.inbound_exclusions == (22, 9100)
+    assert tproxy.inbound_exclusions == (22, 8301, 9100)
 
 
 def test_proxy_id_follows_the_service_name(images: Path, example_data: Data) -> None:
@@ -194,12 +199,12 @@ CASES: dict[str, tuple[Mutate, str, str]] = {
     "unsupported envoy": (
         set_in("envoy", "version", value="1.20.0"),
         "envoy.version",
-        "Envoy 1.20.0 is not supported by Consul 1.22.1",
+        "Consul 2.1.0 refuses Envoy 1.20.0: its connect envoy accepts Envoy 1.35.0 up to",
     ),
     "consul not in the table": (
         set_in("consul", "version", value="1.99.0"),
         "envoy.version",
-        "not in meshbake's supported-Envoy table",
+        "not in meshbake's compatibility table",
     ),
     "bad cidr": (
         set_in("service", "transparent_proxy", "exclude_outbound_cidrs", value=["10.0.0.0/33"]),
@@ -234,7 +239,7 @@ CASES: dict[str, tuple[Mutate, str, str]] = {
     "source is a folder": (
         index_file(source="files/web"),
         "app.files[0].source",
-        "does not exist",
+        "is a folder, not a regular file",
     ),
     "source name too long for the file system": (
         index_file(source="x" * 300),
@@ -271,11 +276,6 @@ CASES: dict[str, tuple[Mutate, str, str]] = {
         set_in("service", "transparent_proxy", "exclude_inbound_ports", value=[8080]),
         "service.transparent_proxy.exclude_inbound_ports",
         "service port 8080",
-    ),
-    "managed destination": (
-        index_file(dest="/etc/consul.d/extra.json"),
-        "app.files[0].dest",
-        "managed by meshbake",
     ),
     "no target": (set_in("targets", value={}), "targets", "at least one target"),
 }

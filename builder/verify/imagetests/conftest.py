@@ -1,6 +1,6 @@
-"""Wiring of the image suites (shipped in the wheel as ``builder.imagetests``).
+"""Wiring of the image suites (shipped in the wheel as ``builder.verify.imagetests``).
 
-The runner (``builder/verify.py``) calls::
+The runner (``builder/verify/runner.py``) calls::
 
     python -m pytest <this dir> -p no:cacheprovider --hosts=<uri> --expect=<expect.json> \
         --junitxml=<file> -q
@@ -14,8 +14,9 @@ Every check needs root on the target, so testinfra's ``--sudo`` is always on: co
 run as ``sudo /bin/sh -c '...'`` through the SSH user, which needs passwordless sudo
 (the verify user on a local VM, ``admin`` on a Debian EC2 instance).
 
-This file is self-contained on purpose (pytest, testinfra, the standard library):
-it also runs from an installed wheel, where no ``tests`` package exists.
+This file and ``helpers.py`` (which the suites import relatively) need nothing but
+pytest, testinfra and the standard library: they also run from an installed wheel,
+where no ``tests`` package exists.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ EXPECT = pytest.StashKey[dict[str, Any]]()
 #: phase -> the module that checks it.
 PHASE_MODULES = {"baked": "test_baked.py", "firstboot": "test_firstboot.py"}
 
-#: Keys every expect.json carries (written by builder/verify.py).
+#: Keys every expect.json carries (written by builder/verify/runner.py).
 EXPECT_KEYS = frozenset(
     {
         "phase",
@@ -57,6 +58,9 @@ EXPECT_KEYS = frozenset(
         "dns_forward",
         "token",
         "fixture",
+        "redirect_backend",
+        "fail_closed",
+        "traffic",
     }
 )
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from testinfra.host import Host
+
+from .helpers import consul_rules, unliteral, wait_for
 
 #: Where a leaked secret could sit in an image; the whole tree is searched.
 SEARCH_ROOTS = ("/etc", "/var", "/home", "/root", "/opt", "/srv", "/usr/libexec")
@@ -37,43 +38,6 @@ FIRST_BOOT_ONLY = (
 BUILD_USER = "packer"
 
 CONSUL_CONFIG = "/etc/consul.d/consul.json"
-
-
-def wait_for(probe: Callable[[], bool], timeout: float, interval: float = 2.0) -> bool:
-    """Call ``probe`` until it returns true or ``timeout`` seconds have passed.
-
-    >>> wait_for(lambda: host.service("web.service").is_running, 30)
-    True
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        if probe():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-def unliteral(text: str) -> str:
-    """An extended regex that matches ``text`` but does not contain it.
-
-    The search runs through sudo, which logs its command line; with the token spelled
-    this way the log never holds the very string being searched for.
-
-    >>> unliteral("4d3c-1")
-    '[4]d3c-1'
-    """
-    out = []
-    bracketed = False
-    for ch in text:
-        if ch.isalnum() and not bracketed:
-            out.append(f"[{ch}]")
-            bracketed = True
-        elif ch.isalnum() or ch in "-_:@/,=%":
-            out.append(ch)
-        else:
-            out.append("\\" + ch)
-    return "".join(out)
 
 
 def grep_tree(host: Host, regex: str, roots: tuple[str, ...] = SEARCH_ROOTS) -> list[str]:
@@ -224,9 +188,9 @@ def test_sidecar_not_running(host: Host, expect: dict[str, Any]) -> None:
 
 
 def test_no_consul_chains(host: Host) -> None:
-    rules = host.iptables.rules("nat")
-    consul = [rule for rule in rules if "CONSUL_" in rule]
-    assert not consul, f"traffic is redirected before first boot: {consul}"
+    # Both backends: iptables' nat table and nft's table inet consul_tproxy.
+    left = {backend: rules for backend, rules in consul_rules(host).items() if rules}
+    assert not left, f"traffic is redirected before first boot: {left}"
 
 
 # --- no secret anywhere ---------------------------------------------------------------
@@ -237,6 +201,25 @@ def test_token_nowhere(host: Host, expect: dict[str, Any]) -> None:
     assert token, "expect.json has no token to search for"
     found = grep_tree(host, unliteral(token))
     assert not found, f"the token is in the image: {found}"
+
+
+def test_no_foreign_secret(host: Host) -> None:
+    """No ACL token, gossip key or token variable that anything else put into Consul's
+    or Envoy's config, units or env files: meshbake itself puts none there at bake."""
+    scan = host.run("/usr/libexec/meshbake/meshbake-secret-scan")
+    assert scan.rc == 0 and scan.stdout == "", f"secrets baked into the image:\n{scan.stdout}"
+
+
+def test_carrier_folder_is_private_before_first_boot(host: Host) -> None:
+    folder = host.file("/run/meshbake")
+    assert folder.is_directory, "tmpfiles did not create /run/meshbake"
+    assert (folder.user, folder.group, folder.mode) == ("root", "root", 0o700)
+
+
+def test_boot_has_no_ordering_cycle(host: Host) -> None:
+    journal = host.check_output("journalctl -b --no-pager -o cat")
+    cycles = [line for line in journal.splitlines() if "ordering cycle" in line.lower()]
+    assert cycles == [], "\n".join(cycles)
 
 
 def test_no_secret_files(host: Host) -> None:

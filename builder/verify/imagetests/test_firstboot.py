@@ -1,31 +1,74 @@
 """Phase "firstboot": a golden image booted WITH the minimal first-boot user data.
 
 First boot must have moved the token from the carrier into files only consul and
-envoy can read, removed the carrier, left its marker and started the mesh; the
-redirect must have run once with exactly the expected arguments, SSH must survive it,
-re-runs must be no-ops, stopping the sidecar must remove Consul's chains and nothing
-else, and a reboot must apply the redirection again, once.
+envoy can read, removed the carrier, left its marker and started the mesh. Then the
+mesh is proved by traffic, through Envoy's own counters (its admin, read in the VM):
 
-The checks run in file order and change the host near the end: the sidecar is
-stopped and started, then the host reboots (the LAST check). Commands run as root (the
-suite turns testinfra's ``--sudo`` on). Where ``expect["fixture"]`` is true, consul is
-the fixture test double, whose argv log is read; with a real consul the journal of the
-sidecar unit (meshbake-redirect logs the argv it runs) stands in for it.
+- inbound: a connection from outside the VM to the service port is answered by the
+  app, and Envoy's public listener counted it;
+- outbound: a connection the app's user makes to an address outside the VM (a listener
+  the runner keeps on the host) arrives, and Envoy's outbound listener counted it;
+- bypass: the same connection as the consul user, and SSH, leave Envoy's counters alone;
+- DNS: a lookup of ``<service>.service.consul`` reaches the agent's DNS port;
+- sidecar down: no Consul rule is left, and the app answers directly (fail-open) or
+  not at all (fail_closed); the sidecar then comes back;
+- reboot: the same traffic checks pass after a reboot, with the redirect applied once.
+
+The redirect's argv and Consul's rule layout (iptables or nft, per ``redirect_backend``)
+are checked as well. The checks run in file order and change the host near the end: the
+sidecar is stopped and started, then the host reboots (the LAST check). Commands run as
+root (the suite turns testinfra's ``--sudo`` on). Where ``expect["fixture"]`` is true,
+consul is the fixture test double, whose argv log is read; with a real consul the
+journal of the sidecar unit (meshbake-redirect logs the argv it runs) stands in for it.
+
+``expect["traffic"]`` says where the outside ends of the connections are: ``inbound``
+(an address and port on this machine that reaches the service port in the VM) and
+``outbound`` (the guest's address of the runner's listener, its banner and its log).
+A check whose outside end is ``null`` (``verify --host``: no listener the instance can
+reach) is skipped and says so. Each traffic check records its figures (connection
+counts) with ``record_property``; the runner reads them from the JUnit file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shlex
-import threading
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from testinfra.host import Host
+
+from .helpers import (
+    APP_CONNECT_FAIL,
+    HTTP_PROBE,
+    INBOUND_CX,
+    IPTABLES_CHAINS,
+    NFT_CHAINS,
+    ORIGINAL_DST_CONNECT_FAIL,
+    OUTBOUND_CX,
+    CheckFailed,
+    Exchange,
+    consul_rules,
+    deltas,
+    envoy_counters,
+    envoy_ready,
+    guest_exchange,
+    iptables_consul_rules,
+    nft_table,
+    require,
+    run_with_deadline,
+    short,
+    tcp_exchange,
+    unliteral,
+    wait_for,
+)
+
+Record = Callable[[str, object], None]
 
 SECRETS = "/etc/consul.d/zz-meshbake-secrets.json"
 SIDECAR_TOKEN = "/etc/envoy/token"
@@ -34,16 +77,9 @@ MARKER = "/var/lib/meshbake/firstboot.done"
 MESH_ENV = "/etc/meshbake/mesh.env"
 FIRSTBOOT = "/usr/libexec/meshbake/meshbake-firstboot"
 FIXTURE_ROOT_LOG = "/var/tmp/consul-fixture/calls-root.log"
+#: Where the fixture consul's agent (user consul) logs each DNS question it gets.
+FIXTURE_DNS_LOG = "/var/tmp/consul-fixture/dns-consul.log"
 SIDECAR = "envoy-sidecar.service"
-
-#: The chains Consul's redirect-traffic creates in the nat table.
-CONSUL_CHAINS = (
-    "CONSUL_PROXY_INBOUND",
-    "CONSUL_PROXY_IN_REDIRECT",
-    "CONSUL_PROXY_OUTPUT",
-    "CONSUL_PROXY_REDIRECT",
-    "CONSUL_DNS_REDIRECT",
-)
 
 #: Where a leaked secret could sit; searched like the baked phase does.
 SEARCH_ROOTS = ("/etc", "/var", "/home", "/root", "/opt", "/srv", "/usr/libexec")
@@ -54,39 +90,15 @@ CLOUD_INIT_COPY = re.compile(
     r"^/var/lib/cloud/instances/[^/]+/(user-data\.txt(\.i)?|cloud-config\.txt)$"
 )
 
-#: An unrelated nat rule that stopping the sidecar must leave alone.
+#: Unrelated rules that stopping the sidecar must leave alone: an iptables nat chain
+#: with a jump from OUTPUT, and an nft table with a nat chain of the same name as one of
+#: Consul's (cleanup must go by table and name, not by name alone).
 TEST_CHAIN = "MESHBAKE_TEST"
 TEST_JUMP = f"OUTPUT -p udp --dport 9 -j {TEST_CHAIN}"
+TEST_NFT_TABLE = "inet meshbake_test"
 
-
-def wait_for(probe: Callable[[], bool], timeout: float, interval: float = 2.0) -> bool:
-    """Call ``probe`` until it returns true or ``timeout`` seconds have passed.
-
-    >>> wait_for(lambda: host.service("consul.service").is_running, 60)
-    True
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        if probe():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-def unliteral(text: str) -> str:
-    """An extended regex that matches ``text`` but does not contain it (see test_baked)."""
-    out = []
-    bracketed = False
-    for ch in text:
-        if ch.isalnum() and not bracketed:
-            out.append(f"[{ch}]")
-            bracketed = True
-        elif ch.isalnum() or ch in "-_:@/,=%":
-            out.append(ch)
-        else:
-            out.append("\\" + ch)
-    return "".join(out)
+#: How long the mesh may take to come up (units active, Envoy LIVE).
+MESH_TIMEOUT = 90
 
 
 def active(host: Host, unit: str) -> bool:
@@ -97,11 +109,20 @@ def uid(host: Host, user: str) -> int:
     return int(host.check_output("id -u %s", user))
 
 
-def nat_rules(host: Host) -> list[str]:
-    return [" ".join(rule.split()) for rule in host.iptables.rules("nat")]
+def mesh_uids(host: Host, expect: dict[str, Any]) -> dict[str, int]:
+    """The uids whose traffic is never redirected: envoy's, consul's and the extras."""
+    uids = {"envoy": uid(host, "envoy"), "consul": uid(host, "consul")}
+    for extra in expect["exclude_uids"]:
+        uids.setdefault(f"uid {extra}", int(extra))
+    return uids
 
 
-def layout_problems(rules: list[str], expect: dict[str, Any], uids: dict[str, int]) -> list[str]:
+# --- Consul's rule layout, per backend ------------------------------------------------
+
+
+def iptables_layout_problems(
+    rules: list[str], expect: dict[str, Any], uids: dict[str, int]
+) -> list[str]:
     """What is wrong with Consul's chain layout in ``rules`` (``iptables -t nat -S``).
 
     Each chain and each jump into it must be there exactly once (twice means a redirect
@@ -114,7 +135,7 @@ def layout_problems(rules: list[str], expect: dict[str, Any], uids: dict[str, in
         if n != 1:
             problems.append(f"{what}: {n} times")
 
-    for chain in CONSUL_CHAINS:
+    for chain in IPTABLES_CHAINS:
         once(f"chain {chain}", f"-N {chain}")
     once("jump PREROUTING -> CONSUL_PROXY_INBOUND", r"-A PREROUTING .*-j CONSUL_PROXY_INBOUND")
     once("jump OUTPUT -> CONSUL_PROXY_OUTPUT", r"-A OUTPUT .*-j CONSUL_PROXY_OUTPUT")
@@ -130,12 +151,77 @@ def layout_problems(rules: list[str], expect: dict[str, Any], uids: dict[str, in
     return problems
 
 
-def mesh_uids(host: Host, expect: dict[str, Any]) -> dict[str, int]:
-    """The uids whose traffic is never redirected: envoy's, consul's and the extras."""
-    uids = {"envoy": uid(host, "envoy"), "consul": uid(host, "consul")}
-    for extra in expect["exclude_uids"]:
-        uids.setdefault(f"uid {extra}", int(extra))
-    return uids
+def nft_chains(listing: str) -> dict[str, list[str]]:
+    """chain -> its rule lines, from ``nft list table`` output (a chain seen twice: ``#2``).
+
+    >>> nft_chains("table inet t {\n chain A {\n  tcp dport 22 return\n }\n}")
+    {'A': ['tcp dport 22 return']}
+    """
+    chains: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for raw in listing.splitlines():
+        line = " ".join(raw.split())
+        match = re.fullmatch(r"chain (\S+) \{", line)
+        if match:
+            name = match.group(1)
+            while name in chains:
+                name += "#2"
+            current = chains[name] = []
+        elif line == "}":
+            current = None
+        elif current is not None and line and not line.startswith("type "):
+            current.append(line)
+    return chains
+
+
+def nft_layout_problems(
+    listing: str | None, expect: dict[str, Any], uids: dict[str, int]
+) -> list[str]:
+    """What is wrong with Consul's ``table inet consul_tproxy`` (``nft -nn list table``)."""
+    if listing is None:
+        return ["table inet consul_tproxy: missing"]
+    chains = nft_chains(listing)
+    problems = [
+        f"chain {c}: {sum(k.split('#')[0] == c for k in chains)} times"
+        for c in NFT_CHAINS
+        if sum(k.split("#")[0] == c for k in chains) != 1
+    ]
+
+    def once(chain: str, what: str, pattern: str) -> None:
+        n = sum(1 for rule in chains.get(chain, []) if re.fullmatch(pattern, rule))
+        if n != 1:
+            problems.append(f"{what}: {n} times")
+
+    once("CONSUL_NAT_PREROUTING", "jump -> CONSUL_PROXY_INBOUND", r".*jump CONSUL_PROXY_INBOUND")
+    once("CONSUL_NAT_OUTPUT", "jump -> CONSUL_PROXY_OUTPUT", r".*jump CONSUL_PROXY_OUTPUT")
+    for port in expect["inbound_exclusions"]:
+        once("CONSUL_PROXY_INBOUND", f"inbound exclusion {port}", rf"tcp dport {port} return")
+    for port in expect["outbound_ports"]:
+        once("CONSUL_PROXY_OUTPUT", f"outbound exclusion {port}", rf"tcp dport {port} return")
+    for name, number in uids.items():
+        once(
+            "CONSUL_PROXY_OUTPUT",
+            f"uid exclusion {name} ({number})",
+            rf"meta skuid {number} return",
+        )
+    return problems
+
+
+def layout_problems(host: Host, expect: dict[str, Any]) -> list[str]:
+    """Consul's rules exist exactly once, in the backend its version uses, and only there."""
+    uids = mesh_uids(host, expect)
+    if expect["redirect_backend"] == "nftables":
+        problems = nft_layout_problems(nft_table(host), expect, uids)
+        stale = iptables_consul_rules(host)
+        if stale:
+            problems.append(f"iptables rules of an older Consul are left too: {stale}")
+        return problems
+    problems = iptables_layout_problems(
+        [" ".join(rule.split()) for rule in host.iptables.rules("nat")], expect, uids
+    )
+    if nft_table(host) is not None:
+        problems.append("an nft table inet consul_tproxy exists too")
+    return problems
 
 
 # --- the argv of the redirect ---------------------------------------------------------
@@ -195,15 +281,123 @@ def expected_redirect_argv(host: Host, expect: dict[str, Any]) -> list[str]:
     return argv
 
 
+# --- traffic --------------------------------------------------------------------------
+
+
+def mesh_state(host: Host) -> dict[str, bool]:
+    """consul and the sidecar active, and Envoy's admin saying LIVE."""
+    state = {unit: active(host, unit) for unit in ("consul.service", SIDECAR)}
+    state["Envoy LIVE"] = state[SIDECAR] and envoy_ready(host)
+    return state
+
+
+def wait_mesh(host: Host, timeout: float = MESH_TIMEOUT) -> dict[str, bool]:
+    wait_for(lambda: all(mesh_state(host).values()), timeout)
+    return mesh_state(host)
+
+
+def require_mesh(mesh: dict[str, bool]) -> None:
+    down = [what for what, up in mesh.items() if not up]
+    require(not down, "consul and the sidecar active, Envoy LIVE", f"not up: {', '.join(down)}")
+
+
+def traffic_target(expect: dict[str, Any], end: str) -> dict[str, Any]:
+    target = expect["traffic"][end]
+    if target is None:
+        pytest.skip(f"no {end} end reachable from here (verify --host): traffic not checked")
+    return dict(target)
+
+
+def inbound_exchange(expect: dict[str, Any]) -> Exchange:
+    """One connection from outside the VM to the service port, with an HTTP request."""
+    target = traffic_target(expect, "inbound")
+    return tcp_exchange(target["address"], int(target["port"]), HTTP_PROBE)
+
+
+def check_inbound(host: Host, expect: dict[str, Any]) -> dict[str, int]:
+    """A connection from outside reaches the app through Envoy's public listener."""
+    before = envoy_counters(host)
+    exchange = inbound_exchange(expect)
+    moved = deltas(before, envoy_counters(host))
+    require(
+        exchange.answered and moved[INBOUND_CX] >= 1 and moved[APP_CONNECT_FAIL] == 0,
+        f"a connection from outside to port {expect['port']} is answered by the app"
+        f" through Envoy's public listener ({INBOUND_CX} +1, {APP_CONNECT_FAIL} +0)",
+        f"{exchange.describe()}; {short(moved)}",
+    )
+    return {"inbound_connections": moved[INBOUND_CX], "inbound_reply_bytes": len(exchange.reply)}
+
+
+def listener_lines(expect: dict[str, Any]) -> list[str]:
+    """What the runner's host listener has received so far, one line per connection."""
+    log = Path(traffic_target(expect, "outbound")["log"])
+    return log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+
+
+def outbound_exchange(host: Host, expect: dict[str, Any], user: str) -> tuple[Exchange, bool]:
+    """A connection made in the VM as ``user`` to the host listener: (exchange, arrived)."""
+    target = traffic_target(expect, "outbound")
+    marker = f"meshbake-verify {user} {uuid.uuid4().hex[:12]}"
+    exchange = guest_exchange(host, user, target["address"], int(target["port"]), marker)
+    arrived = marker in listener_lines(expect) and target["banner"] in exchange.reply
+    return exchange, arrived
+
+
+def check_outbound(host: Host, expect: dict[str, Any]) -> dict[str, int]:
+    """The app's user reaches an address outside the VM through Envoy's outbound listener."""
+    target = traffic_target(expect, "outbound")
+    user = expect["app_user"]
+    before = envoy_counters(host)
+    exchange, arrived = outbound_exchange(host, expect, user)
+    moved = deltas(before, envoy_counters(host))
+    require(
+        arrived and moved[OUTBOUND_CX] >= 1 and moved[ORIGINAL_DST_CONNECT_FAIL] == 0,
+        f"a connection as {user} to {target['address']}:{target['port']} arrives at the"
+        f" host listener through Envoy's outbound listener ({OUTBOUND_CX} +1)",
+        f"{'arrived' if arrived else 'did not arrive'}, {exchange.describe()}; {short(moved)}",
+    )
+    return {"outbound_connections": moved[OUTBOUND_CX]}
+
+
+def check_consul_bypass(host: Host, expect: dict[str, Any]) -> dict[str, int]:
+    """The same connection as the consul user arrives without touching Envoy."""
+    before = envoy_counters(host)
+    exchange, arrived = outbound_exchange(host, expect, "consul")
+    moved = deltas(before, envoy_counters(host))
+    require(
+        arrived and not any(moved.values()),
+        "a connection as consul arrives at the host listener, and no Envoy counter moves",
+        f"{'arrived' if arrived else 'did not arrive'}, {exchange.describe()}; {short(moved)}",
+    )
+    return {"consul_connections_through_envoy": moved[OUTBOUND_CX] + moved[INBOUND_CX]}
+
+
+def check_ssh_bypass(host: Host, connect: Callable[[], Host]) -> dict[str, int]:
+    """A new SSH connection works and leaves Envoy's counters alone."""
+    before = envoy_counters(host)
+    fresh = connect()
+    ok = bool(fresh.run("true").succeeded)
+    moved = deltas(before, envoy_counters(host))
+    require(
+        ok and not any(moved.values()),
+        "a new SSH connection works, and no Envoy counter moves",
+        f"SSH {'works' if ok else 'fails'}; {short(moved)}",
+    )
+    return {"ssh_connections_through_envoy": moved[INBOUND_CX] + moved[OUTBOUND_CX]}
+
+
+def record_all(record_property: Record, figures: dict[str, int], prefix: str = "") -> None:
+    for name, value in figures.items():
+        record_property(prefix + name, value)
+
+
 # --- fixtures -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def mesh_up(host: Host) -> dict[str, bool]:
-    """Wait (up to 60 s) for consul and the sidecar; map unit -> active at the end."""
-    units = ("consul.service", SIDECAR)
-    wait_for(lambda: all(active(host, u) for u in units), 60)
-    return {unit: active(host, unit) for unit in units}
+    """Wait (up to MESH_TIMEOUT s) for consul, the sidecar and Envoy; what is up at the end."""
+    return wait_mesh(host)
 
 
 def digests(host: Host) -> str:
@@ -273,8 +467,7 @@ def test_token_only_in_secret_files(host: Host, expect: dict[str, Any]) -> None:
 
 
 def test_consul_and_sidecar_active(mesh_up: dict[str, bool]) -> None:
-    down = [unit for unit, up in mesh_up.items() if not up]
-    assert not down, f"not active 60 s after boot: {down}"
+    require_mesh(mesh_up)
 
 
 def test_redirect_argv(host: Host, expect: dict[str, Any], mesh_up: dict[str, bool]) -> None:
@@ -284,40 +477,91 @@ def test_redirect_argv(host: Host, expect: dict[str, Any], mesh_up: dict[str, bo
     if not expect["fixture"]:
         assert argv[:2] == ["connect", "redirect-traffic"], argv
     wanted = expected_redirect_argv(host, expect)
-    assert sorted(argv[2:]) == sorted(wanted), f"redirect-traffic ran as {argv}"
+    require(
+        sorted(argv[2:]) == sorted(wanted),
+        f"redirect-traffic {' '.join(sorted(wanted))}",
+        f"redirect-traffic {' '.join(sorted(argv[2:]))}",
+    )
     lines = redirect_lines(host, expect)
     assert not [line for line in lines if expect["token"] in line], "the token is on the line"
     assert not [a for a in argv if a == "-token" or a.startswith("-token=")]
 
 
-def test_nat_chains_exactly_once(
+def test_consul_rules_exactly_once(
     host: Host, expect: dict[str, Any], mesh_up: dict[str, bool]
 ) -> None:
-    problems = layout_problems(nat_rules(host), expect, mesh_uids(host, expect))
-    assert not problems, "Consul's nat layout is wrong: " + "; ".join(problems)
-
-
-def test_app_answers_through_the_redirect(
-    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool]
-) -> None:
-    # Loopback traffic is not redirected, so the app stays reachable locally.
-    code = (
-        "import urllib.request\n"
-        f"print(urllib.request.urlopen('http://127.0.0.1:{int(expect['port'])}/', timeout=5)"
-        ".status)\n"
+    # The rules exist exactly while the sidecar runs: without it there is nothing to see.
+    require_mesh(mesh_up)
+    problems = layout_problems(host, expect)
+    require(
+        not problems,
+        f"Consul's {expect['redirect_backend']} rules exactly once, with every exclusion",
+        "; ".join(problems),
     )
-    if host.run("command -v python3").rc != 0:
-        pytest.skip("no python3 in the image to make the request")
-    status = host.run("python3 -c %s", code).stdout.strip()
-    assert status == "200", f"GET 127.0.0.1:{expect['port']} gave {status!r}"
 
 
-def test_ssh_survives_redirect(
-    host: Host, connect: Callable[[], Host], mesh_up: dict[str, bool]
+# --- traffic through the sidecar ------------------------------------------------------
+# Outbound comes after the bypass checks: where Envoy's own connections are not
+# excluded from the redirect (a broken image), the outbound connection starts a loop
+# that keeps Envoy's counters moving until Envoy stops, and the bypass checks, which
+# watch those counters, would fail for a reason that is not theirs.
+
+
+def test_inbound_crosses_the_sidecar(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    traffic_target(expect, "inbound")
+    record_all(record_property, check_inbound(host, expect))
+
+
+def test_consul_user_bypasses_the_sidecar(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    traffic_target(expect, "outbound")
+    record_all(record_property, check_consul_bypass(host, expect))
+
+
+def test_ssh_bypasses_the_sidecar(
+    host: Host, connect: Callable[[], Host], mesh_up: dict[str, bool], record_property: Record
 ) -> None:
     assert host.run("true").succeeded, "the suite's own SSH connection broke"
-    fresh = connect()
-    assert fresh.run("true").succeeded, "a new SSH connection fails after the redirect"
+    record_all(record_property, check_ssh_bypass(host, connect))
+
+
+def test_outbound_crosses_the_sidecar(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    traffic_target(expect, "outbound")
+    record_all(record_property, check_outbound(host, expect))
+
+
+def dns_questions(host: Host) -> list[str]:
+    log = host.file(FIXTURE_DNS_LOG)
+    return log.content_string.splitlines() if log.exists else []
+
+
+def test_dns_reaches_the_agent(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    if not expect["dns_forward"]:
+        pytest.skip("the spec turns DNS forwarding off: resolved does not ask Consul")
+    name = f"{expect['service']}.service.consul"
+    asked_before = sum(name in line for line in dns_questions(host))
+    result = host.run("resolvectl query -4 --cache=no %s", name)
+    seen = (result.stdout + result.stderr).strip()
+    asked = sum(name in line for line in dns_questions(host)) - asked_before
+    answered = result.rc == 0 and re.search(r"\b\d+\.\d+\.\d+\.\d+\b", result.stdout) is not None
+    # With the double, its log shows that the question reached the agent's DNS port
+    # (and not some other resolver that happened to answer).
+    reached = asked >= 1 if expect["fixture"] else answered
+    require(
+        answered and reached,
+        f"resolved asks the agent (127.0.0.1:8600) for {name}, and the agent answers",
+        f"the agent logged {asked} question(s) for {name}; resolvectl: {seen[:300]}"
+        if expect["fixture"]
+        else f"resolvectl: {seen[:300]}",
+    )
+    record_property("dns_questions_at_agent", asked)
 
 
 def test_token_not_in_processes(
@@ -357,49 +601,89 @@ def test_firstboot_rerun_is_noop(host: Host, mesh_up: dict[str, bool]) -> None:
     assert not host.file(CARRIER).exists, "a re-run left the carrier behind"
 
 
-def test_stopping_sidecar_removes_only_consul_chains(
-    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool]
+def add_unrelated_rules(host: Host, backend: str) -> None:
+    if backend == "nftables":
+        host.check_output(
+            f"nft add table {TEST_NFT_TABLE} && nft add chain {TEST_NFT_TABLE}"
+            " CONSUL_PROXY_OUTPUT '{ type nat hook output priority 100 ; }'"
+        )
+    else:
+        host.check_output(
+            f"iptables -w -t nat -N {TEST_CHAIN} && iptables -w -t nat -A {TEST_JUMP}"
+        )
+
+
+def unrelated_rules_left(host: Host, backend: str) -> bool:
+    if backend == "nftables":
+        listing = nft_table(host, TEST_NFT_TABLE) or ""
+        return "chain CONSUL_PROXY_OUTPUT" in listing
+    rules = [" ".join(rule.split()) for rule in host.iptables.rules("nat")]
+    return f"-N {TEST_CHAIN}" in rules and any(
+        r.startswith("-A OUTPUT") and r.endswith(f"-j {TEST_CHAIN}") for r in rules
+    )
+
+
+def remove_unrelated_rules(host: Host, backend: str) -> None:
+    if backend == "nftables":
+        host.run(f"nft delete table {TEST_NFT_TABLE}")
+    else:
+        host.run(f"iptables -w -t nat -D {TEST_JUMP}; iptables -w -t nat -X {TEST_CHAIN}")
+
+
+def test_sidecar_down(
+    host: Host,
+    expect: dict[str, Any],
+    connect: Callable[[], Host],
+    mesh_up: dict[str, bool],
+    record_property: Record,
 ) -> None:
-    host.check_output(f"iptables -w -t nat -N {TEST_CHAIN} && iptables -w -t nat -A {TEST_JUMP}")
+    """Stop the sidecar: Consul's rules go, nothing else; the app answers directly
+    (fail-open) or not at all (fail_closed); then the sidecar comes back and carries
+    traffic again."""
+    backend = expect["redirect_backend"]
+    add_unrelated_rules(host, backend)
     try:
         host.check_output("systemctl stop %s", SIDECAR)
-        rules = nat_rules(host)
-        left = [rule for rule in rules if "CONSUL_" in rule]
-        assert not left, f"stopping the sidecar left Consul rules: {left}"
-        assert f"-N {TEST_CHAIN}" in rules, "stopping the sidecar removed an unrelated chain"
-        assert any(r.startswith("-A OUTPUT") and r.endswith(f"-j {TEST_CHAIN}") for r in rules), (
-            "stopping the sidecar removed an unrelated OUTPUT rule"
+        left = {name: rules for name, rules in consul_rules(host).items() if rules}
+        require(not left, "no Consul rule once the sidecar stopped", f"left: {left}")
+        require(
+            unrelated_rules_left(host, backend),
+            f"an unrelated {backend} rule survives the sidecar's stop",
+            "it was removed",
         )
-        host.check_output("systemctl start %s", SIDECAR)
-        assert wait_for(lambda: active(host, SIDECAR), 60), "the sidecar did not start again"
-        problems = layout_problems(nat_rules(host), expect, mesh_uids(host, expect))
-        assert not problems, "after a restart: " + "; ".join(problems)
+        exchange = inbound_exchange(expect)
+        if expect["fail_closed"]:
+            require(
+                not exchange.answered,
+                f"fail_closed: a connection from outside to port {expect['port']} is refused",
+                exchange.describe(),
+            )
+            fresh = connect()
+            require(bool(fresh.run("true").succeeded), "SSH still works", "it does not")
+        else:
+            require(
+                exchange.answered,
+                f"fail-open: the app answers a connection to port {expect['port']} directly",
+                exchange.describe(),
+            )
+        record_property("answered_with_sidecar_down", int(exchange.answered))
     finally:
-        host.run(f"iptables -w -t nat -D {TEST_JUMP}; iptables -w -t nat -X {TEST_CHAIN}")
+        remove_unrelated_rules(host, backend)
         host.run("systemctl start %s", SIDECAR)
+    require_mesh(wait_mesh(host))
+    problems = layout_problems(host, expect)
+    require(not problems, "after a restart, Consul's rules once", "; ".join(problems))
+    record_all(record_property, check_inbound(host, expect), "after_restart_")
 
 
-def run_with_deadline(call: Callable[[], Any], seconds: float) -> Any:
-    """``call()`` in a thread; ``None`` when it raises or outlives ``seconds``.
-
-    An SSH command can hang forever when the VM resets under it.
-    """
-    box: list[Any] = []
-
-    def target() -> None:
-        # Any failure (refused, reset, banner timeout) only means "not back yet".
-        with contextlib.suppress(Exception):
-            box.append(call())
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return box[0] if box else None
-
-
-def test_reboot_reapplies_redirect_once(
-    host: Host, expect: dict[str, Any], connect: Callable[[], Host], mesh_up: dict[str, bool]
+def test_reboot_keeps_the_mesh(
+    host: Host,
+    expect: dict[str, Any],
+    connect: Callable[[], Host],
+    mesh_up: dict[str, bool],
+    record_property: Record,
 ) -> None:
+    """After a reboot the redirect is applied once and traffic crosses the sidecar again."""
     boot_id = host.check_output("cat /proc/sys/kernel/random/boot_id")
     calls_before = len(fixture_redirect_calls(host)) if expect["fixture"] else 0
     secrets_before = digests(host)
@@ -417,16 +701,35 @@ def test_reboot_reapplies_redirect_once(
         rebooted = run_with_deadline(back, 45)
         if rebooted is None:
             time.sleep(5)
-    assert rebooted is not None, "the host did not come back within 420 s of the reboot"
+    require(rebooted is not None, "the host back within 420 s of the reboot", "it is not")
+    assert rebooted is not None
 
-    assert wait_for(lambda: active(rebooted, SIDECAR), 90), "the sidecar is not active after reboot"
-    problems = layout_problems(nat_rules(rebooted), expect, mesh_uids(rebooted, expect))
-    assert not problems, "after reboot: " + "; ".join(problems)
+    require_mesh(wait_mesh(rebooted))
+    problems = layout_problems(rebooted, expect)
+    require(not problems, "after reboot, Consul's rules once", "; ".join(problems))
     if expect["fixture"]:
-        calls_after = len(fixture_redirect_calls(rebooted))
-        assert calls_after == calls_before + 1, (
-            f"{calls_after - calls_before} redirect calls at reboot, not 1"
-        )
+        calls = len(fixture_redirect_calls(rebooted)) - calls_before
+        require(calls == 1, "1 redirect call at reboot", f"{calls}")
     else:
-        assert applied_this_boot(rebooted) == 1, "the redirect was not applied exactly once"
-    assert digests(rebooted) == secrets_before, "the reboot changed the secrets or the marker"
+        applied = applied_this_boot(rebooted)
+        require(applied == 1, "the redirect applied once this boot", f"{applied} times")
+    require(digests(rebooted) == secrets_before, "secrets and marker unchanged", "they changed")
+    figures: dict[str, int] = {}
+    failures: list[str] = []
+    # In file order: outbound last, since a redirect loop it may start would move the
+    # counters the bypass checks watch.
+    checks: list[Callable[[], dict[str, int]]] = []
+    if expect["traffic"]["inbound"] is not None:
+        checks.append(lambda: check_inbound(rebooted, expect))
+    if expect["traffic"]["outbound"] is not None:
+        checks.append(lambda: check_consul_bypass(rebooted, expect))
+    checks.append(lambda: check_ssh_bypass(rebooted, connect))
+    if expect["traffic"]["outbound"] is not None:
+        checks.append(lambda: check_outbound(rebooted, expect))
+    for check in checks:
+        try:
+            figures |= check()
+        except CheckFailed as exc:
+            failures.append(str(exc).replace("\n", "; "))
+    record_all(record_property, figures, "after_reboot_")
+    require(not failures, "the traffic checks pass after the reboot", " | ".join(failures))

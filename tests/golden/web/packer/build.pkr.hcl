@@ -28,8 +28,8 @@ build {
     output      = var.manifest
     strip_path  = true
     custom_data = {
-      "spec_hash" = "aa73c14b3150aa22e429cb7f189ee3db25e198f9e44f89a35245be0bb4169b5d",
-      "consul"    = "1.22.1",
+      "spec_hash" = "70f57866ac1d258ecd2ab70bf261407d059973af772bfab67b4fb272bd232307",
+      "consul"    = "2.1.0",
       "envoy"     = "1.38.3",
       "meshbake"  = "0.1.0",
     }

@@ -49,7 +49,7 @@ source "qemu" "web" {
 source "amazon-ebs" "web" {
   region          = "us-east-1"
   instance_type   = "t3.small"
-  ami_name        = "web-aa73c14b3150-${local.stamp}"
+  ami_name        = "web-70f57866ac1d-${local.stamp}"
   ami_description = "Demo web service on the Consul service mesh"
   ssh_username    = "admin"
   encrypt_boot    = true
@@ -59,8 +59,8 @@ source "amazon-ebs" "web" {
     "team"                = "platform",
     "Name"                = "web",
     "meshbake:image"      = "web",
-    "meshbake:spec-hash"  = "aa73c14b3150aa22e429cb7f189ee3db25e198f9e44f89a35245be0bb4169b5d",
-    "meshbake:consul"     = "1.22.1",
+    "meshbake:spec-hash"  = "70f57866ac1d258ecd2ab70bf261407d059973af772bfab67b4fb272bd232307",
+    "meshbake:consul"     = "2.1.0",
     "meshbake:envoy"      = "1.38.3",
     "meshbake:version"    = "0.1.0",
     "meshbake:build-time" = "${local.stamp}",
@@ -69,8 +69,8 @@ source "amazon-ebs" "web" {
     "team"                = "platform",
     "Name"                = "web",
     "meshbake:image"      = "web",
-    "meshbake:spec-hash"  = "aa73c14b3150aa22e429cb7f189ee3db25e198f9e44f89a35245be0bb4169b5d",
-    "meshbake:consul"     = "1.22.1",
+    "meshbake:spec-hash"  = "70f57866ac1d258ecd2ab70bf261407d059973af772bfab67b4fb272bd232307",
+    "meshbake:consul"     = "2.1.0",
     "meshbake:envoy"      = "1.38.3",
     "meshbake:version"    = "0.1.0",
     "meshbake:build-time" = "${local.stamp}",

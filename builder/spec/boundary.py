@@ -1,0 +1,198 @@
+"""The input boundary: what every untrusted text, path and file must satisfy.
+
+Spec files, token files and the strings inside a spec are untrusted. This module
+holds the checks the spec model and the secret readers share; escaping for each
+output (systemd, shell, HCL, YAML, paths on disk) lives in ``builder.render.escape``.
+
+>>> printable_problem("web\\nExecStartPre=+/bin/sh")
+'contains a control character (U+000A, a line feed); only printable text is allowed'
+>>> normal_path("/etc//meshbake/./x")
+'/etc/meshbake/x'
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Largest spec file read, in bytes (the worked example is under 2 KiB).
+MAX_SPEC_BYTES = 1024 * 1024
+#: Largest secret file (token, gossip key, PEM) read: user data itself is capped at 16 KiB.
+MAX_SECRET_BYTES = 64 * 1024
+#: Largest file baked from ``files[].source``.
+MAX_SOURCE_BYTES = 256 * 1024 * 1024
+#: Longest string field (file ``content`` aside); the tighter limits are per field.
+MAX_TEXT = 4096
+#: Linux's NAME_MAX (bytes per path component) and PATH_MAX (bytes, with the NUL).
+NAME_MAX = 255
+PATH_MAX = 4096
+
+_NAMES = {
+    "\n": "a line feed",
+    "\r": "a carriage return",
+    "\0": "a NUL",
+    "\t": "a tab",
+    "\x7f": "a DEL",
+    "\x1b": "an escape",
+}
+
+
+def printable_problem(text: str) -> str | None:
+    """Why ``text`` may not reach a unit, an env file or the shell, or None.
+
+    Only printable characters and the plain space pass: no C0/C1 control (newline,
+    CR, NUL, tab, ...), DEL, line or paragraph separator, format or surrogate code.
+    """
+    for ch in text:
+        if ch == " " or ch.isprintable():
+            continue
+        category = unicodedata.category(ch)
+        kind = "control" if category == "Cc" else "non-printable"
+        name = _NAMES.get(ch) or unicodedata.name(ch, "").lower() or category
+        return (
+            f"contains a {kind} character (U+{ord(ch):04X}, {name}); only printable text is allowed"
+        )
+    return None
+
+
+def length_problem(text: str, limit: int = MAX_TEXT) -> str | None:
+    if len(text) > limit:
+        return f"is {len(text)} characters long, over the limit of {limit}"
+    return None
+
+
+def normal_path(value: str) -> str:
+    """``value`` as a normalised absolute path; ``ValueError`` when it cannot be one.
+
+    Redundant ``/`` and ``.`` segments are removed; a ``..`` segment, a relative path,
+    a trailing ``/`` (a folder) and names over Linux's limits are refused.
+    """
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} is not an absolute path")
+    problem = printable_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    parts = value.split("/")
+    if ".." in parts:
+        raise ValueError(f"{value!r} has a '..' segment; give the path without it")
+    if value != "/" and value.endswith("/"):
+        raise ValueError(f"{value!r} ends with '/', so it names a folder, not a file")
+    normal = posixpath.normpath(value)
+    if normal.startswith("//"):  # POSIX keeps a leading '//'; Linux does not care
+        normal = "/" + normal.lstrip("/")
+    for part in normal.split("/"):
+        if len(part.encode()) > NAME_MAX:
+            raise ValueError(f"has a name of {len(part.encode())} bytes, over the limit of 255")
+    if len(normal.encode()) >= PATH_MAX:
+        raise ValueError(f"is {len(normal.encode())} bytes long, over the limit of 4095")
+    return normal
+
+
+def is_under(path: str, folder: str) -> bool:
+    """Whether normalised ``path`` is ``folder`` or inside it (by segments, not prefix).
+
+    >>> is_under("/etc/meshbake/x", "/etc/meshbake"), is_under("/etc/meshbakery", "/etc/meshbake")
+    (True, False)
+    """
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+# --- reading untrusted files ---------------------------------------------------------
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+class UnreadableFile(ValueError):
+    """A file that is not a regular file, too big, or named with a NUL."""
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """Read a regular file of at most ``limit`` bytes.
+
+    A device, FIFO or socket is refused before it is opened (so ``/dev/zero`` or a FIFO
+    never hangs), the open is non-blocking and the size is checked again on what was
+    opened. Raises ``UnreadableFile`` for those and ``OSError`` when the file system
+    says no.
+    """
+    if "\0" in str(path):
+        raise UnreadableFile("has a NUL character in its name")
+    kind = _kind(path.stat().st_mode)
+    if kind is not None:
+        raise UnreadableFile(f"is {kind}, not a regular file")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        kind = _kind(info.st_mode)
+        if kind is not None:
+            raise UnreadableFile(f"is {kind}, not a regular file")
+        if info.st_size > limit:
+            raise UnreadableFile(f"is {info.st_size} bytes, over the limit of {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise UnreadableFile(f"is over the limit of {limit} bytes")
+    return b"".join(chunks)
+
+
+def _kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+# --- YAML ------------------------------------------------------------------------------
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (no alias bombs) and duplicate keys."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a spec", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the constructor says so below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one YAML document with ``StrictLoader``."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass

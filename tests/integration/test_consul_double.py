@@ -1,0 +1,415 @@
+"""The fixture consul (``tests/fixtures/consul``) is a TEST DOUBLE: these tests hold it
+to what real Consul does, so that a test passing against the double means something.
+
+The agent double runs on this host's loopback, on free ports (``ports.http`` in its
+config, ``CONSUL_HTTP_ADDR`` for the commands), so no root is needed here; the
+redirect rules are tested in network namespaces in test_netns.py.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import shlex
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from builder.spec import compat
+from tests.paths import REPO
+
+FIXTURE_CONSUL = REPO / "tests" / "fixtures" / "consul"
+TOKEN = "5d1c0f7e-0b4e-4a57-8f0c-2f7b0a4c9e11"
+
+pytestmark = pytest.mark.integration
+
+
+def load_double() -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader("fixture_consul", os.fspath(FIXTURE_CONSUL))
+    spec = importlib.util.spec_from_loader("fixture_consul", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MESHBAKE_", "CONSUL_", "NOTIFY_SOCKET", "RUNTIME_DIRECTORY"))
+    }
+    env["CONSUL_FIXTURE_LOG_DIR"] = os.fspath(tmp_path / "log")
+    env.update(extra)
+    return env
+
+
+SERVICE = {
+    "service": {
+        "name": "web",
+        "port": 8080,
+        "connect": {"sidecar_service": {"proxy": {"mode": "transparent"}}},
+    }
+}
+
+
+@dataclass
+class RunningAgent:
+    process: subprocess.Popen[str]
+    http: int
+    dns: int
+    tmp: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return base_env(self.tmp, CONSUL_HTTP_ADDR=f"127.0.0.1:{self.http}", **extra)
+
+    def consul(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [FIXTURE_CONSUL, *args],
+            env=self.env(**extra),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
+    def log(self, name: str = "calls") -> list[str]:
+        logs = sorted((self.tmp / "log").glob(f"{name}-*.log"))
+        return [line for path in logs for line in path.read_text().splitlines()]
+
+
+def start_agent(tmp_path: Path, services: list[dict[str, Any]], **env: str) -> RunningAgent:
+    config_dir = tmp_path / "consul.d"
+    config_dir.mkdir(exist_ok=True)
+    http, dns = free_port(), free_port(socket.SOCK_DGRAM)
+    (config_dir / "consul.json").write_text(
+        json.dumps({"ports": {"http": http, "dns": dns, "grpc": 8502}, "acl": {"enabled": True}})
+    )
+    for i, service in enumerate(services):
+        (config_dir / f"service-{i}.json").write_text(json.dumps(service))
+    process = subprocess.Popen(
+        [FIXTURE_CONSUL, "agent", f"-config-dir={config_dir}"],
+        env=base_env(tmp_path, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    agent = RunningAgent(process, http, dns, tmp_path)
+    for _ in range(500):
+        if process.poll() is not None:
+            raise AssertionError(
+                f"agent double exited: {process.stdout.read() if process.stdout else ''}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", http), timeout=1):
+                return agent
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError("agent double never listened")
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[RunningAgent]:
+    running = start_agent(tmp_path, [SERVICE])
+    yield running
+    running.process.terminate()
+    running.process.wait(10)
+
+
+def fake_envoy(tmp_path: Path, version: str) -> Path:
+    """A stand-in ``envoy``: ``--version`` prints real Envoy's line; otherwise it records argv."""
+    script = tmp_path / f"envoy-{version}"
+    record = tmp_path / f"envoy-{version}.argv"
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = --version ]; then\n'
+        f"  printf '\\n%s  version: 9e5580933739775e8bce696a57a2e1bc99368f23/{version}"
+        '/Clean/RELEASE/BoringSSL\\n\\n\' "$0"\n'
+        "  exit 0\n"
+        "fi\n"
+        f'printf "%s\\n" "$@" > {shlex.quote(os.fspath(record))}\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def connect_envoy(
+    agent: RunningAgent, consul: str, envoy: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    runtime = agent.tmp / "runtime"
+    runtime.mkdir(exist_ok=True)
+    return agent.consul(
+        "connect",
+        "envoy",
+        "-sidecar-for=web",
+        "-grpc-addr=127.0.0.1:8502",
+        "-admin-bind=127.0.0.1:19000",
+        f"-envoy-binary={envoy}",
+        *extra,
+        CONSUL_FIXTURE_VERSION=consul,
+        RUNTIME_DIRECTORY=os.fspath(runtime),
+    )
+
+
+# --- the table ---------------------------------------------------------------------------
+
+
+def test_double_carries_the_same_envoy_versions_as_compat() -> None:
+    double = load_double()
+    assert {
+        line: row.envoy_versions for line, row in compat.CONSUL_LINES.items()
+    } == double.ENVOY_VERSIONS
+    for line in double.ENVOY_VERSIONS:
+        low, high = double.envoy_range(f"{line}.0")
+        expected = compat.accepted_range(f"{line}.0")
+        assert expected is not None, line
+        assert (low, high) == (expected.low, expected.high), line
+
+
+def edges() -> list[tuple[str, str, bool]]:
+    """(consul, envoy, accepted) at both edges of every row, from the rows themselves."""
+    cases = []
+    for line, row in compat.CONSUL_LINES.items():
+        low = tuple(int(p) for p in row.envoy_versions[-1].split(".")[:2])
+        high = tuple(int(p) for p in row.envoy_versions[0].split(".")[:2])
+        consul = f"{line}.1"
+        cases += [
+            (consul, f"{low[0]}.{low[1]}.0", True),
+            (consul, f"{low[0]}.{low[1] - 1}.99", False),
+            (consul, f"{high[0]}.{high[1]}.99", True),
+            (consul, f"{high[0]}.{high[1] + 1}.0", False),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize(("consul", "envoy", "accepted"), edges())
+def test_connect_envoy_applies_the_version_rule_at_its_edges(
+    agent: RunningAgent, consul: str, envoy: str, accepted: bool
+) -> None:
+    binary = fake_envoy(agent.tmp, envoy)
+    result = connect_envoy(agent, consul, binary)
+    record = agent.tmp / f"envoy-{envoy}.argv"
+    if accepted:
+        assert result.returncode == 0, result.stderr
+        assert record.exists(), "the double did not exec envoy"
+    else:
+        minor = ".".join(envoy.split(".")[:2])
+        assert result.returncode == 1
+        # command/connect/envoy/envoy.go, word for word.
+        assert (
+            f"Envoy version {minor}.x is not supported. If there is a reason you need to use "
+            "this version of envoy use the ignore-envoy-compatibility flag." in result.stderr
+        )
+        assert not record.exists(), "a refused envoy was started"
+
+
+def test_ignore_envoy_compatibility_starts_a_refused_envoy(agent: RunningAgent) -> None:
+    binary = fake_envoy(agent.tmp, "1.38.3")
+    refused = connect_envoy(agent, "1.22.1", binary)
+    assert refused.returncode == 1
+    started = connect_envoy(agent, "1.22.1", binary, "-ignore-envoy-compatibility")
+    assert started.returncode == 0, started.stderr
+    assert (agent.tmp / "envoy-1.38.3.argv").exists()
+
+
+def test_unknown_consul_line_is_refused_by_the_double(agent: RunningAgent) -> None:
+    result = connect_envoy(agent, "1.19.0", fake_envoy(agent.tmp, "1.28.0"))
+    assert result.returncode == 1
+    assert "no ENVOY_VERSIONS for Consul 1.19" in result.stderr
+
+
+# --- connect envoy ---------------------------------------------------------------------
+
+
+def test_connect_envoy_execs_envoy_with_a_static_bootstrap(agent: RunningAgent) -> None:
+    token_file = agent.tmp / "token"
+    token_file.write_text(TOKEN)
+    binary = fake_envoy(agent.tmp, "1.38.3")
+    result = connect_envoy(
+        agent, "2.1.0", binary, f"-token-file={token_file}", "--", "--log-level", "warn"
+    )
+    assert result.returncode == 0, result.stderr
+    argv = (agent.tmp / "envoy-1.38.3.argv").read_text().splitlines()
+    bootstrap_path = agent.tmp / "runtime" / "web-sidecar-proxy-bootstrap.json"
+    # command/connect/envoy/exec_unix.go: --config-path, --disable-hot-restart, then passthrough.
+    assert argv == [
+        "--config-path",
+        os.fspath(bootstrap_path),
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+    ]
+    text = bootstrap_path.read_text()
+    assert TOKEN not in text
+    assert TOKEN not in "\n".join(agent.log())
+    config = json.loads(text)
+    assert config["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 19000,
+    }
+    listeners = {item["name"]: item for item in config["static_resources"]["listeners"]}
+    assert listeners["public_listener"]["address"]["socket_address"] == {
+        "address": "0.0.0.0",
+        "port_value": 21000,
+    }
+    assert listeners["outbound_listener"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 15001,
+    }
+    clusters = {item["name"]: item for item in config["static_resources"]["clusters"]}
+    app = clusters["local_app"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert app["endpoint"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 8080,
+    }
+    assert clusters["original-destination"]["type"] == "ORIGINAL_DST"
+
+
+def test_connect_envoy_without_a_registered_sidecar_fails_like_consul(
+    agent: RunningAgent,
+) -> None:
+    result = agent.consul(
+        "connect",
+        "envoy",
+        "-sidecar-for=api",
+        f"-envoy-binary={fake_envoy(agent.tmp, '1.38.3')}",
+        CONSUL_FIXTURE_VERSION="2.1.0",
+    )
+    assert result.returncode == 1
+    # command/connect/proxy/proxy.go LookupProxyIDForSidecar
+    assert result.stderr.strip() == "No sidecar proxy registered for api"
+
+
+def test_connect_envoy_without_an_agent_fails(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [FIXTURE_CONSUL, "connect", "envoy", "-sidecar-for=web"],
+        env=base_env(tmp_path, CONSUL_HTTP_ADDR=f"127.0.0.1:{free_port()}"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Failed looking up sidecar proxy info for web" in result.stderr
+    assert "connection refused" in result.stderr.lower()
+
+
+def test_a_sidecar_with_its_own_port_and_a_second_service(tmp_path: Path) -> None:
+    # agent/sidecar_service.go: an explicit port wins; others take the lowest free one.
+    pinned = {
+        "service": {
+            "name": "api",
+            "port": 9090,
+            "connect": {"sidecar_service": {"port": 21005, "proxy": {"mode": "transparent"}}},
+        }
+    }
+    running = start_agent(tmp_path, [SERVICE, pinned])
+    try:
+        result = running.consul("connect", "envoy", "-sidecar-for=api", "-bootstrap")
+        assert result.returncode == 0, result.stderr
+        listeners = json.loads(result.stdout)["static_resources"]["listeners"]
+        assert listeners[0]["address"]["socket_address"]["port_value"] == 21005
+        web = running.consul("connect", "envoy", "-sidecar-for=web", "-bootstrap")
+        port = json.loads(web.stdout)["static_resources"]["listeners"][0]["address"]
+        assert port["socket_address"]["port_value"] == 21000
+    finally:
+        running.process.terminate()
+        running.process.wait(10)
+
+
+# --- version, log, readiness, DNS ------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["2.1.0", "2.0.0", "1.22.1"])
+def test_version_is_shaped_like_consuls(tmp_path: Path, version: str) -> None:
+    result = subprocess.run(
+        [FIXTURE_CONSUL, "version"],
+        env=base_env(tmp_path, CONSUL_FIXTURE_VERSION=version),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Consul v{version}"
+    assert lines[1].startswith("Revision ")
+    assert lines[3].startswith("Protocol 2 spoken by default")
+
+
+def test_the_call_log_never_holds_a_token(tmp_path: Path) -> None:
+    env = base_env(tmp_path, CONSUL_HTTP_ADDR=f"127.0.0.1:{free_port()}")
+    for argv in (["-token", TOKEN], [f"-token={TOKEN}"], [f"--token={TOKEN}"]):
+        subprocess.run(
+            [FIXTURE_CONSUL, "connect", "envoy", *argv, "-sidecar-for=web"],
+            env=env,
+            capture_output=True,
+            check=False,
+        )
+    text = "".join(p.read_text() for p in (tmp_path / "log").iterdir())
+    assert TOKEN not in text
+    assert text.count("<redacted>") == 3
+
+
+def test_agent_notifies_systemd_when_ready(tmp_path: Path) -> None:
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(os.fspath(path))
+        sock.settimeout(30)
+        running = start_agent(tmp_path, [SERVICE], NOTIFY_SOCKET=os.fspath(path))
+        try:
+            message = sock.recv(4096).decode()
+        finally:
+            running.process.terminate()
+            assert running.process.wait(10) == 0
+    assert "READY=1" in message.splitlines()
+
+
+def dns_query(port: int, name: str, qtype: int = 1) -> tuple[int, list[str]]:
+    """(rcode, A records) for one UDP query to 127.0.0.1:port."""
+    query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    query += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    query += struct.pack("!HH", qtype, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.sendto(query, ("127.0.0.1", port))
+        reply = sock.recv(4096)
+    qid, flags, _, ancount = struct.unpack("!HHHH", reply[:8])
+    assert qid == 0x1234 and flags & 0x8000
+    records = []
+    pos = len(query)
+    for _ in range(ancount):
+        rtype, _, _, rdlen = struct.unpack("!HHIH", reply[pos + 2 : pos + 12])
+        data = reply[pos + 12 : pos + 12 + rdlen]
+        if rtype == 1:
+            records.append(socket.inet_ntoa(data))
+        pos += 12 + rdlen
+    return flags & 0xF, records
+
+
+def test_agent_answers_service_lookups_over_dns(agent: RunningAgent) -> None:
+    rcode, records = dns_query(agent.dns, "web.service.consul")
+    assert rcode == 0
+    assert len(records) == 1
+    assert dns_query(agent.dns, "nope.service.consul") == (3, [])
+    log = agent.log("dns")
+    assert any("\tweb.service.consul.\t1\t" in line for line in log)
+    assert any("\tnope.service.consul.\t1\tNXDOMAIN" in line for line in log)
+
+
+def test_agent_stops_on_sigterm(agent: RunningAgent) -> None:
+    agent.process.terminate()
+    assert agent.process.wait(10) == 0

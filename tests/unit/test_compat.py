@@ -1,0 +1,147 @@
+"""The compatibility table follows what ``consul connect envoy`` of each line accepts,
+and the bake follows the table: the sidecar's flags, the redirect backend and the
+packages it needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from builder.errors import SpecError
+from builder.render import baked
+from builder.spec import compat
+from tests.unit.conftest import Data, Variant
+
+#: Consul line -> (lowest accepted Envoy, highest accepted, first refused above, last
+#: refused below), from each branch's envoyextensions/xdscommon/ENVOY_VERSIONS.
+EDGES = {
+    "1.21.9": ("1.31.0", "1.34.99", "1.35.0", "1.30.99"),
+    "1.22.1": ("1.33.0", "1.35.99", "1.36.0", "1.32.99"),
+    "2.0.0": ("1.34.0", "1.37.99", "1.38.0", "1.33.99"),
+    "2.1.0": ("1.35.0", "1.38.99", "1.39.0", "1.34.99"),
+}
+
+
+@pytest.mark.parametrize("consul", list(EDGES))
+def test_acceptance_rule_at_its_edges(consul: str) -> None:
+    lowest, highest, above, below = EDGES[consul]
+    assert compat.check_pair(consul, lowest) is None
+    assert compat.check_pair(consul, highest) is None
+    for refused in (above, below):
+        message = compat.check_pair(consul, refused)
+        assert message is not None
+        assert f"Consul {consul} refuses Envoy {refused}" in message
+
+
+def test_every_supported_line_has_a_row_and_a_source() -> None:
+    assert {"1.21", "1.22", "2.0", "2.1"} <= set(compat.CONSUL_LINES)
+    for line in compat.CONSUL_LINES.values():
+        assert "ENVOY_VERSIONS" in line.source
+        assert list(line.envoy_versions) == sorted(
+            line.envoy_versions, key=compat.parse_version, reverse=True
+        )
+
+
+def test_the_refusal_names_the_accepted_range() -> None:
+    message = compat.check_pair("1.22.1", "1.38.3")
+    assert message is not None
+    assert "1.33-1.35" in message
+    assert "\n" not in message
+
+
+def test_unknown_line_is_refused_with_the_known_ones() -> None:
+    message = compat.check_pair("1.19.2", "1.29.0")
+    assert message is not None
+    assert "1.21, 1.22, 2.0, 2.1" in message
+
+
+@pytest.mark.parametrize(
+    ("consul", "backend"),
+    [("1.22.1", "iptables"), ("2.0.9", "iptables"), ("2.1.0", "nftables"), ("3.0.0", "nftables")],
+)
+def test_backend_follows_the_consul_version(consul: str, backend: str) -> None:
+    assert compat.redirect_backend(consul).value == backend
+
+
+def _pair(consul: str, envoy: str, allow: bool = False) -> Callable[[Data], None]:
+    def mutate(d: Data) -> None:
+        d["consul"]["version"] = consul
+        d["envoy"]["version"] = envoy
+        d["envoy"]["allow_unsupported"] = allow
+
+    return mutate
+
+
+def test_supported_pair_runs_the_version_check(variant: Variant) -> None:
+    spec = variant(_pair("2.1.0", "1.38.3")).spec
+    argv = baked.sidecar_argv(spec)
+    assert "-ignore-envoy-compatibility" not in argv
+    assert "-grpc-addr=127.0.0.1:8502" in argv
+
+
+def test_allowed_unsupported_pair_skips_the_check_and_warns(variant: Variant) -> None:
+    loaded = variant(_pair("1.22.1", "1.38.3", allow=True))
+    assert "-ignore-envoy-compatibility" in baked.sidecar_argv(loaded.spec)
+    (warning,) = [w for w in loaded.warnings if w.path == "envoy.allow_unsupported"]
+    assert "1.33-1.35" in warning.message
+
+
+def test_grpc_over_tls_names_the_tls_port_and_its_ca(variant: Variant) -> None:
+    def tls(d: Data) -> None:
+        d["consul"]["tls"] = {"enabled": True}
+
+    spec = variant(tls).spec
+    argv = baked.sidecar_argv(spec)
+    assert "-grpc-addr=https://127.0.0.1:8503" in argv
+    assert "-grpc-ca-file=/etc/consul.d/tls/ca.pem" in argv
+    assert baked.consul_config(spec)["ports"]["grpc_tls"] == 8503
+
+
+@pytest.mark.parametrize(
+    ("consul", "envoy", "tool"), [("2.1.0", "1.38.3", "nftables"), ("2.0.0", "1.37.0", "iptables")]
+)
+def test_every_target_gets_the_tool_its_consul_drives(
+    variant: Variant, consul: str, envoy: str, tool: str
+) -> None:
+    packages = baked.image_packages(variant(_pair(consul, envoy)).spec)
+    assert tool in packages
+    assert "systemd-resolved" in packages
+
+
+def test_serf_lan_exclusion_can_be_turned_off(variant: Variant) -> None:
+    def off(d: Data) -> None:
+        d["service"]["transparent_proxy"] = {"exclude_serf_lan": False}
+
+    assert 8301 in variant(lambda d: None).spec.service.transparent_proxy.inbound_exclusions
+    assert 8301 not in variant(off).spec.service.transparent_proxy.inbound_exclusions
+
+
+def test_imds_is_closed_by_default_when_the_token_travels_in_user_data(variant: Variant) -> None:
+    spec = variant(lambda d: None).spec
+    assert spec.imds_restricted
+    env = baked.mesh_env(spec)
+    assert "MESHBAKE_IMDS_RESTRICT=true" in env.splitlines()
+    # Through Envoy every connection would come from the envoy user, so IMDS is excluded.
+    assert "169.254.169.254/32" in baked.outbound_cidr_exclusions(spec)
+
+
+def test_imds_stays_open_for_secret_store_tokens_unless_asked(variant: Variant) -> None:
+    def ssm(d: Data) -> None:
+        d["tokens"] = {"source": "ssm", "ssm_parameter": "/mesh/web/token"}
+
+    assert not variant(ssm).spec.imds_restricted
+
+    def ssm_closed(d: Data) -> None:
+        ssm(d)
+        d["imds"] = {"restrict": True, "allow_users": ["web"]}
+
+    assert variant(ssm_closed).spec.imds_restricted
+
+
+def test_imds_allow_users_must_be_users_of_the_image(variant: Variant) -> None:
+    def stranger(d: Data) -> None:
+        d["imds"] = {"allow_users": ["web", "mallory"]}
+
+    with pytest.raises(SpecError, match=r"imds\.allow_users\[1\]: 'mallory' is neither"):
+        variant(stranger)
