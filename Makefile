@@ -21,4 +21,4 @@ lint:
 	shellcheck builder/image/scripts/meshbake-* tools/*
 
 golden:
-	.venv/bin/python -m pytest -p no:cacheprovider tests/unit/test_golden.py --update-golden
+	.venv/bin/python -m pytest -p no:cacheprovider tests/unit/test_golden.py tests/unit/test_readme.py --update-golden

@@ -61,8 +61,7 @@ def validate_spec(path: Path, packer: Packer | None = None) -> Report:
     try:
         loaded = load_spec(path)
     except SpecError as exc:
-        problems = "\n    " + "\n    ".join(map(str, exc.problems))
-        return Report(path, [Gate("spec", False, problems)])
+        return Report(path, [Gate("spec", False, _problems(exc))])
     packer = packer or Packer()
     with tempfile.TemporaryDirectory(prefix="meshbake-validate-") as tmp:
         scratch = Path(tmp)
@@ -70,9 +69,15 @@ def validate_spec(path: Path, packer: Packer | None = None) -> Report:
             folder = render_context(loaded, scratch / "context", packer=packer)
         except MeshbakeError as exc:
             report = _spec_report(loaded)
-            report.gates.append(Gate("render", False, str(exc)))
+            detail = _problems(exc) if isinstance(exc, SpecError) else str(exc)
+            report.gates.append(Gate("render", False, detail))
             return report
         return check_folder(loaded, folder, packer, scratch)
+
+
+def _problems(exc: SpecError) -> str:
+    """Each problem on its own indented line under the gate's name."""
+    return "\n    " + "\n    ".join(map(str, exc.problems))
 
 
 def check_folder(loaded: LoadedSpec, folder: BakeFolder, packer: Packer, scratch: Path) -> Report:

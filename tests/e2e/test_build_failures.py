@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -36,8 +36,7 @@ import yaml
 from builder.build import base
 from builder.build.run import BuildOptions, build_image
 from builder.errors import UserError
-
-from .conftest import REPO
+from tests.paths import REPO
 
 #: What meshbake exits with after each signal (128 + signal).
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -134,10 +133,10 @@ class Meshbake:
         self.stop()
         pytest.fail(f"never saw {needle!r}; stderr:\n{self.stderr()}")
 
-    def wait_until(self, ready: object, what: str, timeout: float = 120) -> None:
+    def wait_until(self, ready: Callable[[], object], what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if ready():  # type: ignore[operator]
+            if ready():
                 return
             if self.child.poll() is not None:
                 break

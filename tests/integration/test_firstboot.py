@@ -1,6 +1,7 @@
 """meshbake-firstboot and meshbake-check, run against a tmp dir standing in for the image's /.
 
-Nothing outside tmp is touched: MESHBAKE_ROOT moves every path under the tmp dir, and
+Nothing outside tmp is touched: MESHBAKE_ROOT moves every path of the table (paths.env,
+see conftest.py; ``Image`` takes the same paths from builder.render.paths) under the tmp dir, and
 the file owners come from mesh.env's MESHBAKE_CONSUL_USER / MESHBAKE_ENVOY_USER, so
 existing users stand in for consul and envoy (daemon and nobody when run as root, the
 current user for both otherwise). No user is created on the host and no mount
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.render import paths
 from tests.paths import REPO
 
 FIRSTBOOT = REPO / "builder" / "image" / "scripts" / "meshbake-firstboot"
@@ -66,25 +68,29 @@ class Image:
     consul_user: str
     envoy_user: str
 
+    def at(self, path: str) -> Path:
+        """Where the image's ``path`` (from builder.render.paths) is under the tmp dir."""
+        return self.root / paths.rel(path)
+
     @property
     def carrier(self) -> Path:
-        return self.root / "run/meshbake/firstboot.env"
+        return self.at(paths.CARRIER)
 
     @property
     def secrets_file(self) -> Path:
-        return self.root / "etc/consul.d/zz-meshbake-secrets.json"
+        return self.at(paths.CONSUL_SECRETS)
 
     @property
     def token_file(self) -> Path:
-        return self.root / "etc/envoy/token"
+        return self.at(paths.SIDECAR_TOKEN)
 
     @property
     def tls_dir(self) -> Path:
-        return self.root / "etc/consul.d/tls"
+        return self.at(paths.CONSUL_TLS_DIR)
 
     @property
     def marker(self) -> Path:
-        return self.root / "var/lib/meshbake/firstboot.done"
+        return self.at(paths.FIRSTBOOT_MARKER)
 
     def outputs(self) -> list[Path]:
         """Every file first boot may write that exists now."""
@@ -95,6 +101,7 @@ class Image:
     def env(self, **settings: str) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("MESHBAKE_")}
         env |= {
+            "MESHBAKE_PATHS_ENV": os.environ["MESHBAKE_PATHS_ENV"],  # see conftest.py
             "MESHBAKE_ROOT": str(self.root),
             "MESHBAKE_CONSUL_USER": self.consul_user,
             "MESHBAKE_ENVOY_USER": self.envoy_user,
@@ -390,7 +397,7 @@ def test_secret_store_route_without_helper_fails_clearly(image: Image) -> None:
 
 def test_secret_store_route_uses_the_helper(image: Image, tmp_path: Path) -> None:
     calls = tmp_path / "helper-calls"
-    helper = image.root / "usr/libexec/meshbake/meshbake-fetch-token"
+    helper = image.at(paths.FETCH_TOKEN)
     helper.parent.mkdir(parents=True)
     # A stand-in for the helper another part of meshbake provides.
     helper.write_text(
@@ -410,3 +417,46 @@ def test_secret_store_route_uses_the_helper(image: Image, tmp_path: Path) -> Non
         REGISTRATION: SERVICE_TOKEN,
     }
     assert image.token_file.read_text() == SERVICE_TOKEN + "\n"
+
+
+# --- where the paths come from ----------------------------------------------------------
+
+
+def test_the_scripts_take_their_paths_from_the_table(image: Image, tmp_path: Path) -> None:
+    """A table with other paths moves what first boot writes and what check looks for."""
+    moved = {"MESHBAKE_SIDECAR_TOKEN_FILE": "/srv/sidecar/token"}
+    table = tmp_path / "paths.env"
+    table.write_text(
+        "".join(f"{row.variable}={moved.get(row.variable, row.path)}\n" for row in paths.TABLE)
+    )
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN)
+    assert_ok(image.firstboot(MESHBAKE_PATHS_ENV=str(table)))
+    assert (image.root / "srv/sidecar/token").read_text() == AGENT_TOKEN + "\n"
+    assert not image.token_file.exists()
+    assert image.check("sidecar", MESHBAKE_PATHS_ENV=str(table)).returncode == 0
+    assert image.check("sidecar").returncode == 1
+
+
+def test_a_path_set_by_the_caller_wins_over_the_table(image: Image, tmp_path: Path) -> None:
+    secrets = tmp_path / "elsewhere" / "secrets.json"
+    token = tmp_path / "elsewhere" / "token"
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN)
+    overrides = {"MESHBAKE_SECRETS_FILE": str(secrets), "MESHBAKE_SIDECAR_TOKEN_FILE": str(token)}
+    assert_ok(image.firstboot(**overrides))
+    assert token.read_text() == AGENT_TOKEN + "\n"
+    assert json.loads(secrets.read_text())["acl"]["tokens"]["agent"] == AGENT_TOKEN
+    assert not image.secrets_file.exists() and not image.token_file.exists()
+    assert image.check("consul", **overrides).returncode == 0
+    assert image.check("consul").returncode == 1
+
+
+def test_without_the_table_the_scripts_refuse_clearly(image: Image, tmp_path: Path) -> None:
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN)
+    missing = str(tmp_path / "no-paths.env")
+    message = f"cannot read {missing}, the table of in-image paths"
+    firstboot = image.firstboot(MESHBAKE_PATHS_ENV=missing)
+    assert firstboot.returncode == 1 and message in firstboot.stderr
+    assert image.outputs() == []
+    # 255, a failure: the unit must not be skipped as if the secrets were merely missing.
+    check = image.check("consul", MESHBAKE_PATHS_ENV=missing)
+    assert check.returncode == 255 and message in check.stderr

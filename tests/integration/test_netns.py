@@ -68,11 +68,13 @@ def uid(user: str) -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without any MESHBAKE_*/CONSUL_*/IPTABLES settings, plus extra."""
+    """The caller's environment without any MESHBAKE_*/CONSUL_*/IPTABLES settings (but
+    MESHBAKE_PATHS_ENV, see conftest.py), plus extra."""
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("MESHBAKE_", "CONSUL_", "IPTABLES", "IP6TABLES", "NFT"))
+        if key == "MESHBAKE_PATHS_ENV"
+        or not key.startswith(("MESHBAKE_", "CONSUL_", "IPTABLES", "IP6TABLES", "NFT"))
     }
     env.update(extra)
     return env

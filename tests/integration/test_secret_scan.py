@@ -4,6 +4,7 @@ and Envoy's config, units and env files, and finds none in what meshbake renders
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -27,7 +28,12 @@ def tokens_json(role: str) -> str:
 def scan(root: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["sh", str(SCAN)],
-        env={"PATH": "/usr/bin:/bin", "MESHBAKE_ROOT": str(root), **env},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "MESHBAKE_PATHS_ENV": os.environ["MESHBAKE_PATHS_ENV"],  # see conftest.py
+            "MESHBAKE_ROOT": str(root),
+            **env,
+        },
         capture_output=True,
         text=True,
         check=False,
