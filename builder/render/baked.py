@@ -35,6 +35,7 @@ RUNTIME_SCRIPTS = (
     "meshbake-check",
     "meshbake-secret-scan",
     "meshbake-imds",
+    "meshbake-conntrack",
 )
 
 #: Installed too when the tokens come from a secret store (tokens.source ssm or
@@ -289,6 +290,9 @@ def units(spec: ImageSpec) -> dict[str, str]:
             exec_start=exec_line(sidecar_argv(spec)),
         ),
         "meshbake-imds.service": render_template("meshbake-imds.service.j2", image=spec.name),
+        "meshbake-conntrack.service": render_template(
+            "meshbake-conntrack.service.j2", image=spec.name
+        ),
         **fail_closed_unit(spec),
         "meshbake-firstboot.service": render_template(
             "meshbake-firstboot.service.j2", image=spec.name, network=needs_network

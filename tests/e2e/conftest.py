@@ -1,7 +1,8 @@
-"""End-to-end fixtures: bake images/web.yaml once per session with the real pipeline.
+"""End-to-end fixtures: bake the examples once per session with the real pipeline.
 
-The Consul inside is the fixture release (a TEST DOUBLE, see tests/fixtures), unless
-MESHBAKE_CONSUL_ZIP names a real Consul zip. Envoy, Packer, qemu, cloud-init and the
+The Consul inside is the fixture release (a TEST DOUBLE, see tests/fixtures) of each
+spec's Consul version, unless MESHBAKE_CONSUL_ZIP names a real Consul zip of it
+(``consul_<version>_linux_amd64.zip``). Envoy, Packer, qemu, cloud-init and the
 Debian base are all real. ``MESHBAKE_E2E_OUT`` keeps the build folder between runs
 (useful while developing: a second session reuses the image through the no-op path).
 """
@@ -10,16 +11,21 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from builder.build.run import BuildOptions, BuildResult, build_image
-from tests.fixtures.release import FixtureRelease
+from tests.fixtures.plugin import CONSUL_ZIP_ENV, ZIP_NAME_RE, ReleaseFor
 from tests.paths import REPO
 
 SPEC = REPO / "images" / "web.yaml"
+#: The examples every run bakes and verifies: web (Consul 2.1, nftables) and api
+#: (Consul 2.0, iptables, fail-closed).
+EXAMPLES = ("web", "api")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -28,28 +34,65 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.image)
 
 
+@dataclass(frozen=True)
+class Example:
+    """One example spec, baked for real with the options it was baked with."""
+
+    spec: Path
+    options: BuildOptions
+    built: BuildResult
+
+
 @pytest.fixture(scope="session")
-def e2e_options(
-    fixture_release: FixtureRelease, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[BuildOptions]:
+def e2e_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.fail("the end-to-end tests bake with loop devices and need root")
     keep = os.environ.get("MESHBAKE_E2E_OUT")
-    out = Path(keep) if keep else tmp_path_factory.mktemp("e2e") / "web"
-    yield BuildOptions(
-        out=out,
-        consul_mirror=str(fixture_release.mirror),
-        consul_key=fixture_release.key,
-        consul_zip=fixture_release.zip_override,
-    )
+    out = Path(keep) if keep else tmp_path_factory.mktemp("e2e")
+    yield out
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def real_zip_for(version: str) -> Path | None:
+    """``MESHBAKE_CONSUL_ZIP`` when it names a real Consul of this version."""
+    given = os.environ.get(CONSUL_ZIP_ENV)
+    named = ZIP_NAME_RE.fullmatch(Path(given).name) if given else None
+    return Path(given) if given and named and named.group("version") == version else None
+
+
 @pytest.fixture(scope="session")
-def built(e2e_options: BuildOptions) -> BuildResult:
-    """The web image, baked for real (TCG here: a few minutes)."""
-    return build_image(SPEC, e2e_options)
+def bake(e2e_out: Path, fixture_release_for: ReleaseFor) -> Callable[[str], Example]:
+    """Bake ``images/<name>.yaml`` once per session (TCG here: a few minutes each),
+    with a fixture Consul release (a TEST DOUBLE) of the spec's own Consul version."""
+    done: dict[str, Example] = {}
+
+    def example(name: str) -> Example:
+        if name not in done:
+            spec = REPO / "images" / f"{name}.yaml"
+            version = yaml.safe_load(spec.read_text())["consul"]["version"]
+            release = fixture_release_for(version)
+            options = BuildOptions(
+                out=e2e_out / name,
+                consul_mirror=str(release.mirror),
+                consul_key=release.key,
+                consul_zip=real_zip_for(version),
+            )
+            done[name] = Example(spec, options, build_image(spec, options))
+        return done[name]
+
+    return example
+
+
+@pytest.fixture(scope="session")
+def e2e_options(bake: Callable[[str], Example]) -> BuildOptions:
+    return bake("web").options
+
+
+@pytest.fixture(scope="session")
+def built(bake: Callable[[str], Example]) -> BuildResult:
+    """The web image, baked for real."""
+    return bake("web").built
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
-"""The whole round: bake images/web.yaml into a qcow2, rebuild as a no-op, boot it twice
-(no token; then the minimal user data) and prove it with the shipped Testinfra suites:
-at first boot, connections cross the real Envoy behind the Consul double both ways, and
+"""The whole round, for both examples (web: Consul 2.1 with nftables; api: Consul 2.0
+with iptables, failing closed): bake a qcow2, rebuild as a no-op, boot it twice (no
+token; then the minimal user data) and prove it with the shipped Testinfra suites: at
+first boot, connections cross the real Envoy behind the Consul double both ways, and
 the report says so with Envoy's own counters and a first-boot timeline.
 """
 
@@ -9,27 +10,38 @@ from __future__ import annotations
 import json
 import subprocess
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from builder.build.run import BuildOptions, BuildResult, build_image
+from builder.build.run import BuildResult, build_image
 from builder.digest import sha256_file
 from builder.verify.runner import VerifyReport, verify_image
 
-from .conftest import SPEC
+from .conftest import EXAMPLES, Example
 
 
-def test_build_writes_image_and_manifest(built: BuildResult) -> None:
+@pytest.fixture(scope="module", params=EXAMPLES)
+def example(request: pytest.FixtureRequest, bake: Callable[[str], Example]) -> Example:
+    return bake(request.param)
+
+
+@pytest.fixture(scope="module")
+def built(example: Example) -> BuildResult:
+    return example.built
+
+
+def test_build_writes_image_and_manifest(built: BuildResult, example: Example) -> None:
     assert built.status in ("built", "up-to-date")
     assert built.output is not None and built.manifest is not None
     manifest = json.loads(built.manifest.read_text())
-    assert manifest["image"] == "web"
+    assert manifest["image"] == example.spec.stem
     assert manifest["output"]["sha256"] == sha256_file(built.output)
     assert {a["name"] for a in manifest["artifacts"]} == {"consul", "envoy"}
     assert all(len(a["sha256"]) == 64 for a in manifest["artifacts"])
-    spec = yaml.safe_load(SPEC.read_text())
+    spec = yaml.safe_load(example.spec.read_text())
     assert manifest["versions"]["consul"] == spec["consul"]["version"]
     assert manifest["versions"]["envoy"] == spec["envoy"]["version"]
     assert manifest["versions"]["packer"]
@@ -51,15 +63,16 @@ def test_no_workdir_or_partial_output_left(built: BuildResult) -> None:
     assert leftovers == []
 
 
-def test_second_build_is_a_noop(built: BuildResult, e2e_options: BuildOptions) -> None:
-    again = build_image(SPEC, e2e_options)
+def test_second_build_is_a_noop(built: BuildResult, example: Example) -> None:
+    again = build_image(example.spec, example.options)
     assert again.status == "up-to-date"
     assert again.output == built.output
 
 
 @pytest.fixture(scope="module")
-def report(golden_image: Path) -> VerifyReport:
-    return verify_image(golden_image, spec=SPEC)
+def report(example: Example) -> VerifyReport:
+    assert example.built.output is not None
+    return verify_image(example.built.output, spec=example.spec)
 
 
 def test_verify_both_phases_pass(report: VerifyReport) -> None:
@@ -125,3 +138,14 @@ def test_junit_has_both_phases(report: VerifyReport) -> None:
     for phase in report.phases:
         assert suites[phase.phase].get("tests") == str(len(phase.checks))
         assert suites[phase.phase].get("failures") == "0"
+
+
+def test_sidecar_down_fails_open_or_closed_as_the_spec_says(
+    report: VerifyReport, example: Example
+) -> None:
+    spec = yaml.safe_load(example.spec.read_text())
+    fail_closed = spec["service"].get("transparent_proxy", {}).get("fail_closed", False)
+    firstboot = report.phases[1]
+    (down,) = [c for c in firstboot.checks if c.name == "test_sidecar_down"]
+    assert down.outcome == "passed", report.summary()
+    assert down.figures["answered_with_sidecar_down"] == (0 if fail_closed else 1), down.figures

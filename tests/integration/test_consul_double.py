@@ -127,9 +127,21 @@ def start_agent(tmp_path: Path, services: list[dict[str, Any]], **env: str) -> R
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[RunningAgent]:
     running = start_agent(tmp_path, [SERVICE])
-    yield running
-    running.process.terminate()
-    running.process.wait(10)
+    try:
+        yield running
+    finally:
+        stop(running.process)
+
+
+def stop(process: subprocess.Popen[str]) -> int:
+    """End an agent double this test started; never leave it running."""
+    process.terminate()
+    try:
+        return process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
 
 
 def fake_envoy(tmp_path: Path, version: str) -> Path:
@@ -373,8 +385,7 @@ def test_agent_notifies_systemd_when_ready(tmp_path: Path) -> None:
         try:
             message = sock.recv(4096).decode()
         finally:
-            running.process.terminate()
-            assert running.process.wait(10) == 0
+            assert stop(running.process) == 0
     assert "READY=1" in message.splitlines()
 
 
@@ -411,5 +422,4 @@ def test_agent_answers_service_lookups_over_dns(agent: RunningAgent) -> None:
 
 
 def test_agent_stops_on_sigterm(agent: RunningAgent) -> None:
-    agent.process.terminate()
-    assert agent.process.wait(10) == 0
+    assert stop(agent.process) == 0

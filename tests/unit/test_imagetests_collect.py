@@ -50,6 +50,8 @@ EXPECT = {
     "fixture": True,
     "redirect_backend": "nftables",
     "fail_closed": False,
+    "imds_restricted": True,
+    "imds_allow_users": [],
     "traffic": {
         "inbound": {"address": "127.0.0.1", "port": 9},
         "outbound": {"address": "10.0.2.2", "port": 9, "banner": "b", "log": "/nonexistent"},

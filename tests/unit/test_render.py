@@ -180,6 +180,7 @@ def test_every_unit_is_baked_and_enabled(example: LoadedSpec) -> None:
         "envoy-sidecar.service",
         "meshbake-firstboot.service",
         "meshbake-imds.service",
+        "meshbake-conntrack.service",
         "web.service",
     }
     assert set(bake.enabled_units(example.spec)) == names

@@ -26,8 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 import testinfra.backend
+import testinfra.backend.paramiko
 import testinfra.host
 
 #: Where pytest_configure keeps the loaded --expect file.
@@ -60,6 +62,8 @@ EXPECT_KEYS = frozenset(
         "fixture",
         "redirect_backend",
         "fail_closed",
+        "imds_restricted",
+        "imds_allow_users",
         "traffic",
     }
 )
@@ -96,8 +100,42 @@ def load_expect(path: str | None) -> dict[str, Any]:
     return data
 
 
+#: Longest any one command may take over SSH before its connection counts as dead.
+COMMAND_TIMEOUT = 200.0
+
+
+def _exec_command_with_timeout(
+    self: testinfra.backend.paramiko.ParamikoBackend, command: bytes
+) -> tuple[int, bytes, bytes]:
+    """testinfra's ``ParamikoBackend._exec_command``, with a deadline.
+
+    An SSH connection made while no redirect is in place stops answering when one is
+    applied (the kernel picks the connection up mid-stream and NATs sshd's replies into
+    Envoy, as the rules say for any root-owned TCP). testinfra would wait forever; with
+    the deadline the dead connection is closed and testinfra reconnects once and runs the
+    command again (its own recovery for a connection that went away).
+    """
+    transport = self.client.get_transport()
+    assert transport is not None
+    chan = transport.open_session(timeout=COMMAND_TIMEOUT)
+    chan.settimeout(COMMAND_TIMEOUT)
+    if self.get_pty:
+        chan.get_pty()
+    chan.exec_command(command)
+    try:
+        stdout = b"".join(chan.makefile("rb"))
+        stderr = b"".join(chan.makefile_stderr("rb"))
+    except TimeoutError as exc:
+        transport.close()
+        raise paramiko.SSHException(
+            f"no answer over SSH for {COMMAND_TIMEOUT:.0f} s; the connection is dead"
+        ) from exc
+    return chan.recv_exit_status(), stdout, stderr
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[EXPECT] = load_expect(config.getoption("--expect"))
+    testinfra.backend.paramiko.ParamikoBackend._exec_command = _exec_command_with_timeout
     # Root is needed for nearly every check (0600 files, iptables, the journal).
     if hasattr(config.option, "sudo"):
         config.option.sudo = True
