@@ -27,7 +27,9 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,22 +37,29 @@ sys.path.insert(0, str(REPO))
 from builder.build import artifacts, base  # noqa: E402
 from builder.render import cloudconfig  # noqa: E402
 from builder.render.context import render_context  # noqa: E402
-from builder.spec.model import Accelerator, load_spec  # noqa: E402
+from builder.spec.model import Accelerator, LoadedSpec, load_spec  # noqa: E402
 from builder.tools.packer import Packer  # noqa: E402
 from builder.verify.runner import _poll, boot_vm, verify_user_data  # noqa: E402
 from tests.fixtures.release import make_fixture_release  # noqa: E402
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--spec", type=Path, default=REPO / "images" / "web.yaml")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results-install-at-boot.json")
-    args = parser.parse_args()
-    loaded = load_spec(args.spec)
+@dataclass
+class AtBoot:
+    """The install-at-boot way, ready to boot: its user data and the local mirror."""
+
+    extra: dict[str, Any]
+    server: http.server.ThreadingHTTPServer
+    inline: int
+    inline_gz: int
+
+
+def prepare(loaded: LoadedSpec, work: Path) -> AtBoot:
+    """Stage the same install meshbake bakes, serve it from a mirror on this host's
+    loopback (the VM reaches it as 10.0.2.2), and build the user data that installs it
+    at boot. Shut ``server`` down when done."""
     spec = loaded.spec
     cache = base.default_cache_dir()
-    work = Path(tempfile.mkdtemp(prefix="bench-at-boot-"))
-    release = make_fixture_release(work / "fixture")
+    release = make_fixture_release(work / "fixture", spec.consul.version)
     consul = artifacts.fetch_consul(
         spec.consul.version, cache, mirror=str(release.mirror), key=release.key
     )
@@ -63,20 +72,11 @@ def main() -> int:
         tar.add(ctx.stage_dir, arcname="meshbake")
 
     # What the install-at-boot way must carry when no mirror holds its configs.
-    inline = sum(
-        len(p.read_bytes())
-        for p in ctx.stage_dir.rglob("*")
-        if p.is_file() and "artifacts" not in p.parts
+    files = sorted(
+        p for p in ctx.stage_dir.rglob("*") if p.is_file() and "artifacts" not in p.parts
     )
-    inline_gz = len(
-        gzip.compress(
-            b"".join(
-                p.read_bytes()
-                for p in sorted(ctx.stage_dir.rglob("*"))
-                if p.is_file() and "artifacts" not in p.parts
-            )
-        )
-    )
+    inline = sum(len(p.read_bytes()) for p in files)
+    inline_gz = len(gzip.compress(b"".join(p.read_bytes() for p in files)))
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -99,12 +99,27 @@ def main() -> int:
                 "systemctl",
                 "start",
                 "--no-block",
+                "meshbake-imds.service",
+                "meshbake-conntrack.service",
                 "meshbake-firstboot.service",
                 "consul.service",
                 "envoy-sidecar.service",
             ],
         ],
     }
+    return AtBoot(extra, server, inline, inline_gz)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", type=Path, default=REPO / "images" / "web.yaml")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results-install-at-boot.json")
+    args = parser.parse_args()
+    loaded = load_spec(args.spec)
+    work = Path(tempfile.mkdtemp(prefix="bench-at-boot-"))
+    at_boot = prepare(loaded, work)
+    extra, server = at_boot.extra, at_boot.server
+    cache = base.default_cache_dir()
     base_image = base.build_base(cache)
     try:
         with (
@@ -129,8 +144,8 @@ def main() -> int:
         "install_at_boot_boot_to_ssh_seconds": round(ssh, 1),
         "install_at_boot_vm_start_to_mesh_ready_seconds": round(mesh, 1) if ready else None,
         "install_at_boot_user_data_bytes_with_mirror": len(user_data.encode()),
-        "self_contained_user_data_bytes_no_binaries": inline,
-        "self_contained_user_data_bytes_gzipped": inline_gz,
+        "self_contained_user_data_bytes_no_binaries": at_boot.inline,
+        "self_contained_user_data_bytes_gzipped": at_boot.inline_gz,
     }
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))

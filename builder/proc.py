@@ -364,3 +364,24 @@ def ssh_keygen(key: Path, comment: str) -> Path:
     """
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key])
     return key.with_name(key.name + ".pub")
+
+
+def processes_naming(*needles: str) -> list[int]:
+    """PIDs of live processes (not this one) whose command line contains one of
+    ``needles``, e.g. a work folder that only processes we started name.
+
+    >>> os.getpid() in processes_naming(str(os.getpid()))
+    False
+    """
+    wanted = [n.encode() for n in needles]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(n in cmdline for n in wanted):
+            found.append(int(entry.name))
+    return found

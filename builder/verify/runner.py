@@ -296,8 +296,8 @@ def verify_user_data(public_key: str, extra: dict[str, Any] | None = None) -> st
     return cloudconfig.dump(document)
 
 
-def ssh_run(vm: Vm, command: str, timeout: float = 30.0) -> tuple[int, str]:
-    """Run ``command`` in the VM over SSH (a fresh connection each time)."""
+def ssh_client(vm: Vm, timeout: float = 30.0) -> paramiko.SSHClient:
+    """A connected SSH client to the VM as the verify user; close it when done."""
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # a throwaway VM
     try:
@@ -312,6 +312,16 @@ def ssh_run(vm: Vm, command: str, timeout: float = 30.0) -> tuple[int, str]:
             allow_agent=False,
             look_for_keys=False,
         )
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def ssh_run(vm: Vm, command: str, timeout: float = 30.0) -> tuple[int, str]:
+    """Run ``command`` in the VM over SSH (a fresh connection each time)."""
+    client = ssh_client(vm, timeout)
+    try:
         _, stdout, _ = client.exec_command(command, timeout=timeout)
         output = stdout.read().decode(errors="replace")
         return stdout.channel.recv_exit_status(), output
@@ -645,19 +655,9 @@ def _guest_clock_offset(vm: Vm) -> tuple[float, float]:
     Reads the guest's /proc/uptime a few times over one SSH connection and keeps the
     quickest round trip; the uncertainty is half of it.
     """
-    client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # a throwaway VM
+    client = ssh_client(vm)
     best: tuple[float, float] | None = None
     try:
-        client.connect(
-            "127.0.0.1",
-            port=vm.port,
-            username=VERIFY_USER,
-            key_filename=str(vm.key_file),
-            timeout=30,
-            allow_agent=False,
-            look_for_keys=False,
-        )
         for _ in range(5):
             sent = time.monotonic()
             _, stdout, _ = client.exec_command("cat /proc/uptime", timeout=30)

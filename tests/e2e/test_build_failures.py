@@ -17,6 +17,7 @@ left Packer's process group, as a re-parented qemu does.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import queue
@@ -36,6 +37,7 @@ import yaml
 from builder.build import base
 from builder.build.run import BuildOptions, build_image
 from builder.errors import UserError
+from builder.proc import processes_naming
 from tests.paths import REPO
 
 #: What meshbake exits with after each signal (128 + signal).
@@ -50,18 +52,12 @@ SPEC = REPO / "images" / "web.yaml"
 
 def _processes_naming(*folders: Path) -> list[str]:
     """Live processes (not us) whose argv names one of ``folders``."""
-    needles = [str(f).encode() for f in folders]
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if any(n in cmdline for n in needles):
+    for pid in processes_naming(*map(str, folders)):
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             shown = cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]
-            found.append(f"{entry.name}: {shown}")
+            found.append(f"{pid}: {shown}")
     return found
 
 

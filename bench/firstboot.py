@@ -1,0 +1,202 @@
+"""First boot, measured the way verify measures it: from VM start to the first
+connection that crossed the sidecar. Not a test.
+
+    .venv/bin/python bench/firstboot.py [--spec images/web.yaml] [--image IMAGE] [--rounds 3]
+
+Each round boots, in an order that rotates from round to round so that a warm or busy
+machine favours no one:
+
+- golden: the golden image with the minimal first-boot user data; VM start to the
+  first proxied connection (a probe connects to the service port through a qemu
+  forward every half second, and Envoy's own counter says which connection was the
+  first to cross it), and meshbake's own share: the end of cloud-init's network stage
+  to that connection, on the guest's systemd clock;
+- bare: the same Debian base booted with no mesh, until cloud-init is done;
+- install-at-boot: the same base, with user data that installs everything at boot from
+  a mirror on this host's loopback (bench/install_at_boot.py), to the first proxied
+  connection.
+
+Medians go to stdout as a Markdown table and to ``--out`` as JSON with every sample.
+The Consul inside is the fixture release (a TEST DOUBLE); Envoy is real. Without
+``--image`` the spec is baked first (into build/bench/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from install_at_boot import prepare  # noqa: E402
+
+from builder.build import base  # noqa: E402
+from builder.build.run import BuildOptions, build_image  # noqa: E402
+from builder.render import cloudconfig  # noqa: E402
+from builder.spec.model import Accelerator, LoadedSpec, load_spec  # noqa: E402
+from builder.tools.qemu import choose_accelerator  # noqa: E402
+from builder.verify.runner import (  # noqa: E402
+    INBOUND_CX,
+    ServiceProbe,
+    Vm,
+    _envoy_counter,
+    _free_port,
+    _poll,
+    boot_vm,
+    first_boot_timeline,
+    verify_user_data,
+)
+from tests.fixtures.release import make_fixture_release  # noqa: E402
+
+Sample = dict[str, float | None]
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def first_proxied(
+    image: Path, loaded: LoadedSpec, extra: dict[str, Any], timeout: float = 900
+) -> Sample:
+    """Boot ``image`` with ``extra`` user data; VM start to the first proxied connection."""
+    port = _free_port()
+    with (
+        tempfile.TemporaryDirectory(prefix="meshbake-bench-") as work,
+        ServiceProbe(port) as probe,
+        boot_vm(
+            image,
+            Path(work),
+            lambda key: verify_user_data(key, extra),
+            Accelerator.AUTO,
+            say,
+            forwards={port: loaded.spec.service.port},
+        ) as vm,
+    ):
+        deadline = time.monotonic() + timeout
+        while (_envoy_counter(vm, INBOUND_CX) or 0) == 0:
+            if time.monotonic() > deadline:
+                return {"vm_start_to_first_proxied_s": None}
+            time.sleep(1)
+        answered = probe.stop()
+        first = ServiceProbe.first_proxied(answered, _envoy_counter(vm, INBOUND_CX) or 0)
+        timeline = first_boot_timeline(vm, first)
+    network, crossed = (
+        timeline.get("cloud_init_network_done"),
+        timeline.get("first_proxied_connection"),
+    )
+    return {
+        "vm_start_to_first_proxied_s": None if first is None else round(first - vm.started, 1),
+        "network_stage_to_first_proxied_s": (
+            None if network is None or crossed is None else round(crossed - network, 1)
+        ),
+        "first_boot_unit_to_sidecar_active_s": _span(
+            timeline, "meshbake_firstboot_done", "sidecar_active"
+        ),
+    }
+
+
+def _span(timeline: dict[str, float | None], start: str, end: str) -> float | None:
+    a, b = timeline.get(start), timeline.get(end)
+    return None if a is None or b is None else round(b - a, 1)
+
+
+def bare(base_image: Path) -> Sample:
+    """The base with no mesh: VM start until cloud-init is done."""
+    with (
+        tempfile.TemporaryDirectory(prefix="meshbake-bench-") as work,
+        boot_vm(base_image, Path(work), verify_user_data, Accelerator.AUTO, say) as vm,
+    ):
+        done = _until(vm, "cloud-init status --wait >/dev/null 2>&1; echo done", "done")
+    return {"vm_start_to_cloud_init_done_s": done}
+
+
+def _until(vm: Vm, command: str, want: str) -> float | None:
+    if _poll(vm, command, want, time.monotonic() + 900):
+        return round(time.monotonic() - vm.started, 1)
+    return None
+
+
+def golden_image(spec: Path, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    version = load_spec(spec).spec.consul.version
+    release = make_fixture_release(Path(tempfile.mkdtemp(prefix="bench-fixture-")), version)
+    options = BuildOptions(
+        out=REPO / "build" / "bench" / spec.stem,
+        consul_mirror=str(release.mirror),
+        consul_key=release.key,
+    )
+    built = build_image(spec, options)
+    assert built.output is not None, built.status
+    return built.output
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", type=Path, default=REPO / "images" / "web.yaml")
+    parser.add_argument("--image", type=Path, help="a golden image of --spec (default: bake it)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results-firstboot.json")
+    args = parser.parse_args()
+    loaded = load_spec(args.spec)
+    image = golden_image(args.spec, args.image)
+    base_image = base.build_base().path
+    values = cloudconfig.carrier_values(
+        loaded.spec, cloudconfig.Secrets(agent_token=str(uuid.uuid4()))
+    )
+    golden_extra = cloudconfig.first_boot_document(values)
+    at_boot = prepare(loaded, Path(tempfile.mkdtemp(prefix="bench-at-boot-")))
+
+    ways: dict[str, Callable[[], Sample]] = {
+        "golden": lambda: first_proxied(image, loaded, golden_extra),
+        "bare": lambda: bare(base_image),
+        "install-at-boot": lambda: first_proxied(base_image, loaded, at_boot.extra),
+    }
+    samples: dict[str, list[Sample]] = {name: [] for name in ways}
+    names = list(ways)
+    try:
+        for round_ in range(args.rounds):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for name in order:
+                say(f"round {round_ + 1}/{args.rounds}: {name}")
+                samples[name].append(ways[name]())
+                say(f"{name}: {samples[name][-1]}")
+    finally:
+        at_boot.server.shutdown()
+
+    medians: dict[str, dict[str, float | None]] = {}
+    for name, runs in samples.items():
+        keys = sorted({k for run in runs for k in run})
+        medians[name] = {}
+        for key in keys:
+            values_ = [v for run in runs if (v := run.get(key)) is not None]
+            medians[name][key] = round(statistics.median(values_), 1) if values_ else None
+    result = {
+        "cores": os.cpu_count(),
+        "accelerator": choose_accelerator(Accelerator.AUTO).value,
+        "spec": str(args.spec.relative_to(REPO) if args.spec.is_relative_to(REPO) else args.spec),
+        "rounds": args.rounds,
+        "medians": medians,
+        "samples": samples,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print("| way | figure | median |\n|---|---|---|")
+    for name, figures in medians.items():
+        for key, value in figures.items():
+            print(f"| {name} | {key} | {value} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
