@@ -200,3 +200,37 @@ def test_an_unknown_allowed_user_fails_loudly(pair: Pair) -> None:
     )
     assert done.returncode == 1
     assert "no-such-user-here" in done.stderr
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_refusal_reaches_the_caller_when_the_address_is_local(backend: str) -> None:
+    """verify serves a stand-in on the VM's own loopback: the reset a refusal sends then
+    goes to the metadata address itself, and must not be refused in turn (a timeout)."""
+    ns = f"mbl{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{ADDRESS}/32", "dev", "lo"], check=True)
+        local = Pair(ns, ns)
+        server = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "/usr/bin/python3",
+                "-c",
+                "import socket,time\ns=socket.socket()\n"
+                f"s.bind(('{ADDRESS}', 80)); s.listen(16); time.sleep(60)\n",
+            ]
+        )
+        try:
+            assert local.run("/usr/bin/python3", "-c", _wait_for_listener()).returncode == 0
+            imds(local, backend)
+            assert local.connect_as(REFUSED) == "ConnectionRefusedError"
+            assert local.connect_as("root") == "connected"
+        finally:
+            server.terminate()
+            server.wait(10)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
