@@ -393,13 +393,29 @@ def packer_tmpdir() -> Iterator[Path]:
     It must also be short: Packer puts its plugin sockets in it, and a unix socket path
     may not exceed 108 bytes, which a deep build folder easily would.
     """
-    tmp = Path(tempfile.mkdtemp(prefix="meshbake-packer-"))
+    tmp = Path(tempfile.mkdtemp(prefix="meshbake-packer-", dir=_short_tmp_root()))
     try:
         yield tmp
     finally:
         with proc.shielded():
             kill_strays(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: Packer's plugin sockets are named ``<TMPDIR>/packer-plugin<10 digits>``; a unix
+#: socket path has room for 107 bytes.
+_SOCKET_ROOM = 107 - len("/meshbake-packer-xxxxxxxx/packer-plugin0123456789")
+
+
+def _short_tmp_root() -> str:
+    """The temp folder, unless its path leaves no room for Packer's sockets: then /tmp
+    (the folder is private, 0700, either way).
+
+    >>> len(_short_tmp_root()) <= _SOCKET_ROOM
+    True
+    """
+    root = tempfile.gettempdir()
+    return root if len(os.fsencode(root)) <= _SOCKET_ROOM else "/tmp"
 
 
 def kill_strays(work: Path) -> list[int]:

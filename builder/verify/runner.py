@@ -492,7 +492,7 @@ def parse_junit(path: Path) -> list[CheckResult]:
             node = case.find(tag)
             if node is not None:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                message = node.get("message", "") or (node.text or "")
+                message = _crash_message(node) if tag != "skipped" else node.get("message", "")
                 break
         figures = {
             prop.get("name", "?"): _number(prop.get("value", ""))
@@ -500,6 +500,25 @@ def parse_junit(path: Path) -> list[CheckResult]:
         }
         results.append(CheckResult(name, outcome, round(seconds, 2), message.strip(), figures))
     return results
+
+
+def _crash_message(node: ET.Element) -> str:
+    r"""The whole message of a failed check. pytest shortens the ``message`` attribute
+    to a budget; its ``E`` lines in the element's text carry all of it.
+
+    >>> node = ET.fromstring('<failure message="short">x\nE   expected: a\nE   seen: b</failure>')
+    >>> _crash_message(node)
+    'expected: a\nseen: b'
+    """
+    run: list[str] = []
+    last: list[str] = []
+    for line in (node.text or "").splitlines():
+        if line.startswith("E "):
+            run.append(line[1:].strip())
+        elif run:
+            last, run = run, []
+    last = run or last
+    return "\n".join(last) if last else node.get("message", "") or (node.text or "")
 
 
 def _number(text: str) -> int | float | str:

@@ -18,6 +18,7 @@ left Packer's process group, as a re-parented qemu does.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import os
 import queue
@@ -48,6 +49,18 @@ SPEC = REPO / "images" / "web.yaml"
 
 
 # --- helpers -----------------------------------------------------------------------------
+
+
+def short_tmp(tmp_path: Path) -> Path:
+    """The TMPDIR a test gives meshbake: short, as a user's is, so Packer's plugin sockets
+    fit in it (/tmp/pytest-of-root/... would not), and tied to this test's tmp_path."""
+    return Path("/tmp") / f"mbt-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:10]}"
+
+
+@pytest.fixture(autouse=True)
+def _remove_short_tmp(tmp_path: Path) -> Iterator[None]:
+    yield
+    shutil.rmtree(short_tmp(tmp_path), ignore_errors=True)
 
 
 def _processes_naming(*folders: Path) -> list[str]:
@@ -281,7 +294,7 @@ def test_signal_during_download(
     # A fresh cache, so the mirror is asked (and no --consul-zip either).
     argv = _build_argv(e2e_options, out, "--cache", str(tmp_path / "cache"), mirror=stalling_mirror)
     run = Meshbake(
-        argv, tmp_path / "tmp", env={"MESHBAKE_CONSUL_ZIP": ""}, ignore_sigint=ignore_sigint
+        argv, short_tmp(tmp_path), env={"MESHBAKE_CONSUL_ZIP": ""}, ignore_sigint=ignore_sigint
     )
     run.wait_for(f"from {stalling_mirror}")
     run.interrupt(sig, out, tmp_path / "cache")
@@ -309,7 +322,7 @@ def _mounts_under(folder: Path) -> list[str]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_signal_during_base(tmp_path: Path, sig: signal.Signals) -> None:
     cache = tmp_path / "cache"
-    run = Meshbake(["base", "--cache", str(cache)], tmp_path / "tmp")
+    run = Meshbake(["base", "--cache", str(cache)], short_tmp(tmp_path))
     run.wait_for("base: mmdebstrap")
     run.interrupt(sig, cache)
     assert _mounts_under(cache) == []
@@ -326,7 +339,7 @@ def test_signal_during_bake(
     tmp_path: Path, e2e_options: BuildOptions, stage: str, sig: signal.Signals
 ) -> None:
     out = tmp_path / "out"
-    run = Meshbake(_build_argv(e2e_options, out), tmp_path / "tmp")
+    run = Meshbake(_build_argv(e2e_options, out), short_tmp(tmp_path))
     if stage == "boot":
         run.wait_for("booting the build VM")
         run.wait_until(lambda: _qemus_naming(out), "qemu starting")
@@ -341,7 +354,7 @@ def test_sigkill_during_bake_leaves_no_packer_and_no_vm(
 ) -> None:
     """meshbake cannot clean up after SIGKILL, but Packer and its VM must not run on."""
     out = tmp_path / "out"
-    run = Meshbake(_build_argv(e2e_options, out), tmp_path / "tmp")
+    run = Meshbake(_build_argv(e2e_options, out), short_tmp(tmp_path))
     run.wait_for("booting the build VM")
     run.wait_until(lambda: _qemus_naming(out), "qemu starting")
     killed = time.monotonic()
@@ -402,7 +415,7 @@ def test_signal_during_late_bake_stage(
     packer.chmod(0o755)
     out = tmp_path / "out"
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_PACKER_STOP": stage}
-    run = Meshbake(_build_argv(e2e_options, out), tmp_path / "tmp", env=env)
+    run = Meshbake(_build_argv(e2e_options, out), short_tmp(tmp_path), env=env)
     run.wait_for(_STAGE_LINES[stage])
     run.wait_until(
         lambda: [p for p in _processes_naming(out) if "standin" in p], "the stand-in qemu"
@@ -429,7 +442,7 @@ def test_signal_during_verify(
     tmp_path: Path, cached_base: Path, phase: str, sig: signal.Signals
 ) -> None:
     image = _image(tmp_path, cached_base)
-    tmpdir = tmp_path / "tmp"
+    tmpdir = short_tmp(tmp_path)
     argv = ["verify", str(image), "--spec", str(SPEC), "--phase", phase]
     run = Meshbake(argv, tmpdir)
     run.wait_for("verify: booting")
@@ -440,7 +453,7 @@ def test_signal_during_verify(
 def test_timeout_sends_term_to_verify(tmp_path: Path, cached_base: Path) -> None:
     """``timeout -s TERM 30 meshbake verify IMAGE``, as a CI job step would run it."""
     image = _image(tmp_path, cached_base)
-    tmpdir = tmp_path / "tmp"
+    tmpdir = short_tmp(tmp_path)
     argv = ["verify", str(image), "--spec", str(SPEC)]
     run = Meshbake(argv, tmpdir, wrap=["timeout", "-s", "TERM", "30"])
     try:
