@@ -47,7 +47,6 @@ from builder.render import cloudconfig  # noqa: E402
 from builder.spec.model import Accelerator, LoadedSpec, load_spec  # noqa: E402
 from builder.tools.qemu import choose_accelerator  # noqa: E402
 from builder.verify.runner import (  # noqa: E402
-    INBOUND_CX,
     ServiceProbe,
     Vm,
     _envoy_counter,
@@ -87,16 +86,19 @@ def first_proxied(
             forwards={port: loaded.spec.service.port},
         ) as vm,
     ):
+        # Connections Envoy took before the app listened (install-at-boot starts both at
+        # once) were never answered: count only those Envoy got through to the app.
+        def reached() -> int:
+            total = _envoy_counter(vm, APP_CX) or 0
+            return total - (_envoy_counter(vm, APP_CONNECT_FAIL) or 0)
+
         deadline = time.monotonic() + timeout
-        while (_envoy_counter(vm, INBOUND_CX) or 0) == 0:
+        while reached() <= 0:
             if time.monotonic() > deadline:
                 return {"vm_start_to_first_proxied_s": None}
             time.sleep(1)
         answered = probe.stop()
-        # Connections Envoy took before the app listened (install-at-boot starts both at
-        # once) were never answered: count only those Envoy got through to the app.
-        reached = (_envoy_counter(vm, APP_CX) or 0) - (_envoy_counter(vm, APP_CONNECT_FAIL) or 0)
-        first = ServiceProbe.first_proxied(answered, reached)
+        first = ServiceProbe.first_proxied(answered, reached())
         timeline = first_boot_timeline(vm, first)
     network, crossed = (
         timeline.get("cloud_init_network_done"),

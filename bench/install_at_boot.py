@@ -104,6 +104,7 @@ def prepare(loaded: LoadedSpec, work: Path) -> AtBoot:
                 "meshbake-firstboot.service",
                 "consul.service",
                 "envoy-sidecar.service",
+                f"{spec.app.name}.service",
             ],
         ],
     }
