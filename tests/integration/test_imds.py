@@ -48,10 +48,17 @@ class Pair:
 
     def connect_as(self, user: str) -> str:
         """What a TCP connection to the metadata address, made as ``user``, got."""
+        return self._as(user, "print('connected')")
+
+    def exchange_as(self, user: str) -> str:
+        """The reply to one line sent to the metadata address as ``user``, or the error."""
+        return self._as(user, "s.sendall(b'x\\n'); print(s.recv(4096).decode().strip())")
+
+    def _as(self, user: str, then: str) -> str:
         code = (
             "import socket,sys\n"
             "s=socket.socket(); s.settimeout(5)\n"
-            f"try:\n s.connect(('{ADDRESS}', 80)); print('connected')\n"
+            f"try:\n s.connect(('{ADDRESS}', 80)); {then}\n"
             "except OSError as e: print(type(e).__name__)\n"
         )
         done = self.run(
@@ -203,9 +210,11 @@ def test_an_unknown_allowed_user_fails_loudly(pair: Pair) -> None:
 
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
-def test_refusal_reaches_the_caller_when_the_address_is_local(backend: str) -> None:
-    """verify serves a stand-in on the VM's own loopback: the reset a refusal sends then
-    goes to the metadata address itself, and must not be refused in turn (a timeout)."""
+def test_the_address_on_the_instance_itself_works_both_ways(backend: str) -> None:
+    """verify serves a stand-in on the VM's own loopback. Then the reset a refusal sends
+    goes to the metadata address itself and must not be refused in turn (a timeout),
+    and the ownerless last packets of root's exchanges must not be refused either (the
+    stand-in's side of the first exchange was reset, and it stopped serving)."""
     ns = f"mbl{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
@@ -220,17 +229,21 @@ def test_refusal_reaches_the_caller_when_the_address_is_local(backend: str) -> N
                 ns,
                 "/usr/bin/python3",
                 "-c",
-                "import socket,time\ns=socket.socket()\n"
-                f"s.bind(('{ADDRESS}', 80)); s.listen(16); time.sleep(60)\n",
+                "import socket\ns=socket.socket()\n"
+                f"s.bind(('{ADDRESS}', 80)); s.listen(16)\n"
+                "while True:\n"
+                " c,_=s.accept(); c.recv(4096); c.sendall(b'metadata\\n'); c.close()\n",
             ]
         )
         try:
             assert local.run("/usr/bin/python3", "-c", _wait_for_listener()).returncode == 0
             imds(local, backend)
             assert local.connect_as(REFUSED) == "ConnectionRefusedError"
-            assert local.connect_as("root") == "connected"
+            answers = [local.exchange_as("root") for _ in range(5)]
+            assert answers == ["metadata"] * 5
         finally:
             server.terminate()
             server.wait(10)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
