@@ -246,4 +246,3 @@ def test_the_address_on_the_instance_itself_works_both_ways(backend: str) -> Non
             server.wait(10)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
-
