@@ -293,6 +293,7 @@ def units(spec: ImageSpec) -> dict[str, str]:
         "meshbake-conntrack.service": render_template(
             "meshbake-conntrack.service.j2", image=spec.name
         ),
+        "meshbake-warm.service": render_template("meshbake-warm.service.j2", image=spec.name),
         **fail_closed_unit(spec),
         "meshbake-firstboot.service": render_template(
             "meshbake-firstboot.service.j2", image=spec.name, network=needs_network

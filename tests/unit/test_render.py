@@ -181,6 +181,7 @@ def test_every_unit_is_baked_and_enabled(example: LoadedSpec) -> None:
         "meshbake-firstboot.service",
         "meshbake-imds.service",
         "meshbake-conntrack.service",
+        "meshbake-warm.service",
         "web.service",
     }
     assert set(bake.enabled_units(example.spec)) == names
