@@ -67,6 +67,15 @@ MIN_CONSUL = (1, 11, 1)
 #: CHANGELOG 2.1.0: "Migrated the consul connect redirect-traffic command ... to nftables").
 NFTABLES_SINCE = (2, 1, 0)
 
+#: The first Consul release whose service registrations from config files use their own
+#: token (``acl.tokens.config_file_service_registration``); before it, the default token.
+REGISTRATION_TOKEN_SINCE = (1, 15, 0)
+
+#: The first Consul release with ``acl.tokens.dns``, the token DNS queries are answered
+#: with (CHANGELOG 1.17.0: "acl: Add new `acl.tokens.dns` config field", GH-17936).
+#: Before it, DNS uses the default token.
+DNS_TOKEN_SINCE = (1, 17, 0)
+
 VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
 Minor = tuple[int, int]
