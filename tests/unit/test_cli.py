@@ -203,6 +203,20 @@ def test_validate_broken_spec_exits_1(broken: Path, capsys: pytest.CaptureFixtur
     assert "Traceback" not in out + err
 
 
+def test_validate_refuses_an_exclusion_consul_21_refuses(
+    images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load((images / "web.yaml").read_text())  # Consul 2.1 (nftables)
+    data["service"]["transparent_proxy"]["exclude_outbound_cidrs"] = ["::ffff:10.0.0.1/120"]
+    spec = images / "mapped.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert cli.main(["validate", str(spec)]) == 1
+    out, err = capsys.readouterr()
+    field = "service.transparent_proxy.exclude_outbound_cidrs[0]"
+    assert f"{spec}: {field}: Consul 2.1 refuses it" in out
+    assert "Traceback" not in out + err
+
+
 # --- with the real tools ------------------------------------------------------------------
 
 
