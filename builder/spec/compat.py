@@ -207,9 +207,10 @@ def outbound_cidr_problem(consul_version: str, cidr: str) -> str | None:
             )
         return None
     if prefix and not prefix.isdigit():
+        network = ipaddress.ip_network(cidr, strict=False)
         return (
             f"Consul {line} refuses it: sdk/nftables takes the prefix length as a number"
-            f" (validateCIDR), not {prefix!r}; write it as {ipaddress.ip_network(cidr, strict=False)}"
+            f" (validateCIDR), not {prefix!r}; write it as {network}"
         )
     mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
     if mapped is None:

@@ -53,7 +53,8 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-ALL_SECRETS = (AGENT_TOKEN, SERVICE_TOKEN, DNS_TOKEN, GOSSIP_KEY, b64(CA_PEM), b64(CERT_PEM), b64(KEY_PEM))
+ALL_SECRETS = (AGENT_TOKEN, SERVICE_TOKEN, DNS_TOKEN, GOSSIP_KEY)
+ALL_SECRETS += (b64(CA_PEM), b64(CERT_PEM), b64(KEY_PEM))
 
 
 @dataclass(frozen=True)

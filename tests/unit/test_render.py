@@ -340,9 +340,7 @@ def test_dns_token_carrier(
     problem: str | None,
 ) -> None:
     spec = variant(_on_consul(version, shared=shared)).spec
-    secrets = Secrets(
-        agent_token=AGENT, service_token=None if shared else SERVICE, dns_token=given
-    )
+    secrets = Secrets(agent_token=AGENT, service_token=None if shared else SERVICE, dns_token=given)
     if problem is not None:
         with pytest.raises(UserError, match=problem):
             cloudconfig.carrier_values(spec, secrets)
