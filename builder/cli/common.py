@@ -46,8 +46,12 @@ def spec_paths(targets: Sequence[Path]) -> list[Path]:
     return found
 
 
-def _token_args(values: Sequence[str]) -> tuple[str | None, str | None]:
-    """``--token-file [ROLE=]FILE`` options -> (agent token, service token).
+#: The roles ``--token-file ROLE=FILE`` takes.
+TOKEN_ROLES = ("agent", "service", "dns")
+
+
+def _token_args(values: Sequence[str]) -> dict[str, str]:
+    """``--token-file [ROLE=]FILE`` options -> {role: token}.
 
     A plain FILE is the agent's token (with ``tokens.shared`` the one token); a role
     given twice is an error, never a silent choice between the two.
@@ -57,8 +61,8 @@ def _token_args(values: Sequence[str]) -> tuple[str | None, str | None]:
         role, sep, file = value.partition("=")
         if not sep:
             role, file = "agent", value
-        elif role not in ("agent", "service"):
-            raise UserError(f"--token-file {value}: the role must be agent= or service=")
+        elif role not in TOKEN_ROLES:
+            raise UserError(f"--token-file {value}: the role must be agent=, service= or dns=")
         if role in given:
             raise UserError(
                 f"--token-file {value}: the {role} token is already given"
@@ -66,9 +70,7 @@ def _token_args(values: Sequence[str]) -> tuple[str | None, str | None]:
             )
         what = f"{role} token" if sep else "ACL token"
         given[role] = (value, cloudconfig.read_secret(Path(file), what))
-    agent = given["agent"][1] if "agent" in given else None
-    service = given["service"][1] if "service" in given else None
-    return agent, service
+    return {role: token for role, (_, token) in given.items()}
 
 
 def add_secret_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +80,7 @@ def add_secret_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="[ROLE=]FILE",
-        help="ACL token file; ROLE is agent or service when the tokens are separate",
+        help="ACL token file; ROLE is agent, service (separate tokens) or dns",
     )
     p.add_argument("--gossip-key-file", type=Path)
     p.add_argument("--tls-ca-file", type=Path)
@@ -88,7 +90,7 @@ def add_secret_args(p: argparse.ArgumentParser) -> None:
 
 def user_data_from_args(loaded: LoadedSpec, args: argparse.Namespace) -> str:
     """The minimal first-boot user data from ``add_secret_args`` options, size-checked."""
-    agent, service = _token_args(args.token_file)
+    tokens = _token_args(args.token_file)
 
     def read(path: Path | None, what: str) -> str | None:
         return None if path is None else cloudconfig.read_secret(path, what)
@@ -98,8 +100,9 @@ def user_data_from_args(loaded: LoadedSpec, args: argparse.Namespace) -> str:
         return None if text is None else text.encode()
 
     secrets = cloudconfig.Secrets(
-        agent_token=agent,
-        service_token=service,
+        agent_token=tokens.get("agent"),
+        service_token=tokens.get("service"),
+        dns_token=tokens.get("dns"),
         gossip_key=read(args.gossip_key_file, "gossip key"),
         tls_ca=pem(args.tls_ca_file, "TLS CA"),
         tls_cert=pem(args.tls_cert_file, "TLS certificate"),

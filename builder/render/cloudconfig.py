@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from builder.errors import UserError, reason
 from builder.render import escape, paths
 from builder.render.paths import CARRIER
-from builder.spec import boundary
+from builder.spec import boundary, compat
 from builder.spec.model import ImageSpec, TokenSource
 
 EC2_LIMIT = 16 * 1024
@@ -79,6 +79,9 @@ class Secrets:
 
     agent_token: str | None = None
     service_token: str | None = None
+    #: The token DNS queries are answered with (``acl.tokens.dns``). With
+    #: ``tokens.shared`` the shared token fills this role unless one is given.
+    dns_token: str | None = None
     gossip_key: str | None = None
     tls_ca: bytes | None = None
     tls_cert: bytes | None = None
@@ -110,13 +113,16 @@ def carrier_values(
                 values["MESHBAKE_SERVICE_TOKEN"] = service
         elif secrets.service_token is not None and secrets.service_token != secrets.agent_token:
             problems.append("tokens.shared is true, so give one token, not two different ones")
+        problems += _dns_token(spec, secrets, values)
     elif acl and spec.tokens.source is TokenSource.SSM:
         assert spec.tokens.ssm_parameter is not None
         values["MESHBAKE_TOKEN_SSM_PARAMETER"] = spec.tokens.ssm_parameter
     elif acl and spec.tokens.source is TokenSource.SECRETSMANAGER:
         assert spec.tokens.secret_id is not None
         values["MESHBAKE_TOKEN_SECRET_ID"] = spec.tokens.secret_id
-    given_token = secrets.agent_token is not None or secrets.service_token is not None
+    given_token = any(
+        t is not None for t in (secrets.agent_token, secrets.service_token, secrets.dns_token)
+    )
     if given_token and not acl:
         problems.append("the spec has ACLs off, so it takes no token")
     elif given_token and spec.tokens.source is not TokenSource.USERDATA:
@@ -195,6 +201,48 @@ def _pem_problems(pems: Mapping[str, bytes | None]) -> list[str]:
     return problems
 
 
+def takes_dns_token(spec: ImageSpec) -> bool:
+    """Whether the user data must carry a DNS token of its own: separate tokens from user
+    data on Consul 1.15+ (with shared tokens first boot gives DNS the shared token, and
+    before 1.15 the service's default token answers DNS)."""
+    return (
+        spec.consul.acl.enabled
+        and spec.tokens.source is TokenSource.USERDATA
+        and not spec.tokens.shared
+        and compat.parse_version(spec.consul.version) >= compat.REGISTRATION_TOKEN_SINCE
+    )
+
+
+def _dns_token(spec: ImageSpec, secrets: Secrets, values: dict[str, str]) -> list[str]:
+    """Put the DNS token into ``values`` when it differs from what first boot derives.
+
+    With ``tokens.shared`` first boot gives DNS the shared token itself, so the carrier
+    (and the user data) carries a DNS token only when it is a different one. Before
+    Consul 1.15 the default token registers the service, so it cannot also be a
+    separate DNS token; there the service's token answers DNS.
+    """
+    problems: list[str] = []
+    version = compat.parse_version(spec.consul.version)
+    if secrets.dns_token is None:
+        if takes_dns_token(spec):
+            problems.append(
+                "tokens are separate: give --token-file dns=FILE too (DNS queries carry no"
+                " token, so without it every lookup is the anonymous token's)"
+            )
+        return problems
+    dns = _token(secrets.dns_token, "dns", problems)
+    registers = secrets.agent_token if spec.tokens.shared else secrets.service_token
+    if version < compat.REGISTRATION_TOKEN_SINCE:
+        if dns != (registers or "").strip():
+            problems.append(
+                f"Consul {spec.consul.version} registers the service with the default token,"
+                " which also answers DNS before 1.17, so it takes no separate dns token"
+            )
+    elif not (spec.tokens.shared and dns == (secrets.agent_token or "").strip()):
+        values["MESHBAKE_DNS_TOKEN"] = dns
+    return problems
+
+
 def _token(raw: str, role: str, problems: list[str]) -> str:
     token = raw.strip()
     if not _UUID.match(token):
@@ -240,12 +288,14 @@ def check_size(user_data: str, warn: list[str]) -> None:
 def user_data_template(spec: ImageSpec) -> str:
     """The first-boot user data as a Terraform ``templatefile`` template.
 
-    Placeholders are ``${agent_token}``, ``${service_token}``, ``${gossip_key}`` and
+    Placeholders are ``${agent_token}``, ``${service_token}``, ``${dns_token}``,
+    ``${gossip_key}`` and
     ``${tls_ca_b64}`` (and cert/key) as the spec needs them.
     """
     names = {
         "MESHBAKE_AGENT_TOKEN": "agent_token",
         "MESHBAKE_SERVICE_TOKEN": "service_token",
+        "MESHBAKE_DNS_TOKEN": "dns_token",
         "MESHBAKE_GOSSIP_KEY": "gossip_key",
         "MESHBAKE_TLS_CA_B64": "tls_ca_b64",
         "MESHBAKE_TLS_CERT_B64": "tls_cert_b64",
@@ -260,6 +310,7 @@ def user_data_template(spec: ImageSpec) -> str:
         service_token=None
         if spec.tokens.shared or not tokens
         else "00000000-0000-4000-8000-000000000001",
+        dns_token="00000000-0000-4000-8000-000000000002" if takes_dns_token(spec) else None,
         gossip_key=base64.b64encode(bytes(32)).decode() if spec.consul.gossip.enabled else None,
         tls_ca=b"-----BEGIN CERTIFICATE-----\n" if tls.enabled else None,
         tls_cert=b"-----BEGIN CERTIFICATE-----\n" if client else None,

@@ -20,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -66,6 +67,15 @@ MIN_CONSUL = (1, 11, 1)
 #: The first Consul release whose ``redirect-traffic`` uses nftables (``sdk/nftables``;
 #: CHANGELOG 2.1.0: "Migrated the consul connect redirect-traffic command ... to nftables").
 NFTABLES_SINCE = (2, 1, 0)
+
+#: The first Consul release whose service registrations from config files use their own
+#: token (``acl.tokens.config_file_service_registration``); before it, the default token.
+REGISTRATION_TOKEN_SINCE = (1, 15, 0)
+
+#: The first Consul release with ``acl.tokens.dns``, the token DNS queries are answered
+#: with (CHANGELOG 1.17.0: "acl: Add new `acl.tokens.dns` config field", GH-17936).
+#: Before it, DNS uses the default token.
+DNS_TOKEN_SINCE = (1, 17, 0)
 
 VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
@@ -164,3 +174,55 @@ def redirect_backend(consul_version: str) -> RedirectBackend:
     if parse_version(consul_version) >= NFTABLES_SINCE:
         return RedirectBackend.NFTABLES
     return RedirectBackend.IPTABLES
+
+
+def outbound_cidr_problem(consul_version: str, cidr: str) -> str | None:
+    """Why this Consul's ``redirect-traffic`` refuses (or misreads) an outbound CIDR
+    exclusion that the spec's own check accepted, or None.
+
+    - nftables (2.1+), ``validateCIDR`` in ``sdk/nftables/nftables.go``: the address is
+      parsed with Go's ``net.ParseIP``, which reads an IPv4-mapped IPv6 address
+      (``::ffff:10.0.0.1``) as IPv4, so its prefix may be at most 32 and the rule
+      matches IPv4 (``ipFamilyKeyword``); the prefix length must be a decimal number
+      (``strconv.Atoi``), never a netmask.
+    - iptables (before 2.1), ``sdk/iptables/iptables.go``: each exclusion goes to
+      ``iptables -t nat -I CONSUL_PROXY_OUTPUT -d CIDR``; the agent's redirect is IPv4
+      (IPv6 rules are ip6tables', written only for a dual-stack agent), and iptables
+      refuses an IPv6 address there, so the redirect fails.
+
+    >>> outbound_cidr_problem("2.0.0", "10.0.0.0/8") is None
+    True
+    >>> print(outbound_cidr_problem("2.1.0", "::ffff:10.0.0.1/120"))  # doctest: +ELLIPSIS
+    Consul 2.1 refuses it: ... at most 32 ...
+    """
+    line = minor_of(consul_version)
+    address, _, prefix = cidr.partition("/")
+    ip = ipaddress.ip_address(address)
+    if redirect_backend(consul_version) is RedirectBackend.IPTABLES:
+        if ip.version == 6:
+            return (
+                f"Consul {line} refuses it: before 2.1 redirect-traffic passes each exclusion"
+                " to IPv4 iptables (-d, sdk/iptables/iptables.go), which takes no IPv6"
+                " address; exclude IPv4 CIDRs only, or use Consul 2.1+"
+            )
+        return None
+    if prefix and not prefix.isdigit():
+        network = ipaddress.ip_network(cidr, strict=False)
+        return (
+            f"Consul {line} refuses it: sdk/nftables takes the prefix length as a number"
+            f" (validateCIDR), not {prefix!r}; write it as {network}"
+        )
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    if mapped is None:
+        return None
+    if prefix and int(prefix) > 32:
+        return (
+            f"Consul {line} refuses it: sdk/nftables (validateCIDR) reads the IPv4-mapped"
+            f" address as IPv4 {mapped}, whose prefix length is at most 32, not {prefix};"
+            " write the IPv4 CIDR instead"
+        )
+    ipv4 = f"{mapped}/{prefix}" if prefix else str(mapped)
+    return (
+        f"Consul {line} reads it as the IPv4 CIDR {ipv4} (sdk/nftables validateCIDR reads an"
+        " IPv4-mapped address as IPv4), not as the IPv6 range written; write that instead"
+    )

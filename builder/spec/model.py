@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -106,6 +107,24 @@ def _cidr(value: str) -> str:
 
 
 Cidr = Annotated[str, AfterValidator(_cidr)]
+
+
+def _plain_uid(value: object) -> object:
+    """A uid is a YAML integer, never text that pydantic would turn into one ('+1000',
+    '1_000', 1000.0, true): Consul 2.1's redirect-traffic takes a uid only as plain
+    decimal digits (``validateUID`` in sdk/nftables/nftables.go, ``strconv.ParseUint``),
+    and meshbake passes every line the number as written."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(
+        f"{value!r} is not a plain number: write the uid as a YAML integer such as 1000"
+        " (Consul 2.1 and later refuse a uid that is not decimal digits, sdk/nftables"
+        " validateUID)"
+    )
+
+
+#: A uid to exclude from the redirect: a plain integer (see ``_plain_uid``).
+Uid = Annotated[int, BeforeValidator(_plain_uid), Field(ge=0, le=65534)]
 
 #: Debian's package name (Policy 5.6.7), optionally ``=version`` (Policy 5.6.12):
 #: ``[epoch:]upstream[-revision]``. No apt options, globs or release suffixes.
@@ -470,7 +489,7 @@ class TransparentProxy(Model):
     exclude_inbound_ports: tuple[Port, ...] = ()
     exclude_outbound_ports: tuple[Port, ...] = ()
     exclude_outbound_cidrs: tuple[Cidr, ...] = ()
-    exclude_uids: tuple[Annotated[int, Field(ge=0, le=65534)], ...] = ()
+    exclude_uids: tuple[Uid, ...] = ()
     #: The agent's Serf LAN port (8301) is excluded too: other agents' gossip push/pull
     #: over TCP would otherwise land in Envoy's mTLS listener and fail.
     exclude_serf_lan: bool = True
@@ -765,6 +784,11 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
                 f"excludes the service port {spec.service.port}, which would bypass the mesh",
             )
         )
+
+    for i, cidr in enumerate(tproxy.exclude_outbound_cidrs):
+        problem = compat.outbound_cidr_problem(spec.consul.version, cidr)
+        if problem is not None:
+            errors.append((f"service.transparent_proxy.exclude_outbound_cidrs[{i}]", problem))
 
     if spec.tokens.source is TokenSource.SSM and spec.tokens.ssm_parameter is None:
         errors.append(("tokens.ssm_parameter", "is required when tokens.source is ssm"))

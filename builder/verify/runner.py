@@ -788,6 +788,7 @@ def _phase(
         secrets = cloudconfig.Secrets(
             agent_token=token,
             service_token=None if loaded.spec.tokens.shared else str(uuid.uuid4()),
+            dns_token=str(uuid.uuid4()) if cloudconfig.takes_dns_token(loaded.spec) else None,
         )
         values = cloudconfig.carrier_values(loaded.spec, secrets, where="verify")
         extra = cloudconfig.first_boot_document(values)

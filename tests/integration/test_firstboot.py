@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 AGENT_TOKEN = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"
 SERVICE_TOKEN = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+DNS_TOKEN = "d0d5d0d5-1111-4222-8333-444455556666"
 GOSSIP_KEY = base64.b64encode(bytes(range(32))).decode()
 
 
@@ -52,7 +53,8 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-ALL_SECRETS = (AGENT_TOKEN, SERVICE_TOKEN, GOSSIP_KEY, b64(CA_PEM), b64(CERT_PEM), b64(KEY_PEM))
+ALL_SECRETS = (AGENT_TOKEN, SERVICE_TOKEN, DNS_TOKEN, GOSSIP_KEY)
+ALL_SECRETS += (b64(CA_PEM), b64(CERT_PEM), b64(KEY_PEM))
 
 
 @dataclass(frozen=True)
@@ -224,11 +226,79 @@ def test_shared_token_serves_agent_and_sidecar(image: Image) -> None:
     result = image.firstboot()
     assert_ok(result)
     assert json.loads(image.secrets_file.read_text()) == {
-        "acl": {"tokens": {"agent": AGENT_TOKEN, REGISTRATION: AGENT_TOKEN}}
+        "acl": {"tokens": {"agent": AGENT_TOKEN, REGISTRATION: AGENT_TOKEN, "dns": AGENT_TOKEN}}
     }
     assert image.token_file.read_text() == AGENT_TOKEN + "\n"
     assert_private(image.token_file, image.envoy_user)
     assert not image.tls_dir.exists()
+
+
+# DNS queries carry no token: Consul answers them with acl.tokens.dns (1.17+, CHANGELOG
+# 1.17.0, GH-17936); 1.15 and 1.16 use the default token, which then holds the DNS
+# token only; before 1.15 the default token registers the service and answers DNS.
+@pytest.mark.parametrize(
+    ("version", "tokens", "carrier", "expected"),
+    [
+        (
+            "2.1.0",
+            "separate",
+            {"MESHBAKE_SERVICE_TOKEN": SERVICE_TOKEN, "MESHBAKE_DNS_TOKEN": DNS_TOKEN},
+            {REGISTRATION: SERVICE_TOKEN, "dns": DNS_TOKEN},
+        ),
+        (
+            "1.17.0",
+            "separate",
+            {"MESHBAKE_SERVICE_TOKEN": SERVICE_TOKEN, "MESHBAKE_DNS_TOKEN": DNS_TOKEN},
+            {REGISTRATION: SERVICE_TOKEN, "dns": DNS_TOKEN},
+        ),
+        (
+            "1.16.3",
+            "separate",
+            {"MESHBAKE_SERVICE_TOKEN": SERVICE_TOKEN, "MESHBAKE_DNS_TOKEN": DNS_TOKEN},
+            {REGISTRATION: SERVICE_TOKEN, "default": DNS_TOKEN},
+        ),
+        ("2.0.0", "shared", {}, {REGISTRATION: AGENT_TOKEN, "dns": AGENT_TOKEN}),
+        ("1.15.0", "shared", {}, {REGISTRATION: AGENT_TOKEN, "default": AGENT_TOKEN}),
+        (
+            "2.1.0",
+            "shared",
+            {"MESHBAKE_DNS_TOKEN": DNS_TOKEN},
+            {REGISTRATION: AGENT_TOKEN, "dns": DNS_TOKEN},
+        ),
+        ("1.14.9", "shared", {}, {"default": AGENT_TOKEN}),
+    ],
+)
+def test_the_dns_token_answers_dns_per_consul_line(
+    image: Image, version: str, tokens: str, carrier: dict[str, str], expected: dict[str, str]
+) -> None:
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, **carrier)
+    result = image.firstboot(MESHBAKE_TOKENS=tokens, MESHBAKE_CONSUL_VERSION=version)
+    assert_ok(result)
+    assert_no_secret_in(result)
+    secrets = json.loads(image.secrets_file.read_text())
+    assert secrets["acl"]["tokens"] == {"agent": AGENT_TOKEN, **expected}
+    assert_private(image.secrets_file, image.consul_user)
+
+
+def test_before_consul_1_15_a_separate_dns_token_is_refused(image: Image) -> None:
+    image.deliver(
+        MESHBAKE_AGENT_TOKEN=AGENT_TOKEN,
+        MESHBAKE_SERVICE_TOKEN=SERVICE_TOKEN,
+        MESHBAKE_DNS_TOKEN=DNS_TOKEN,
+    )
+    result = image.firstboot(MESHBAKE_TOKENS="separate", MESHBAKE_CONSUL_VERSION="1.14.9")
+    assert result.returncode == 1
+    assert "MESHBAKE_DNS_TOKEN" in result.stderr
+    assert_no_secret_in(result)
+    assert image.outputs() == []
+
+
+def test_a_malformed_dns_token_is_refused(image: Image) -> None:
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, MESHBAKE_DNS_TOKEN="not-a-token")
+    result = image.firstboot()
+    assert result.returncode == 1
+    assert "MESHBAKE_DNS_TOKEN is not a UUID" in result.stderr
+    assert image.outputs() == []
 
 
 def test_carrier_is_parsed_not_sourced(image: Image, tmp_path: Path) -> None:

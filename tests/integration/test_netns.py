@@ -138,7 +138,8 @@ class Netns:
 
 
 def _make_netns() -> Iterator[Netns]:
-    name = f"meshbake-test-{secrets.token_hex(4)}"
+    # MESHBAKE_NETNS_TAG names who made it when several runs share a machine.
+    name = f"meshbake-{os.environ.get('MESHBAKE_NETNS_TAG', 'test')}-{secrets.token_hex(4)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
@@ -763,6 +764,12 @@ def test_nft_image_removes_an_older_consuls_iptables_chains(
             "-exclude-outbound-cidr=10.0.0.0/33",
             'ExcludeOutboundCIDRs: invalid CIDR prefix length in "10.0.0.0/33"',
         ),
+        # strconv.ParseUint takes no sign; Go reads ::ffff:a.b.c.d as IPv4 (prefix <= 32).
+        ("-exclude-uid=+1000", 'ExcludeUIDs: must be a valid numeric user ID, got "+1000"'),
+        (
+            "-exclude-outbound-cidr=::ffff:10.0.0.1/120",
+            'ExcludeOutboundCIDRs: invalid CIDR prefix length in "::ffff:10.0.0.1/120"',
+        ),
     ],
 )
 def test_consul_21_refuses_names_where_it_needs_numbers(
@@ -779,6 +786,21 @@ def test_consul_21_refuses_names_where_it_needs_numbers(
     if "uid" in flag:
         older = nft_mesh.env(CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL)
         netns.ok(FIXTURE_CONSUL, *argv, flag, env=older)
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("cidr", ["fd00::/8", "::ffff:10.0.0.1/120"])
+def test_consul_20_fails_on_an_ipv6_exclusion(netns: Netns, nft_mesh: Mesh, cidr: str) -> None:
+    """sdk/iptables/iptables.go hands each exclusion to IPv4 iptables (-d), which refuses
+    an IPv6 address: the redirect fails part-way (its rules are not atomic)."""
+    argv = ["connect", "redirect-traffic", "-proxy-id=web-sidecar-proxy"]
+    argv += [f"-proxy-uid={uid(ENVOY_USER)}", f"-exclude-outbound-cidr={cidr}"]
+    older = nft_mesh.env(CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL)
+    result = netns.run(FIXTURE_CONSUL, *argv, env=older)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error setting up traffic redirection rules: failed to run")
+    assert f"-d {cidr}" in result.stderr
 
 
 @pytest.mark.root

@@ -16,6 +16,7 @@ from builder.render.context import MARKER
 
 AGENT = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"
 SERVICE = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+DNS = "d0d5d0d5-1111-4222-8333-444455556666"
 
 
 @pytest.fixture
@@ -88,27 +89,43 @@ def test_userdata_with_separate_tokens(
     agent.write_text(AGENT)
     service = tmp_path / "service"
     service.write_text(SERVICE)
-    code = cli.main(
-        [
-            "userdata",
-            str(spec),
-            "--token-file",
-            f"agent={agent}",
-            "--token-file",
-            f"service={service}",
-        ]
-    )
+    dns = tmp_path / "dns"
+    dns.write_text(DNS)
+    argv = ["userdata", str(spec), "--token-file", f"agent={agent}"]
+    argv += ["--token-file", f"service={service}"]
+    assert cli.main([*argv, "--token-file", f"dns={dns}"]) == 0
     out, _ = capsys.readouterr()
-    assert code == 0
     content = yaml.safe_load(out)["write_files"][0]["content"]
-    assert content == f"MESHBAKE_AGENT_TOKEN={AGENT}\nMESHBAKE_SERVICE_TOKEN={SERVICE}\n"
+    assert content == (
+        f"MESHBAKE_AGENT_TOKEN={AGENT}\nMESHBAKE_SERVICE_TOKEN={SERVICE}\n"
+        f"MESHBAKE_DNS_TOKEN={DNS}\n"
+    )
+    # Without the DNS token every lookup would be anonymous: refused, in one line.
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "give --token-file dns=FILE" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_userdata_shared_token_with_a_dns_token(
+    web: Path, token_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dns = tmp_path / "dns"
+    dns.write_text(DNS + "\n")
+    argv = ["userdata", str(web), "--token-file", str(token_file), "--token-file", f"dns={dns}"]
+    assert cli.main(argv) == 0
+    out, _ = capsys.readouterr()
+    content = yaml.safe_load(out)["write_files"][0]["content"]
+    assert content == f"MESHBAKE_AGENT_TOKEN={AGENT}\nMESHBAKE_DNS_TOKEN={DNS}\n"
+    assert len(out.encode()) < 1024
 
 
 def test_userdata_bad_token_role(
     web: Path, token_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["userdata", str(web), "--token-file", f"sidecar={token_file}"]) == 1
-    assert "the role must be agent= or service=" in capsys.readouterr().err
+    assert "the role must be agent=, service= or dns=" in capsys.readouterr().err
 
 
 def test_userdata_without_a_token(web: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,6 +200,20 @@ def test_validate_broken_spec_exits_1(broken: Path, capsys: pytest.CaptureFixtur
     assert "FAIL  spec:" in out
     assert f"{broken}: consul.version: 1.9.0 is older than 1.11.1" in out
     assert out.rstrip().endswith("some gates failed")
+    assert "Traceback" not in out + err
+
+
+def test_validate_refuses_an_exclusion_consul_21_refuses(
+    images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load((images / "web.yaml").read_text())  # Consul 2.1 (nftables)
+    data["service"]["transparent_proxy"]["exclude_outbound_cidrs"] = ["::ffff:10.0.0.1/120"]
+    spec = images / "mapped.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert cli.main(["validate", str(spec)]) == 1
+    out, err = capsys.readouterr()
+    field = "service.transparent_proxy.exclude_outbound_cidrs[0]"
+    assert f"{spec}: {field}: Consul 2.1 refuses it" in out
     assert "Traceback" not in out + err
 
 

@@ -6,7 +6,7 @@ import base64
 import json
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from tests.unit.pems import tls_files
 
 AGENT = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"
 SERVICE = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+DNS = "d0d5d0d5-1111-4222-8333-444455556666"
 GOSSIP = base64.b64encode(bytes(range(32))).decode()
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 CA = tls_files()["ca"]
@@ -286,10 +287,79 @@ def test_separate_token_carrier(variant: Variant) -> None:
         d["tokens"]["shared"] = False
 
     spec = variant(separate).spec
-    values = cloudconfig.carrier_values(spec, Secrets(agent_token=AGENT, service_token=SERVICE))
-    assert values == {"MESHBAKE_AGENT_TOKEN": AGENT, "MESHBAKE_SERVICE_TOKEN": SERVICE}
+    values = cloudconfig.carrier_values(
+        spec, Secrets(agent_token=AGENT, service_token=SERVICE, dns_token=DNS)
+    )
+    assert values == {
+        "MESHBAKE_AGENT_TOKEN": AGENT,
+        "MESHBAKE_SERVICE_TOKEN": SERVICE,
+        "MESHBAKE_DNS_TOKEN": DNS,
+    }
     with pytest.raises(UserError, match="service=FILE"):
-        cloudconfig.carrier_values(spec, Secrets(agent_token=AGENT))
+        cloudconfig.carrier_values(spec, Secrets(agent_token=AGENT, dns_token=DNS))
+    # DNS queries carry no token: without a DNS token every lookup is anonymous.
+    with pytest.raises(UserError, match="dns=FILE"):
+        cloudconfig.carrier_values(spec, Secrets(agent_token=AGENT, service_token=SERVICE))
+
+
+def _on_consul(version: str, *, shared: bool) -> Callable[[Data], None]:
+    def mutate(d: Data) -> None:
+        d["tokens"]["shared"] = shared
+        d["consul"]["version"] = version
+        d["envoy"] = {"version": "1.20.0", "allow_unsupported": True}
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("version", "shared", "given", "carried", "problem"),
+    [
+        # The shared token answers DNS itself: first boot derives it, the user data
+        # carries no copy.
+        ("2.1.0", True, None, None, None),
+        ("2.1.0", True, AGENT, None, None),
+        ("2.1.0", True, DNS, DNS, None),
+        ("1.16.3", True, DNS, DNS, None),
+        ("2.1.0", False, DNS, DNS, None),
+        ("1.15.0", False, DNS, DNS, None),
+        ("2.1.0", False, None, None, "dns=FILE"),
+        # Before 1.15 the default token registers the service and answers DNS.
+        ("1.14.9", False, None, None, None),
+        ("1.14.9", False, SERVICE, None, None),
+        ("1.14.9", False, DNS, None, "registers the service with the default token"),
+        ("1.14.9", True, DNS, None, "registers the service with the default token"),
+        ("2.1.0", True, "not-a-token", None, "dns token is not a Consul token"),
+    ],
+)
+def test_dns_token_carrier(
+    variant: Variant,
+    version: str,
+    shared: bool,
+    given: str | None,
+    carried: str | None,
+    problem: str | None,
+) -> None:
+    spec = variant(_on_consul(version, shared=shared)).spec
+    secrets = Secrets(agent_token=AGENT, service_token=None if shared else SERVICE, dns_token=given)
+    if problem is not None:
+        with pytest.raises(UserError, match=problem):
+            cloudconfig.carrier_values(spec, secrets)
+        return
+    values = cloudconfig.carrier_values(spec, secrets)
+    assert values.get("MESHBAKE_DNS_TOKEN") == carried
+
+
+def test_dns_token_refused_where_no_token_is_taken(variant: Variant) -> None:
+    def acl_off(d: Data) -> None:
+        d["consul"]["acl"] = {"enabled": False}
+
+    def ssm(d: Data) -> None:
+        d["tokens"] = {"source": "ssm", "ssm_parameter": "/consul/web"}
+
+    with pytest.raises(UserError, match="ACLs off"):
+        cloudconfig.carrier_values(variant(acl_off).spec, Secrets(dns_token=DNS))
+    with pytest.raises(UserError, match="give no --token-file"):
+        cloudconfig.carrier_values(variant(ssm).spec, Secrets(dns_token=DNS))
 
 
 def test_malformed_token(example: LoadedSpec) -> None:
@@ -400,6 +470,22 @@ def test_user_data_of_the_example(example: LoadedSpec) -> None:
     assert notes == []
 
 
+@pytest.mark.parametrize("version", ["2.1.0", "1.16.3"])
+def test_user_data_sizes(variant: Variant, version: str) -> None:
+    """One token: under 512 bytes. Every token role (agent, service, dns): under 1 KiB."""
+    one = variant(_on_consul(version, shared=True)).spec
+    data = cloudconfig.first_boot_user_data(
+        cloudconfig.carrier_values(one, Secrets(agent_token=AGENT))
+    )
+    assert len(data.encode()) < 512, data
+    separate = variant(_on_consul(version, shared=False)).spec
+    secrets = Secrets(agent_token=AGENT, service_token=SERVICE, dns_token=DNS)
+    data = cloudconfig.first_boot_user_data(cloudconfig.carrier_values(separate, secrets))
+    for token in (AGENT, SERVICE, DNS):
+        assert token in data
+    assert len(data.encode()) < 1024, data
+
+
 def test_check_size_limits() -> None:
     notes: list[str] = []
     cloudconfig.check_size("x" * 1024, notes)
@@ -424,7 +510,8 @@ def test_user_data_template(example: LoadedSpec, variant: Variant) -> None:
     assert yaml.safe_load(text)["write_files"][0]["path"] == cloudconfig.CARRIER
 
     full = cloudconfig.user_data_template(variant(everything_on).spec)
-    for name in ("agent_token", "service_token", "gossip_key", "tls_ca_b64", "tls_key_b64"):
+    names = ("agent_token", "service_token", "dns_token", "gossip_key", "tls_ca_b64")
+    for name in (*names, "tls_key_b64"):
         assert "${" + name + "}" in full
     assert not UUID.search(full)
 

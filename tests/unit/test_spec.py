@@ -480,3 +480,87 @@ def test_source_outside_the_spec_folder_is_refused(images: Path, source: str) ->
         p.path == "app.files[0].source" and "outside the spec's folder" in p.message
         for p in caught.value.problems
     )
+
+
+# --- exclusions each Consul line's redirect-traffic takes ---------------------------------
+
+#: A Consul release per redirect backend, with an Envoy it accepts.
+LINES = {"2.1": ("2.1.0", "1.38.3"), "2.0": ("2.0.0", "1.37.2")}
+TPROXY = "service.transparent_proxy"
+
+
+def _excluding(line: str, *, cidrs: tuple[str, ...] = (), uids: tuple[Any, ...] = ()) -> Mutate:
+    consul, envoy = LINES[line]
+
+    def mutate(d: Data) -> None:
+        d["consul"]["version"] = consul
+        d["envoy"] = {"version": envoy}
+        tproxy = d["service"].setdefault("transparent_proxy", {})
+        tproxy["exclude_outbound_cidrs"] = list(cidrs)
+        tproxy["exclude_uids"] = list(uids)
+
+    return mutate
+
+
+# (Consul line, CIDR, a fragment of the problem or None when that line takes it).
+# sdk/nftables/nftables.go validateCIDR (2.1): Go reads ::ffff:a.b.c.d as IPv4, so the
+# prefix is at most 32, and the prefix is a number; sdk/iptables/iptables.go (2.0):
+# `iptables -d`, IPv4 only.
+CIDR_CASES = [
+    ("2.1", "::ffff:10.0.0.1/120", "Consul 2.1 refuses it"),
+    ("2.1", "::ffff:10.0.0.1/24", "Consul 2.1 reads it as the IPv4 CIDR 10.0.0.1/24"),
+    ("2.1", "::ffff:10.0.0.1", "Consul 2.1 reads it as the IPv4 CIDR 10.0.0.1"),
+    ("2.1", "10.0.0.0/255.0.0.0", "write it as 10.0.0.0/8"),
+    ("2.1", "fd00::/8", None),
+    ("2.1", "10.0.0.0/8", None),
+    ("2.1", "192.0.2.7", None),
+    ("2.0", "::ffff:10.0.0.1/120", "Consul 2.0 refuses it"),
+    ("2.0", "fd00::/8", "Consul 2.0 refuses it"),
+    ("2.0", "::1", "Consul 2.0 refuses it"),
+    ("2.0", "10.0.0.0/255.0.0.0", None),
+    ("2.0", "10.0.0.0/8", None),
+]
+
+
+@pytest.mark.parametrize(("line", "cidr", "fragment"), CIDR_CASES)
+def test_outbound_cidr_exclusions_per_consul_line(
+    images: Path, example_data: Data, line: str, cidr: str, fragment: str | None
+) -> None:
+    mutate = _excluding(line, cidrs=("10.1.0.0/16", cidr))
+    if fragment is None:
+        spec = load_variant(images, example_data, mutate).spec
+        assert spec.service.transparent_proxy.exclude_outbound_cidrs[1] == cidr
+        return
+    where, message = only_problem(images, example_data, mutate).split(": ", 1)
+    assert where == f"{TPROXY}.exclude_outbound_cidrs[1]"
+    assert fragment in message
+    assert f"Consul {line}" in message
+
+
+# A uid is a YAML integer: text pydantic would quietly turn into a number is refused
+# (sdk/nftables/nftables.go validateUID: strconv.ParseUint, decimal digits only).
+UID_CASES = [
+    ("2.1", "+1000", "'+1000' is not a plain number"),
+    ("2.1", "1_000", "'1_000' is not a plain number"),
+    ("2.1", "1000", "'1000' is not a plain number"),
+    ("2.1", 1000.0, "1000.0 is not a plain number"),
+    ("2.1", True, "True is not a plain number"),
+    ("2.0", "+1000", "'+1000' is not a plain number"),
+    ("2.1", 1000, None),
+    ("2.0", 0, None),
+]
+
+
+@pytest.mark.parametrize(("line", "uid", "fragment"), UID_CASES)
+def test_exclude_uids_are_plain_numbers(
+    images: Path, example_data: Data, line: str, uid: Any, fragment: str | None
+) -> None:
+    mutate = _excluding(line, uids=(33, uid))
+    if fragment is None:
+        spec = load_variant(images, example_data, mutate).spec
+        assert spec.service.transparent_proxy.exclude_uids == (33, uid)
+        return
+    where, message = only_problem(images, example_data, mutate).split(": ", 1)
+    assert where == f"{TPROXY}.exclude_uids[1]"
+    assert fragment in message
+    assert "Consul 2.1" in message
