@@ -205,7 +205,7 @@ def test_systemd_gate_rejects_a_bad_rendered_unit(
 ) -> None:
     assert gate_systemd_analyze(ctx, loaded, Packer(), work).ok is True
     (unit,) = [u for u in ctx.units() if u.name == "envoy-sidecar.service"]
-    unit.write_text(unit.read_text().replace("Restart=on-failure", "Restart=sometimes"))
+    unit.write_text(unit.read_text().replace("Restart=always", "Restart=sometimes"))
     gate = gate_systemd_analyze(ctx, loaded, Packer(), work / "again")
     assert gate.ok is False
     assert "sometimes" in gate.detail
