@@ -63,6 +63,9 @@ def test_example_passes_every_gate(repo: Path) -> None:
     assert not failed, "\n".join(failed)
     assert report.ok
     assert report.warnings == []
+    # retry_join: provider=aws opens IMDS to the consul user: one line says so.
+    (note,) = report.notes
+    assert "retry_join[0]" in note and "consul user" in note
 
 
 def test_broken_spec_fails_the_spec_gate(tmp_path: Path) -> None:
