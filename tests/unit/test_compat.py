@@ -188,7 +188,8 @@ def test_cloud_auto_join_lets_the_consul_user_reach_imds_and_says_so(variant: Va
 
 def test_mesh_env_names_both_metadata_addresses_and_the_admin_port(variant: Variant) -> None:
     env = dict(
-        line.split("=", 1) for line in baked.mesh_env(variant(lambda d: None).spec).splitlines()
+        line.split("=", 1)
+        for line in baked.mesh_env(variant(lambda d: None).spec).splitlines()
         if "=" in line and not line.startswith("#")
     )
     assert env["MESHBAKE_IMDS_ADDRESS6"] == "fd00:ec2::254"
