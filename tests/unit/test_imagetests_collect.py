@@ -122,6 +122,9 @@ def test_phase_selects_its_module(suite: Path, phase: str, module: str, other: s
             "consul_user_bypasses_the_sidecar",
             "ssh_bypasses_the_sidecar",
             "dns_reaches_the_agent",
+            "imds_only_for_root_and_allowed_users",
+            "envoy_admin_only_for_root_and_envoy",
+            "sidecar_restarts_after_a_clean_exit",
         ):
             assert f"test_firstboot.py::test_{check}" in ids, ids
         # These change the host; the reboot must be last.

@@ -738,7 +738,7 @@ def test_sidecar_restarts_after_a_clean_exit(
     host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
 ) -> None:
     """POST /quitquitquit makes Envoy exit 0; systemd restarts the sidecar all the same
-    (Restart=always), and the redirect is in place once again."""
+    (Restart=always), and the mesh is up again."""
     require_mesh(mesh_up)
 
     def show(prop: str) -> str:
@@ -755,9 +755,8 @@ def test_sidecar_restarts_after_a_clean_exit(
     require(
         back, "systemd restarts the sidecar after Envoy exits 0", f"NRestarts {show('NRestarts')}"
     )
+    # test_sidecar_down checks the rules after a restart; here only that it came back.
     require_mesh(wait_mesh(host))
-    problems = layout_problems(host, expect)
-    require(not problems, "after the restart, Consul's rules once", "; ".join(problems))
     record_property("sidecar_restarts", int(show("NRestarts") or 0) - restarts)
 
 
