@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from builder import proc
-from builder.errors import MeshbakeError, SpecError
+from builder.errors import MeshbakeError, SpecError, SpecProblem
 from builder.render import cloudconfig, paths
 from builder.render.context import BakeFolder, render_context
 from builder.render.hcl import enabled_sources
@@ -46,6 +46,8 @@ class Report:
     spec: Path
     gates: list[Gate] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: What the spec implies that is worth a line but is no problem (``meshbake: note:``).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -94,6 +96,8 @@ def _spec_report(loaded: LoadedSpec) -> Report:
     """The spec and pair gates, from what loading the spec found (nothing is re-checked)."""
     spec = loaded.spec
     report = Report(loaded.path, warnings=[str(w) for w in loaded.warnings])
+    shown = str(loaded.path)
+    report.notes = [str(SpecProblem(shown, *note)) for note in spec.notes()]
     report.gates.append(Gate("spec", True, f"{loaded.path} is a valid image spec"))
     pair = f"Consul {spec.consul.version} with Envoy {spec.envoy.version}"
     # The load refused an unsupported pair unless the spec allows it, and then warned.

@@ -21,6 +21,11 @@ def warn(message: str) -> None:
     print(f"meshbake: warning: {message}", file=sys.stderr)
 
 
+def note(message: str) -> None:
+    """A line worth reading that is neither a problem nor progress."""
+    print(f"meshbake: note: {message}", file=sys.stderr)
+
+
 def progress(message: str) -> None:
     print(f"meshbake: {message}", file=sys.stderr, flush=True)
 

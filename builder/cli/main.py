@@ -22,6 +22,7 @@ from builder.cli import aws as cli_aws
 from builder.cli.common import (
     add_secret_args,
     load,
+    note,
     progress,
     spec_paths,
     user_data_from_args,
@@ -51,11 +52,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         all_ok &= report.ok
         for message in report.warnings:
             warn(message)
+        for message in report.notes:
+            note(message)
         if args.json:
             results.append(
                 {
                     "spec": str(path),
                     "ok": report.ok,
+                    "notes": report.notes,
                     "gates": [
                         {"name": g.name, "ok": g.ok, "detail": g.detail} for g in report.gates
                     ],

@@ -226,7 +226,9 @@ def mesh_env(spec: ImageSpec) -> str:
         "MESHBAKE_FAIL_CLOSED": _bool(tproxy.fail_closed),
         "MESHBAKE_IMDS_RESTRICT": _bool(spec.imds_restricted),
         "MESHBAKE_IMDS_ADDRESS": IMDS_ADDRESS,
-        "MESHBAKE_IMDS_ALLOW_USERS": _words(spec.imds.allow_users),
+        "MESHBAKE_IMDS_ADDRESS6": IMDS_ADDRESS6,
+        "MESHBAKE_IMDS_ALLOW_USERS": _words(spec.imds_users),
+        "MESHBAKE_ENVOY_ADMIN_PORT": ENVOY_ADMIN.rpartition(":")[2],
     }
     header = "Rendered by meshbake: parameters of the first-boot and redirect scripts."
     return escape.shell_env_file(values, header)
@@ -234,6 +236,8 @@ def mesh_env(spec: ImageSpec) -> str:
 
 #: The instance metadata service (EC2, and the same address on other clouds).
 IMDS_ADDRESS = "169.254.169.254"
+#: EC2 serves it on IPv6 too, when the instance enables its IPv6 endpoint.
+IMDS_ADDRESS6 = "fd00:ec2::254"
 
 
 def outbound_cidr_exclusions(spec: ImageSpec) -> tuple[str, ...]:

@@ -28,11 +28,10 @@ from builder.errors import UserError, reason
 from builder.render import escape, paths
 from builder.render.paths import CARRIER
 from builder.spec import boundary, compat
-from builder.spec.model import ImageSpec, TokenSource
+from builder.spec.model import BUILD_USER, ImageSpec, TokenSource
 
 EC2_LIMIT = 16 * 1024
 WARN_ABOVE = 1024
-BUILD_USER = "packer"
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 

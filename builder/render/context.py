@@ -34,7 +34,7 @@ from builder.render import baked as bake
 from builder.render import cloudconfig, escape, paths
 from builder.render.hcl import packer_files
 from builder.spec import boundary
-from builder.spec.model import LoadedSpec
+from builder.spec.model import BUILD_USER, LoadedSpec
 from builder.tools.packer import Packer, PackerVersion
 
 MARKER = "meshbake.json"
@@ -209,7 +209,7 @@ def _write_stage(ctx: BakeFolder, loaded: LoadedSpec) -> None:
     for file in files:
         _write(escape.inside(ctx.rootfs, escape.image_rel(file.dest)), file.content, file.mode)
     _write(stage / "files.tsv", _files_tsv(files))
-    _write(stage / "bake.env", bake.bake_env(spec, cloudconfig.BUILD_USER))
+    _write(stage / "bake.env", bake.bake_env(spec, BUILD_USER))
     # The bake runs before the rootfs is installed, so it gets the paths beside bake.env.
     _write(stage / "paths.env", paths.paths_env())
     _write(stage / "users.list", bake.users_list(spec))

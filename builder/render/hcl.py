@@ -20,8 +20,7 @@ import hcl2
 
 from builder import __version__
 from builder.render import escape, paths, tags
-from builder.render.cloudconfig import BUILD_USER
-from builder.spec.model import BaseDistro, ImageSpec, LoadedSpec
+from builder.spec.model import BUILD_USER, BaseDistro, ImageSpec, LoadedSpec
 from builder.tools.packer import PackerVersion
 
 STAGE_IN_VM = paths.BAKE_STAGE

@@ -95,6 +95,14 @@ SecretName = Annotated[
 #: Users meshbake itself creates; a spec may not define them again.
 RESERVED_USERS = frozenset({"root", "consul", "envoy"})
 
+#: The throwaway user the qemu build seed creates; the bake deletes it before shutdown
+#: (scripts/meshbake-finalize), so no rule at boot can name it.
+BUILD_USER = "packer"
+
+#: What marks a ``retry_join`` entry as cloud auto-join: Consul hands any entry that
+#: contains it to go-discover (hashicorp/consul agent/retry_join.go, retryJoinAddrs).
+CLOUD_AUTO_JOIN = "provider="
+
 
 def _cidr(value: str) -> str:
     if "%" in value:  # Python accepts fe80::%eth0/64; iptables and nft do not
@@ -643,6 +651,30 @@ class ImageSpec(Model):
             return self.imds.restrict
         return self.tokens.source is TokenSource.USERDATA
 
+    @property
+    def cloud_auto_join(self) -> tuple[int, ...]:
+        """The indexes of the ``consul.retry_join`` entries that use cloud auto-join."""
+        return tuple(i for i, e in enumerate(self.consul.retry_join) if CLOUD_AUTO_JOIN in e)
+
+    @property
+    def imds_users(self) -> tuple[str, ...]:
+        """Who besides root may reach IMDS when it is restricted: the consul user when
+        ``retry_join`` uses cloud auto-join (go-discover and the AWS SDK's credential
+        chain ask IMDS from inside the agent), then ``imds.allow_users``."""
+        agent = ("consul",) if self.cloud_auto_join else ()
+        return (*agent, *self.imds.allow_users)
+
+    def notes(self) -> tuple[tuple[str, str], ...]:
+        """(field, message) lines worth saying at validate time that are no problem."""
+        if not (self.imds_restricted and self.cloud_auto_join):
+            return ()
+        where = f"consul.retry_join[{self.cloud_auto_join[0]}]"
+        message = (
+            "uses cloud auto-join (provider=), so the consul user may reach the instance"
+            " metadata service too (as root and imds.allow_users may)"
+        )
+        return ((where, message),)
+
 
 # --- loading --------------------------------------------------------------------
 
@@ -811,7 +843,10 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
         errors.append(("app.user", f"the app may not run as {spec.app.run_as!r}"))
     known_users = {spec.app.run_as, *(u.name for u in spec.users)}
     for i, allowed in enumerate(spec.imds.allow_users):
-        if allowed not in known_users:
+        if allowed == BUILD_USER:
+            message = f"{allowed!r} is the build user, which the bake deletes before shutdown"
+            errors.append((f"imds.allow_users[{i}]", message))
+        elif allowed not in known_users:
             errors.append(
                 (
                     f"imds.allow_users[{i}]",

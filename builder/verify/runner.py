@@ -237,7 +237,7 @@ def expectations(
         "redirect_backend": compat.redirect_backend(spec.consul.version).value,
         "fail_closed": tproxy.fail_closed,
         "imds_restricted": spec.imds_restricted,
-        "imds_allow_users": list(spec.imds.allow_users),
+        "imds_allow_users": list(spec.imds_users),
         "traffic": traffic or {"inbound": None, "outbound": None},
     }
 

@@ -265,6 +265,8 @@ FIRSTBOOT_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, st
             "test_outbound_crosses_the_sidecar",
             "test_consul_user_bypasses_the_sidecar",
             "test_ssh_bypasses_the_sidecar",
+            "test_envoy_admin_only_for_root_and_envoy",
+            "test_sidecar_restarts_after_a_clean_exit",
             *AGAIN,
         },
         {

@@ -63,6 +63,9 @@ def test_example_passes_every_gate(repo: Path) -> None:
     assert not failed, "\n".join(failed)
     assert report.ok
     assert report.warnings == []
+    # retry_join: provider=aws opens IMDS to the consul user: one line says so.
+    (note,) = report.notes
+    assert "retry_join[0]" in note and "consul user" in note
 
 
 def test_broken_spec_fails_the_spec_gate(tmp_path: Path) -> None:
@@ -205,7 +208,7 @@ def test_systemd_gate_rejects_a_bad_rendered_unit(
 ) -> None:
     assert gate_systemd_analyze(ctx, loaded, Packer(), work).ok is True
     (unit,) = [u for u in ctx.units() if u.name == "envoy-sidecar.service"]
-    unit.write_text(unit.read_text().replace("Restart=on-failure", "Restart=sometimes"))
+    unit.write_text(unit.read_text().replace("Restart=always", "Restart=sometimes"))
     gate = gate_systemd_analyze(ctx, loaded, Packer(), work / "again")
     assert gate.ok is False
     assert "sometimes" in gate.detail

@@ -4,6 +4,7 @@ packages it needs."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from builder.errors import SpecError
 from builder.render import baked
 from builder.spec import compat
+from builder.spec.model import ImageSpec
 from tests.unit.conftest import Data, Variant
 
 #: Consul line -> (lowest accepted Envoy, highest accepted, first refused above, last
@@ -145,3 +147,50 @@ def test_imds_allow_users_must_be_users_of_the_image(variant: Variant) -> None:
 
     with pytest.raises(SpecError, match=r"imds\.allow_users\[1\]: 'mallory' is neither"):
         variant(stranger)
+
+
+def test_imds_allow_users_refuses_the_build_user_the_bake_deletes(variant: Variant) -> None:
+    def build_user(d: Data) -> None:
+        d["users"] = [*d.get("users", []), {"name": "packer"}]
+        d["imds"] = {"allow_users": ["packer"]}
+
+    with pytest.raises(SpecError, match=r"imds\.allow_users\[0\]: 'packer' is the build user"):
+        variant(build_user)
+
+
+def allowed_in_mesh_env(spec: ImageSpec) -> list[str]:
+    (line,) = [x for x in baked.mesh_env(spec).splitlines() if x.startswith("MESHBAKE_IMDS_ALLOW")]
+    return " ".join(shlex.split(line.partition("=")[2])).split()
+
+
+def test_cloud_auto_join_lets_the_consul_user_reach_imds_and_says_so(variant: Variant) -> None:
+    def allow_web(d: Data) -> None:
+        d["imds"] = {"allow_users": ["web"]}
+
+    spec = variant(allow_web).spec  # the example joins with provider=aws
+    assert allowed_in_mesh_env(spec) == ["consul", "web"]
+    ((where, message),) = spec.notes()
+    assert where == "consul.retry_join[0]" and "consul user may reach" in message
+
+    def static_join(d: Data) -> None:
+        allow_web(d)
+        d["consul"]["retry_join"] = ["10.0.0.10", "consul.example.internal"]
+
+    spec = variant(static_join).spec
+    assert allowed_in_mesh_env(spec) == ["web"]  # nothing else widens
+    assert spec.notes() == ()
+
+    def open_imds(d: Data) -> None:
+        d["imds"] = {"restrict": False}
+
+    assert variant(open_imds).spec.notes() == ()  # nothing to say: IMDS is open to all
+
+
+def test_mesh_env_names_both_metadata_addresses_and_the_admin_port(variant: Variant) -> None:
+    env = dict(
+        line.split("=", 1)
+        for line in baked.mesh_env(variant(lambda d: None).spec).splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert env["MESHBAKE_IMDS_ADDRESS6"] == "fd00:ec2::254"
+    assert env["MESHBAKE_ENVOY_ADMIN_PORT"] == baked.ENVOY_ADMIN.rpartition(":")[2] == "19000"

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from builder.spec.model import load_spec
 from builder.verify import runner
 
 EXPECT = {
@@ -121,6 +122,9 @@ def test_phase_selects_its_module(suite: Path, phase: str, module: str, other: s
             "consul_user_bypasses_the_sidecar",
             "ssh_bypasses_the_sidecar",
             "dns_reaches_the_agent",
+            "imds_only_for_root_and_allowed_users",
+            "envoy_admin_only_for_root_and_envoy",
+            "sidecar_restarts_after_a_clean_exit",
         ):
             assert f"test_firstboot.py::test_{check}" in ids, ids
         # These change the host; the reboot must be last.
@@ -324,3 +328,14 @@ def test_failures_reach_the_reports_as_check_expected_seen(tmp_path: Path) -> No
     assert props["timeline.first_proxied_connection"] == "60.4"
     assert props["inbound_connections"] == "0"
     assert json.loads(json.dumps(report.to_json()))["phases"][0]["timeline"]["sidecar_active"]
+
+
+def test_firstboot_imds_check_expects_the_consul_user_with_cloud_auto_join(
+    example_path: Path,
+) -> None:
+    """images/web.yaml joins with provider=aws: the firstboot IMDS check must let the
+    consul user through (and still refuse the app's user and nobody)."""
+    expect = runner.expectations(load_spec(example_path), "firstboot", "t", fixture=True)
+    assert expect["imds_restricted"]
+    assert "consul" in expect["imds_allow_users"]
+    assert expect["app_user"] not in expect["imds_allow_users"]

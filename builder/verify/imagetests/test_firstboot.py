@@ -43,6 +43,7 @@ import pytest
 from testinfra.host import Host
 
 from .helpers import (
+    ADMIN,
     APP_CONNECT_FAIL,
     HTTP_PROBE,
     INBOUND_CX,
@@ -603,8 +604,10 @@ while True:
 def test_imds_only_for_root_and_allowed_users(
     host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
 ) -> None:
-    """Only root and imds.allow_users reach the metadata address once the token came in
-    user data; everyone else is refused at once (a stand-in the check serves)."""
+    """Only root and the allowed users (imds.allow_users, and consul when retry_join uses
+    cloud auto-join: runner.py's imds_allow_users) reach the metadata address once the
+    token came in user data; everyone else is refused at once (a stand-in the check
+    serves)."""
     host.check_output("ip addr replace %s/32 dev lo", IMDS_ADDRESS)
     server = host.run(
         "systemd-run --unit=meshbake-verify-imds --collect python3 -c %s", _IMDS_STAND_IN
@@ -635,6 +638,39 @@ def test_imds_only_for_root_and_allowed_users(
     finally:
         host.run("systemctl stop meshbake-verify-imds")
         host.run("ip addr del %s/32 dev lo", IMDS_ADDRESS)
+
+
+def test_envoy_admin_only_for_root_and_envoy(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    """Envoy's admin port (config_dump, quitquitquit) refuses every local user but root
+    and envoy at once, and a refused POST /quitquitquit leaves the sidecar running."""
+    require_mesh(mesh_up)
+    address, port = ADMIN.rsplit(":", 1)
+    pid = host.check_output("systemctl show -p MainPID --value %s", SIDECAR)
+    for user in ("root", "envoy"):
+        exchange = guest_exchange(host, user, address, int(port), "GET /ready HTTP/1.0\r\n")
+        require(exchange.connected, f"{user} reaches Envoy's admin", exchange.describe())
+    refused = ("consul", expect["app_user"], "nobody")
+    for user in refused:
+        for line in ("GET /config_dump HTTP/1.0\r\n", "POST /quitquitquit HTTP/1.0\r\n"):
+            exchange = guest_exchange(host, user, address, int(port), line)
+            require(
+                not exchange.connected and "Refused" in exchange.error,
+                f"{user} is refused at once by Envoy's admin ({line.split()[1]})",
+                exchange.describe(),
+            )
+    now = host.check_output("systemctl show -p MainPID --value %s", SIDECAR)
+    require(now == pid and envoy_ready(host), "the sidecar still runs", f"MainPID {pid} -> {now}")
+    record_property("admin_refused_users", len(refused))
+
+
+#: Run inside the VM as root: ask Envoy's admin (argv[1]) to quit, as any user could.
+_GUEST_QUIT = """
+import sys, urllib.request
+url = "http://" + sys.argv[1] + "/quitquitquit"
+print(urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).status)
+"""
 
 
 def test_token_not_in_processes(
@@ -701,6 +737,32 @@ def remove_unrelated_rules(host: Host, backend: str) -> None:
         host.run(f"nft delete table {TEST_NFT_TABLE}")
     else:
         host.run(f"iptables -w -t nat -D {TEST_JUMP}; iptables -w -t nat -X {TEST_CHAIN}")
+
+
+def test_sidecar_restarts_after_a_clean_exit(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    """POST /quitquitquit makes Envoy exit 0; systemd restarts the sidecar all the same
+    (Restart=always), and the mesh is up again."""
+    require_mesh(mesh_up)
+
+    def show(prop: str) -> str:
+        return str(host.check_output("systemctl show -p %s --value %s", prop, SIDECAR))
+
+    pid, restarts = show("MainPID"), int(show("NRestarts") or 0)
+    quit_ = host.run("python3 -c %s %s", _GUEST_QUIT, ADMIN)
+    require(quit_.succeeded, "root's POST /quitquitquit is answered", quit_.stderr)
+    back = wait_for(
+        lambda: int(show("NRestarts") or 0) > restarts and show("MainPID") not in ("0", pid),
+        60,
+        1,
+    )
+    require(
+        back, "systemd restarts the sidecar after Envoy exits 0", f"NRestarts {show('NRestarts')}"
+    )
+    # test_sidecar_down checks the rules after a restart; here only that it came back.
+    require_mesh(wait_mesh(host))
+    record_property("sidecar_restarts", int(show("NRestarts") or 0) - restarts)
 
 
 def test_sidecar_down(
