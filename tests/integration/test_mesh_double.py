@@ -267,16 +267,21 @@ def test_a_deny_intention_refuses_the_same_client(hosts: Hosts) -> None:
 
 @needs_root
 def test_a_certificate_from_another_ca_is_refused(hosts: Hosts) -> None:
-    ca, stranger = MeshCA(), MeshCA(cluster_id=None)
+    ca, stranger = MeshCA(), MeshCA()
     allow = [Intention("*", WEB, Action.ALLOW)]
-    # The stranger's leaf carries the right trust domain, so only the signature differs.
+    # Same cluster id, so the same trust domain and SPIFFE ID: only the signature differs.
     forged = MeshCA(cluster_id=ca.cluster_id).issue(API, DC)
     with web(hosts, web_sidecar(ca, allow)):
-        assert ask(hosts.peer, WEB_ADDR, PUBLIC_PORT, hosts.files, forged, ca) != WEB
-        assert (
-            ask(hosts.peer, WEB_ADDR, PUBLIC_PORT, hosts.files, stranger.issue(API, DC), ca) != WEB
-        )
-        assert ask(hosts.peer, WEB_ADDR, PUBLIC_PORT, hosts.files, ca.issue(API, DC), ca) == WEB
+        answers = [
+            ask(hosts.peer, WEB_ADDR, PUBLIC_PORT, hosts.files, leaf, ca)
+            for leaf in (forged, stranger.issue(API, DC))
+        ]
+        failed = counters(hosts.mesh, "ssl.fail_verify_error")
+        genuine = ask(hosts.peer, WEB_ADDR, PUBLIC_PORT, hosts.files, ca.issue(API, DC), ca)
+    assert WEB not in answers
+    # Envoy refused both in the handshake: it could not verify the client's certificate.
+    assert sum(failed.values()) == 2, failed
+    assert genuine == WEB
 
 
 # --- outbound ------------------------------------------------------------------------------
