@@ -107,6 +107,12 @@ def test_intentions_policy_is_explicit_or_derived() -> None:
     authz = acl.Authorizer(token(Policies=[policy]), "dc1")
     assert authz.intention_write("api")
     assert not authz.intention_read("db")
+    # Merged as Consul merges: the unset intentions of a deny rule do not override the
+    # intentions another policy wrote out (acl/policy.go MergePolicies).
+    deny = rules({"service": {"api": {"policy": "deny"}}})
+    merged = acl.Authorizer(token(Policies=[policy, deny]), "dc1")
+    assert not merged.service_read("api")
+    assert merged.intention_write("api")
 
 
 @pytest.mark.parametrize(
