@@ -117,7 +117,9 @@ def hosts(tmp_path: Path) -> Iterator[Hosts]:
             check=True,
         )  # fmt: skip
         for ns, dev, addr in ((mesh, "mesh0", WEB_ADDR), (peer, "mesh1", PEER_ADDR)):
-            subprocess.run(["ip", "-n", ns.name, "addr", "add", f"{addr}/24", "dev", dev])
+            subprocess.run(
+                ["ip", "-n", ns.name, "addr", "add", f"{addr}/24", "dev", dev], check=True
+            )
             subprocess.run(["ip", "-n", ns.name, "link", "set", dev, "up"], check=True)
         # Virtual IPs need a route before the nat hook can redirect them (as a default
         # route gives them on a VM).

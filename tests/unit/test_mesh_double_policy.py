@@ -54,16 +54,26 @@ def test_builtin_dns_reads_nodes_services_and_queries_and_writes_nothing() -> No
     assert not dns.agent_read("n")
 
 
-def test_default_deny_for_anonymous_unknown_and_empty_tokens() -> None:
+def test_default_deny_for_anonymous_and_for_a_token_without_rules() -> None:
     table = acl.TokenTable([token()])
-    for secret in (None, "", "not-a-token", "s3cret"):
+    for secret in (None, "", "s3cret"):
         authz = table.authorizer(secret, "dc1")
         assert not authz.node_read("n")
         assert not authz.service_read("s")
         assert not authz.agent_read("n")
         assert not authz.query_read("q")
         assert not authz.intention_read("s")
-    assert table.known("s3cret") and not table.known("not-a-token")
+    with pytest.raises(acl.ACLNotFound, match="ACL not found"):
+        table.authorizer("not-a-token", "dc1")
+
+
+def test_no_token_runs_as_the_anonymous_token_and_its_policies() -> None:
+    anonymous = acl.Token.from_json(
+        {"SecretID": "anonymous", "TemplatedPolicies": [{"TemplateName": "builtin/dns"}]}
+    )
+    table = acl.TokenTable([anonymous])
+    assert table.authorizer(None, "dc1").service_read("web")
+    assert table.authorizer("", "dc1").node_read("n")
 
 
 def rules(document: dict[str, Any]) -> dict[str, str]:
