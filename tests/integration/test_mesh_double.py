@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.consul_double import xds
-from tests.fixtures.consul_double.ca import Leaf, MeshCA
+from tests.fixtures.consul_double.ca import Leaf, MeshCA, sni
 from tests.fixtures.consul_double.intentions import Action, Intention
 from tests.fixtures.consul_double.vip import VirtualIPTable
 from tests.integration.test_netns import ENVOY_USER, Netns, envoy_binary, wait_for_port
@@ -194,7 +194,7 @@ def ask(ns: Netns, addr: str, port: int, files: Path, leaf: Leaf | None, ca: Mes
         cert.write_bytes(leaf.cert_pem)
         key.write_bytes(leaf.key_pem)
         root.write_bytes(ca.root_pem)
-        argv += [cert, key, root, f"{WEB}.default.{DC}.internal.{ca.trust_domain}"]
+        argv += [cert, key, root, sni(WEB, DC, ca.trust_domain)]
     return ns.ok(*argv).stdout.strip()
 
 
