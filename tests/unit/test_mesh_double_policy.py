@@ -1,4 +1,4 @@
-"""The consul_double's ACL authorizer, intention precedence and virtual IP table, each
+"""The consul_double's ACL authorizer, intention precedence, virtual IP table and CA, each
 against the behaviour of the hashicorp/consul source its module cites."""
 
 from __future__ import annotations
@@ -8,10 +8,14 @@ import re
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fixtures.consul_double import acl, intentions, vip
+from tests.fixtures.consul_double import ca as mesh_ca
 from tests.fixtures.consul_double.intentions import Action, Intention
 
 # --- ACL ------------------------------------------------------------------------------------
@@ -251,3 +255,30 @@ def test_virtual_ips_run_out_before_the_last_offset() -> None:
     assert table.assign("a") == "255.255.255.253"
     with pytest.raises(vip.VirtualIPError, match="cannot allocate any more"):
         table.assign("b")
+
+
+# --- CA -----------------------------------------------------------------------------------
+
+
+def test_leaf_is_p256_signed_by_the_root_with_the_spiffe_id_and_sni() -> None:
+    cluster = "11111111-2222-3333-4444-555555555555"
+    authority = mesh_ca.MeshCA(cluster_id=cluster)
+    leaf = authority.issue("web", "dc1")
+    cert = x509.load_pem_x509_certificate(leaf.cert_pem)
+    cert.verify_directly_issued_by(authority.root)
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+    uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert uris.get_values_for_type(x509.UniformResourceIdentifier) == [
+        f"spiffe://{cluster}.consul/ns/default/dc/dc1/svc/web"
+    ]
+    root_uris = authority.root.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert root_uris.value.get_values_for_type(x509.UniformResourceIdentifier) == [
+        f"spiffe://{cluster}.consul"
+    ]
+    assert mesh_ca.sni("api", "dc1", authority.trust_domain) == (
+        f"api.default.dc1.internal.{cluster}.consul"
+    )
+    other = mesh_ca.MeshCA(cluster_id=cluster).issue("web", "dc1")
+    with pytest.raises(InvalidSignature):
+        x509.load_pem_x509_certificate(other.cert_pem).verify_directly_issued_by(authority.root)
