@@ -1,4 +1,5 @@
-"""Linters as tests: ruff on builder/ and tests/, mypy --strict on builder/, the
+"""Linters as tests: ruff on builder/ and tests/, mypy --strict on builder/ and the
+Consul double's package (tests/fixtures/consul_double), the
 import-linter layering contract, and shellcheck on every shipped script."""
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def test_ruff_format() -> None:
 
 
 def test_mypy_strict() -> None:
-    # strict = true and packages = ["builder"] come from pyproject.toml.
+    # strict = true and packages (builder, tests.fixtures.consul_double) come from
+    # pyproject.toml.
     done = run_module("mypy")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Success" in done.stdout
