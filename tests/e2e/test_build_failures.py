@@ -39,6 +39,7 @@ from builder.build import base
 from builder.build.run import BuildOptions, build_image
 from builder.errors import UserError
 from builder.proc import processes_naming
+from tests.fixtures.signals import dispositions
 from tests.paths import REPO
 
 #: What meshbake exits with after each signal (128 + signal).
@@ -105,10 +106,6 @@ class Meshbake:
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
 
-        def setup() -> None:
-            # How a shell script's background job (or many CI runners) starts us.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-
         self.child = subprocess.Popen(
             [*wrap, sys.executable, "-m", "builder", *argv],
             stdin=subprocess.DEVNULL,
@@ -117,7 +114,10 @@ class Meshbake:
             text=True,
             cwd=REPO,
             env={**os.environ, "TMPDIR": str(tmpdir), **(env or {})},
-            preexec_fn=setup if ignore_sigint else None,
+            # Each signal a test sends is at its default in the child, whatever the suite
+            # was started with (nohup ignores SIGHUP); ``ignore_sigint`` is how a shell
+            # script's background job (or many CI runners) starts us.
+            preexec_fn=dispositions({signal.SIGINT} if ignore_sigint else ()),
         )
         threading.Thread(target=self._read, daemon=True).start()
 
