@@ -44,13 +44,17 @@ from builder.tools.qemu import choose_accelerator
 from builder.verify.imagetests.helpers import (
     HTTP_PROBE,
     INBOUND_CX,
+    down_for_good,
     parse_stats,
     stats_command,
     tcp_exchange,
+    unit_state_command,
+    unit_states,
 )
 
 PHASES = ("baked", "firstboot")
 VERIFY_USER = "meshbake-verify"
+SIDECAR_UNIT = "envoy-sidecar.service"
 
 
 @dataclass(frozen=True)
@@ -356,6 +360,26 @@ def _poll(vm: Vm, command: str, want: str, deadline: float) -> bool:
             pass
         time.sleep(2)
     return False
+
+
+def _wait_sidecar(vm: Vm, deadline: float) -> list[str]:
+    """Wait for the sidecar to become active; why it is down ([] once it is active).
+
+    Gives up before ``deadline`` once consul or the sidecar is down for good
+    (:func:`helpers.down_for_good`): a fenced or broken sidecar restarts forever.
+    """
+    command = unit_state_command("consul.service", SIDECAR_UNIT)
+    while time.monotonic() < deadline:
+        with suppress(OSError, paramiko.SSHException, EOFError):
+            _, out = ssh_run(vm, command)
+            states = unit_states(out)
+            if states.get(SIDECAR_UNIT, {}).get("ActiveState") == "active":
+                return []
+            causes = down_for_good(out)
+            if causes:
+                return causes
+        time.sleep(2)
+    return [f"{SIDECAR_UNIT} did not become active within the deadline"]
 
 
 @contextmanager
@@ -719,15 +743,13 @@ def first_boot_timeline(vm: Vm, first_proxied: float | None) -> dict[str, float 
     return timeline
 
 
-def _keep_plot(vm: Vm, folder: Path) -> Path | None:
-    """``systemd-analyze plot`` of this (first) boot, saved as ``folder/firstboot.svg``."""
+def _keep_plot(vm: Vm, folder: Path, *, wait: bool = True) -> Path | None:
+    """``systemd-analyze plot`` of this (first) boot, saved as ``folder/firstboot.svg``;
+    after the boot has finished when ``wait`` (a boot whose sidecar is down for good
+    may never finish, so its plot is taken at once)."""
+    settle = "timeout 120 systemctl is-system-running --wait >/dev/null 2>&1; " if wait else ""
     with suppress(OSError, paramiko.SSHException, EOFError):
-        code, svg = ssh_run(
-            vm,
-            "timeout 120 systemctl is-system-running --wait >/dev/null 2>&1;"
-            " systemd-analyze plot 2>&1",
-            timeout=180,
-        )
+        code, svg = ssh_run(vm, f"{settle}systemd-analyze plot 2>&1", timeout=180)
         if code == 0 and "<svg" in svg:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / "firstboot.svg"
@@ -830,20 +852,16 @@ def _phase(
                     time.monotonic() + 300,
                 )
                 if probe is not None:
-                    ready = _poll(
-                        vm,
-                        "systemctl is-active envoy-sidecar.service",
-                        "active",
-                        time.monotonic() + 240,
-                    )
+                    down = _wait_sidecar(vm, time.monotonic() + 240)
+                    ready = not down
                     first_boot = round(time.monotonic() - vm.started, 1) if ready else None
                     progress(
                         f"verify: firstboot: mesh ready after {first_boot}s"
                         if ready
-                        else "verify: firstboot: the sidecar did not become active"
+                        else f"verify: firstboot: the sidecar is down: {'; '.join(down)}"
                     )
                     figures, timeline = _first_boot_figures(vm, probe, ready, progress)
-                    plot = _keep_plot(vm, report_folder(image))
+                    plot = _keep_plot(vm, report_folder(image), wait=ready)
                 _, version = ssh_run(vm, f"{paths.CONSUL_BIN} version 2>/dev/null | head -n 2")
                 expect = expectations(loaded, phase, token, "Revision fixture" in version, traffic)
                 progress(f"verify: {phase}: running the Testinfra checks")
