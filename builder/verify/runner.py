@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -41,6 +42,7 @@ from builder.render import baked, cloudconfig, paths
 from builder.spec import compat
 from builder.spec.model import Accelerator, LoadedSpec, load_spec
 from builder.tools.qemu import choose_accelerator
+from builder.verify.imagetests import helpers
 from builder.verify.imagetests.helpers import (
     HTTP_PROBE,
     INBOUND_CX,
@@ -866,6 +868,14 @@ def _phase(
                 expect = expectations(loaded, phase, token, "Revision fixture" in version, traffic)
                 progress(f"verify: {phase}: running the Testinfra checks")
                 checks = run_suite(vm.uri, expect, work, leave_out=leave_out)
+                if any(c.outcome in ("failed", "error") for c in checks):
+                    keep_evidence(
+                        lambda command: ssh_run(vm, command, timeout=60),
+                        expect["units"],
+                        report_folder(image),
+                        phase,
+                        secrets=[token],
+                    )
         except UserError as exc:
             return PhaseResult(
                 phase,
@@ -888,6 +898,64 @@ def _phase(
         timeline=timeline,
         plot=None if plot is None else str(plot),
     )
+
+
+#: Envoy's admin snapshot kept when a check fails (path -> file suffix), as Consul's own
+#: Envoy suite keeps config_dump and clusters (hashicorp/consul
+#: test/integration/connect/envoy/helpers.bash, snapshot_envoy_admin); stats as well.
+ADMIN_SNAPSHOT = {
+    "/config_dump": "config_dump.json",
+    "/clusters?format=json": "clusters.json",
+    "/stats": "stats.txt",
+}
+
+#: Envoy's bootstrap sends the token as gRPC metadata (hashicorp/consul
+#: command/connect/envoy/bootstrap_tpl.go, initial_metadata x-consul-token), and
+#: config_dump would show it.
+_TOKEN_METADATA = re.compile(r'("key":\s*"x-consul-token",\s*"value":\s*")[^"]*(")')
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` without the ``secrets`` and without Consul's token in Envoy's metadata.
+
+    >>> redact('{"key": "x-consul-token", "value": "t-1"} t-2', ["t-2"])
+    '{"key": "x-consul-token", "value": "<redacted>"} <redacted>'
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return _TOKEN_METADATA.sub(r"\1<redacted>\2", text)
+
+
+def keep_evidence(
+    run: Callable[[str], tuple[int, str]],
+    units: Sequence[str],
+    folder: Path,
+    phase: str,
+    secrets: Sequence[str] = (),
+) -> list[Path]:
+    """Keep what explains a failed check beside the report: Envoy's admin snapshot and
+    the journal of ``units`` (``verify-<phase>-envoy-config_dump.json``, ...,
+    ``verify-<phase>-journal.txt``). ``run`` runs a command in the VM and returns (exit
+    code, output); what could not be read says why in its file. Secrets are redacted.
+    """
+    commands = {
+        f"envoy-{name}": helpers.admin_command(path) for path, name in ADMIN_SNAPSHOT.items()
+    }
+    journal = " ".join(f"-u {shlex.quote(unit)}" for unit in units)
+    commands["journal.txt"] = f"sudo journalctl --no-pager -o short-monotonic {journal}"
+    kept = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, command in commands.items():
+        try:
+            code, out = run(command)
+            text = out if code == 0 else f"could not read it (exit {code}):\n{out}"
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            text = f"could not read it: {type(exc).__name__}: {exc}\n"
+        path = folder / f"verify-{phase}-{name}"
+        path.write_text(redact(text, secrets))
+        kept.append(path)
+    return kept
 
 
 def report_folder(image: Path) -> Path:

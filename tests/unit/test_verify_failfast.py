@@ -219,3 +219,54 @@ def test_the_runner_sees_an_active_sidecar_at_once(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(runner, "ssh_run", lambda vm, command, timeout=30.0: (0, up))
     vm = runner.Vm(22, Path("/nonexistent"), 0.0, Path("/nonexistent"))
     assert runner._wait_sidecar(vm, runner.time.monotonic() + 3600) == []
+
+
+# --- a failure's evidence ------------------------------------------------------------
+
+TOKEN = "4d3c2b1a-0000-4000-8000-000000000000"
+SERVICE_TOKEN = "9f8e7d6c-0000-4000-8000-000000000000"
+#: The part of Envoy's config_dump that carries the sidecar's token (Consul's bootstrap
+#: template: hashicorp/consul command/connect/envoy/bootstrap_tpl.go).
+CONFIG_DUMP = (
+    '{"configs": [{"bootstrap": {"dynamic_resources": {"ads_config": {"grpc_services": [\n'
+    '  {"initial_metadata": [\n    {\n     "key": "x-consul-token",\n'
+    f'     "value": "{SERVICE_TOKEN}"\n    }}\n   ]}}]}}}}}}]}}\n'
+)
+
+
+def test_a_failed_check_keeps_envoys_snapshot_and_the_journal_beside_the_report(
+    tmp_path: Path,
+) -> None:
+    answers = {
+        "/config_dump": (0, CONFIG_DUMP),
+        "/clusters": (0, '{"cluster_statuses": [{"name": "local_app"}]}\n'),
+        "/stats": (3, "ERROR <urlopen error [Errno 111] Connection refused>\n"),
+        "journalctl": (0, f"consul[1]: agent token {TOKEN} set\nenvoy-sidecar: started\n"),
+    }
+    asked: list[str] = []
+
+    def run(command: str) -> tuple[int, str]:
+        asked.append(command)
+        return next(answer for key, answer in answers.items() if key in command)
+
+    units = ["consul.service", "envoy-sidecar.service", "web.service"]
+    kept = runner.keep_evidence(run, units, tmp_path / "logs", "firstboot", secrets=[TOKEN])
+    names = sorted(p.name for p in kept)
+    assert names == [
+        "verify-firstboot-envoy-clusters.json",
+        "verify-firstboot-envoy-config_dump.json",
+        "verify-firstboot-envoy-stats.txt",
+        "verify-firstboot-journal.txt",
+    ]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == names
+    folder = tmp_path / "logs"
+    dump = (folder / "verify-firstboot-envoy-config_dump.json").read_text()
+    assert SERVICE_TOKEN not in dump and '"value": "<redacted>"' in dump
+    journal = (folder / "verify-firstboot-journal.txt").read_text()
+    assert TOKEN not in journal and "envoy-sidecar: started" in journal
+    # What could not be read says why, instead of leaving a hole.
+    stats = (folder / "verify-firstboot-envoy-stats.txt").read_text()
+    assert stats.startswith("could not read it (exit 3)") and "Connection refused" in stats
+    # The journal is of exactly the units involved.
+    (journal_command,) = [c for c in asked if "journalctl" in c]
+    assert all(f"-u {unit}" in journal_command for unit in units)

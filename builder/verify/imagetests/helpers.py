@@ -253,6 +253,22 @@ except Exception as exc:
 """
 
 
+#: Run inside the VM with argv: the admin address, a path. Prints the admin's answer.
+_GUEST_ADMIN = """
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen("http://" + sys.argv[1] + sys.argv[2], timeout=10).read().decode())
+except OSError as exc:
+    print("ERROR", exc)
+    sys.exit(3)
+"""
+
+
+def admin_command(path: str) -> str:
+    """A shell command, run in the VM, that prints Envoy's admin ``path`` (``/clusters``)."""
+    return shlex.join(["python3", "-c", _GUEST_ADMIN, ADMIN, path])
+
+
 def parse_stats(text: str) -> dict[str, int]:
     """Counters from Envoy's plain ``/stats`` (``name: value`` lines; others are skipped).
 
