@@ -221,6 +221,15 @@ def after_redirect(script: str) -> Callable[[Path], None]:
     return edit
 
 
+def fence_sidecar(root: Path) -> None:
+    """The sidecar may not use the network at all, loopback included (a drop-in with
+    ``IPAddressDeny=any``): its redirect cannot ask the agent and Envoy cannot reach it,
+    so it fails and restarts for ever. bench/broken_verify.py times verify of this."""
+    dropin = root / SIDECAR_DROPIN.lstrip("/")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nIPAddressDeny=any\n")
+
+
 def remove_envoy(root: Path) -> None:
     envoy = root / "usr/bin/envoy"
     assert envoy.is_file(), "the good image has no /usr/bin/envoy"
