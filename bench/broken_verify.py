@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from firstboot import golden_image  # noqa: E402
 
-from tests.e2e.test_broken_image import edited_copy, fence_sidecar  # noqa: E402
+from tests.e2e.test_broken_image import edited_copy, fence_sidecar, raw_disk  # noqa: E402
 
 
 def say(message: str) -> None:
@@ -70,7 +70,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="meshbake-bench-broken-") as tmp:
         folder = Path(tmp)
         say(f"fencing the sidecar of a copy of {good}")
-        fenced = edited_copy(good, folder, fence_sidecar)
+        fenced = edited_copy(raw_disk(good, folder), folder, fence_sidecar)
         results = {
             "good": timed_verify(good, args.spec, phases, folder / "good.json"),
             "fenced sidecar": timed_verify(fenced, args.spec, phases, folder / "fenced.json"),
