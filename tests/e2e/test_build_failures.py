@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build import base
+from builder.build.base import BaseImage
 from builder.build.run import BuildOptions, build_image
 from builder.errors import UserError
 from builder.proc import processes_naming
@@ -194,6 +194,9 @@ def _build_argv(
     e2e_options: BuildOptions, out: Path, *extra: str, mirror: str | None = None
 ) -> list[str]:
     argv = ["build", str(SPEC), "--out", str(out), "--force", *extra]
+    if "--cache" not in extra and e2e_options.cache is not None:
+        # The session's cache, so the bake reuses the session's one base image.
+        argv += ["--cache", str(e2e_options.cache)]
     argv += ["--consul-mirror", mirror or str(e2e_options.consul_mirror)]
     if e2e_options.consul_key is not None:
         argv += [
@@ -218,9 +221,9 @@ def _spec_with(tmp_path: Path, **changes: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cached_base() -> Path:
-    """The Debian base from the cache (built once if it is not there yet)."""
-    return base.build_base().path
+def cached_base(session_base: BaseImage) -> Path:
+    """The session's one Debian base (tests/conftest.py)."""
+    return session_base.path
 
 
 # --- a failed bake -------------------------------------------------------------------------
