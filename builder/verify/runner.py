@@ -688,7 +688,8 @@ TIMELINE_UNITS = {
 
 def _envoy_counter(vm: Vm, name: str) -> int | None:
     with suppress(OSError, paramiko.SSHException, EOFError):
-        code, out = ssh_run(vm, stats_command((name,)))
+        # As root: meshbake-imds closes Envoy's admin port to other users.
+        code, out = ssh_run(vm, f"sudo {stats_command((name,))}")
         if code == 0:
             return parse_stats(out).get(name)
     return None
@@ -939,8 +940,10 @@ def keep_evidence(
     ``verify-<phase>-journal.txt``). ``run`` runs a command in the VM and returns (exit
     code, output); what could not be read says why in its file. Secrets are redacted.
     """
+    # As root: meshbake-imds closes Envoy's admin port to every user but root and envoy.
     commands = {
-        f"envoy-{name}": helpers.admin_command(path) for path, name in ADMIN_SNAPSHOT.items()
+        f"envoy-{name}": f"sudo {helpers.admin_command(path)}"
+        for path, name in ADMIN_SNAPSHOT.items()
     }
     journal = " ".join(f"-u {shlex.quote(unit)}" for unit in units)
     commands["journal.txt"] = f"sudo journalctl --no-pager -o short-monotonic {journal}"
