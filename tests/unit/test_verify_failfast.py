@@ -143,9 +143,18 @@ def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 def test_waiting_for_the_mesh_ends_once_the_sidecar_is_down_for_good(no_sleep: list[float]) -> None:
     host = StandInHost(fenced(4))
     # An hour's deadline: only the rule can end this wait before the host's budget.
-    mesh = firstboot.wait_mesh(host, timeout=3600)
+    # Restarts counted from boot, as the suite's first wait (mesh_up) counts them.
+    mesh = firstboot.wait_mesh(host, timeout=3600, since={})
     assert mesh == {"consul.service": True, SIDECAR: False, "Envoy LIVE": False}
     assert no_sleep == []
+
+
+def test_a_later_wait_counts_only_the_restarts_it_sees(no_sleep: list[float]) -> None:
+    """After a check's own stop or restart, the restarts from boot are history."""
+    host = StandInHost(fenced(4))
+    with pytest.raises(AssertionError, match="still asking"):
+        firstboot.wait_mesh(host, timeout=3600)
+    assert len(no_sleep) > 3
 
 
 def test_waiting_for_the_mesh_goes_on_while_the_sidecar_may_still_come_up(

@@ -302,8 +302,11 @@ def mesh_units(host: Host) -> str:
 def wait_mesh(
     host: Host, timeout: float = MESH_TIMEOUT, since: dict[str, int] | None = None
 ) -> dict[str, bool]:
-    """Wait for the mesh, but no longer once a unit of it is down for good (restarts
-    counted from ``since``; from boot when it is ``None``)."""
+    """Wait for the mesh, but no longer once a unit of it is down for good: restarts
+    count from ``since`` (``{}``: from boot), by default from the start of this wait, so
+    that a check's own stops and restarts are never taken for failed starts."""
+    if since is None:
+        since = restarts(mesh_units(host))
 
     def settled() -> bool:
         return all(mesh_state(host).values()) or bool(down_for_good(mesh_units(host), since=since))
@@ -430,8 +433,9 @@ def record_all(record_property: Record, figures: dict[str, int], prefix: str = "
 
 @pytest.fixture(scope="module")
 def mesh_up(host: Host) -> dict[str, bool]:
-    """Wait (up to MESH_TIMEOUT s) for consul, the sidecar and Envoy; what is up at the end."""
-    return wait_mesh(host)
+    """Wait (up to MESH_TIMEOUT s) for consul, the sidecar and Envoy; what is up at the end.
+    The first wait after boot: every restart since boot was a failed start."""
+    return wait_mesh(host, since={})
 
 
 def digests(host: Host) -> str:
