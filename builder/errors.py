@@ -149,10 +149,6 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-class CheckFailed(UserError):
-    """A validation gate or an image check failed."""
-
-
 def reason(exc: BaseException) -> str:
     """Why an I/O or network operation failed, in a few words for a one-line error.
 

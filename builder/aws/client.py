@@ -289,8 +289,9 @@ def source_filter(spec: ImageSpec) -> AmiFilter:
 
 
 @dataclass(frozen=True)
-class SourceAmi:
-    """The base AMI a bake starts from."""
+class ResolvedAmi:
+    """The base AMI a bake starts from, as resolved in AWS (the spec's query that
+    finds it is ``spec.model.SourceAmi``)."""
 
     id: str
     name: str
@@ -319,7 +320,7 @@ def _describe_images(
     return images
 
 
-def resolve_source_ami(spec: ImageSpec, *, aws: Aws | None = None) -> SourceAmi:
+def resolve_source_ami(spec: ImageSpec, *, aws: Aws | None = None) -> ResolvedAmi:
     """The most recent AMI matching the template's source filter, in the build region.
 
     >>> resolve_source_ami(spec).id  # doctest: +SKIP
@@ -339,7 +340,7 @@ def resolve_source_ami(spec: ImageSpec, *, aws: Aws | None = None) -> SourceAmi:
             " account can see that AMI in that region"
         )
     newest = max(images, key=_created)
-    return SourceAmi(
+    return ResolvedAmi(
         id=newest["ImageId"],
         name=newest.get("Name", ""),
         creation_date=_created(newest),

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from builder import __version__, proc
+from builder.build import artifacts, base
+from builder.build import run as build
 from builder.build.gates import validate_spec
 from builder.build.run import TARGETS
 from builder.cli import aws as cli_aws
@@ -82,8 +84,6 @@ def cmd_userdata(args: argparse.Namespace) -> int:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from builder.build import base
-
     built = base.build_base(args.cache, progress=progress)
     state = "reused from the cache" if built.reused else "built"
     print(f"{built.path}\t{state}\tsha256:{built.sha256}")
@@ -100,9 +100,6 @@ def _env_path(name: str) -> Path | None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from builder.build import artifacts
-    from builder.build import run as build
-
     if args.dry_run and args.target != "aws":
         raise UserError("--dry-run plans an AMI build: use it with --target aws")
     key = None
@@ -138,6 +135,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: it brings paramiko, which no other command needs.
     from builder.verify import runner as verify
 
     if args.host is not None:

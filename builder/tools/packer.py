@@ -63,7 +63,10 @@ def parse_machine_line(line: str) -> MachineEvent | None:
 
 
 @dataclass(frozen=True)
-class BuildResult:
+class PackerRun:
+    """What one ``packer build`` ended with: its exit code, the artifacts of its manifest
+    and the errors it printed (not the meshbake-level ``build.run.BuildResult``)."""
+
     returncode: int
     artifacts: Mapping[str, str] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
@@ -143,7 +146,7 @@ class Packer:
         env: Mapping[str, str],
         log_file: Path,
         on_event: Callable[[MachineEvent], None],
-    ) -> BuildResult:
+    ) -> PackerRun:
         """Run ``packer build -machine-readable``; every event goes to ``on_event``.
 
         Packer's full log (PACKER_LOG=1) goes to ``log_file``; artifact ids come from
@@ -168,4 +171,4 @@ class Packer:
 
         full_env = {**env, "PACKER_LOG": "1", "PACKER_LOG_PATH": str(log_file)}
         code = proc.stream([*argv, folder], on_line=handle, env=full_env, cwd=folder)
-        return BuildResult(code, artifacts, tuple(errors))
+        return PackerRun(code, artifacts, tuple(errors))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -41,16 +42,21 @@ from builder.render import baked, cloudconfig, paths
 from builder.spec import compat
 from builder.spec.model import Accelerator, LoadedSpec, load_spec
 from builder.tools.qemu import choose_accelerator
+from builder.verify.imagetests import helpers
 from builder.verify.imagetests.helpers import (
     HTTP_PROBE,
     INBOUND_CX,
+    down_for_good,
     parse_stats,
     stats_command,
     tcp_exchange,
+    unit_state_command,
+    unit_states,
 )
 
 PHASES = ("baked", "firstboot")
 VERIFY_USER = "meshbake-verify"
+SIDECAR_UNIT = "envoy-sidecar.service"
 
 
 @dataclass(frozen=True)
@@ -358,6 +364,26 @@ def _poll(vm: Vm, command: str, want: str, deadline: float) -> bool:
     return False
 
 
+def _wait_sidecar(vm: Vm, deadline: float) -> list[str]:
+    """Wait for the sidecar to become active; why it is down ([] once it is active).
+
+    Gives up before ``deadline`` once consul or the sidecar is down for good
+    (:func:`helpers.down_for_good`): a fenced or broken sidecar restarts forever.
+    """
+    command = unit_state_command("consul.service", SIDECAR_UNIT)
+    while time.monotonic() < deadline:
+        with suppress(OSError, paramiko.SSHException, EOFError):
+            _, out = ssh_run(vm, command)
+            states = unit_states(out)
+            if states.get(SIDECAR_UNIT, {}).get("ActiveState") == "active":
+                return []
+            causes = down_for_good(out)
+            if causes:
+                return causes
+        time.sleep(2)
+    return [f"{SIDECAR_UNIT} did not become active within the deadline"]
+
+
 @contextmanager
 def boot_vm(
     image: Path,
@@ -662,7 +688,8 @@ TIMELINE_UNITS = {
 
 def _envoy_counter(vm: Vm, name: str) -> int | None:
     with suppress(OSError, paramiko.SSHException, EOFError):
-        code, out = ssh_run(vm, stats_command((name,)))
+        # As root: meshbake-imds closes Envoy's admin port to other users.
+        code, out = ssh_run(vm, f"sudo {stats_command((name,))}")
         if code == 0:
             return parse_stats(out).get(name)
     return None
@@ -719,15 +746,13 @@ def first_boot_timeline(vm: Vm, first_proxied: float | None) -> dict[str, float 
     return timeline
 
 
-def _keep_plot(vm: Vm, folder: Path) -> Path | None:
-    """``systemd-analyze plot`` of this (first) boot, saved as ``folder/firstboot.svg``."""
+def _keep_plot(vm: Vm, folder: Path, *, wait: bool = True) -> Path | None:
+    """``systemd-analyze plot`` of this (first) boot, saved as ``folder/firstboot.svg``;
+    after the boot has finished when ``wait`` (a boot whose sidecar is down for good
+    may never finish, so its plot is taken at once)."""
+    settle = "timeout 120 systemctl is-system-running --wait >/dev/null 2>&1; " if wait else ""
     with suppress(OSError, paramiko.SSHException, EOFError):
-        code, svg = ssh_run(
-            vm,
-            "timeout 120 systemctl is-system-running --wait >/dev/null 2>&1;"
-            " systemd-analyze plot 2>&1",
-            timeout=180,
-        )
+        code, svg = ssh_run(vm, f"{settle}systemd-analyze plot 2>&1", timeout=180)
         if code == 0 and "<svg" in svg:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / "firstboot.svg"
@@ -831,24 +856,28 @@ def _phase(
                     time.monotonic() + 300,
                 )
                 if probe is not None:
-                    ready = _poll(
-                        vm,
-                        "systemctl is-active envoy-sidecar.service",
-                        "active",
-                        time.monotonic() + 240,
-                    )
+                    down = _wait_sidecar(vm, time.monotonic() + 240)
+                    ready = not down
                     first_boot = round(time.monotonic() - vm.started, 1) if ready else None
                     progress(
                         f"verify: firstboot: mesh ready after {first_boot}s"
                         if ready
-                        else "verify: firstboot: the sidecar did not become active"
+                        else f"verify: firstboot: the sidecar is down: {'; '.join(down)}"
                     )
                     figures, timeline = _first_boot_figures(vm, probe, ready, progress)
-                    plot = _keep_plot(vm, report_folder(image))
+                    plot = _keep_plot(vm, report_folder(image), wait=ready)
                 _, version = ssh_run(vm, f"{paths.CONSUL_BIN} version 2>/dev/null | head -n 2")
                 expect = expectations(loaded, phase, token, "Revision fixture" in version, traffic)
                 progress(f"verify: {phase}: running the Testinfra checks")
                 checks = run_suite(vm.uri, expect, work, leave_out=leave_out)
+                if any(c.outcome in ("failed", "error") for c in checks):
+                    keep_evidence(
+                        lambda command: ssh_run(vm, command, timeout=60),
+                        expect["units"],
+                        report_folder(image),
+                        phase,
+                        secrets=[token],
+                    )
         except UserError as exc:
             return PhaseResult(
                 phase,
@@ -871,6 +900,66 @@ def _phase(
         timeline=timeline,
         plot=None if plot is None else str(plot),
     )
+
+
+#: Envoy's admin snapshot kept when a check fails (path -> file suffix), as Consul's own
+#: Envoy suite keeps config_dump and clusters (hashicorp/consul
+#: test/integration/connect/envoy/helpers.bash, snapshot_envoy_admin); stats as well.
+ADMIN_SNAPSHOT = {
+    "/config_dump": "config_dump.json",
+    "/clusters?format=json": "clusters.json",
+    "/stats": "stats.txt",
+}
+
+#: Envoy's bootstrap sends the token as gRPC metadata (hashicorp/consul
+#: command/connect/envoy/bootstrap_tpl.go, initial_metadata x-consul-token), and
+#: config_dump would show it.
+_TOKEN_METADATA = re.compile(r'("key":\s*"x-consul-token",\s*"value":\s*")[^"]*(")')
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` without the ``secrets`` and without Consul's token in Envoy's metadata.
+
+    >>> redact('{"key": "x-consul-token", "value": "t-1"} t-2', ["t-2"])
+    '{"key": "x-consul-token", "value": "<redacted>"} <redacted>'
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return _TOKEN_METADATA.sub(r"\1<redacted>\2", text)
+
+
+def keep_evidence(
+    run: Callable[[str], tuple[int, str]],
+    units: Sequence[str],
+    folder: Path,
+    phase: str,
+    secrets: Sequence[str] = (),
+) -> list[Path]:
+    """Keep what explains a failed check beside the report: Envoy's admin snapshot and
+    the journal of ``units`` (``verify-<phase>-envoy-config_dump.json``, ...,
+    ``verify-<phase>-journal.txt``). ``run`` runs a command in the VM and returns (exit
+    code, output); what could not be read says why in its file. Secrets are redacted.
+    """
+    # As root: meshbake-imds closes Envoy's admin port to every user but root and envoy.
+    commands = {
+        f"envoy-{name}": f"sudo {helpers.admin_command(path)}"
+        for path, name in ADMIN_SNAPSHOT.items()
+    }
+    journal = " ".join(f"-u {shlex.quote(unit)}" for unit in units)
+    commands["journal.txt"] = f"sudo journalctl --no-pager -o short-monotonic {journal}"
+    kept = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, command in commands.items():
+        try:
+            code, out = run(command)
+            text = out if code == 0 else f"could not read it (exit {code}):\n{out}"
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            text = f"could not read it: {type(exc).__name__}: {exc}\n"
+        path = folder / f"verify-{phase}-{name}"
+        path.write_text(redact(text, secrets))
+        kept.append(path)
+    return kept
 
 
 def report_folder(image: Path) -> Path:

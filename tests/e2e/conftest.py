@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from builder.build.base import BaseImage
 from builder.build.run import BuildOptions, BuildResult, build_image
 from tests.fixtures.plugin import CONSUL_ZIP_ENV, ZIP_NAME_RE, ReleaseFor
 from tests.paths import REPO
@@ -62,9 +63,13 @@ def real_zip_for(version: str) -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def bake(e2e_out: Path, fixture_release_for: ReleaseFor) -> Callable[[str], Example]:
+def bake(
+    e2e_out: Path, fixture_release_for: ReleaseFor, session_base: BaseImage, base_cache: Path
+) -> Callable[[str], Example]:
     """Bake ``images/<name>.yaml`` once per session (TCG here: a few minutes each),
-    with a fixture Consul release (a TEST DOUBLE) of the spec's own Consul version."""
+    with a fixture Consul release (a TEST DOUBLE) of the spec's own Consul version, on
+    the session's one base image (``session_base``, in ``base_cache``)."""
+    assert session_base.path.parent == base_cache / "base"
     done: dict[str, Example] = {}
 
     def example(name: str) -> Example:
@@ -77,6 +82,7 @@ def bake(e2e_out: Path, fixture_release_for: ReleaseFor) -> Callable[[str], Exam
                 consul_mirror=str(release.mirror),
                 consul_key=release.key,
                 consul_zip=real_zip_for(version),
+                cache=base_cache,
             )
             done[name] = Example(spec, options, build_image(spec, options))
         return done[name]

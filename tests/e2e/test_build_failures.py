@@ -35,10 +35,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build import base
+from builder.build.base import BaseImage
 from builder.build.run import BuildOptions, build_image
 from builder.errors import UserError
 from builder.proc import processes_naming
+from tests.fixtures.signals import dispositions
 from tests.paths import REPO
 
 #: What meshbake exits with after each signal (128 + signal).
@@ -105,10 +106,6 @@ class Meshbake:
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
 
-        def setup() -> None:
-            # How a shell script's background job (or many CI runners) starts us.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-
         self.child = subprocess.Popen(
             [*wrap, sys.executable, "-m", "builder", *argv],
             stdin=subprocess.DEVNULL,
@@ -117,7 +114,10 @@ class Meshbake:
             text=True,
             cwd=REPO,
             env={**os.environ, "TMPDIR": str(tmpdir), **(env or {})},
-            preexec_fn=setup if ignore_sigint else None,
+            # Each signal a test sends is at its default in the child, whatever the suite
+            # was started with (nohup ignores SIGHUP); ``ignore_sigint`` is how a shell
+            # script's background job (or many CI runners) starts us.
+            preexec_fn=dispositions({signal.SIGINT} if ignore_sigint else ()),
         )
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -194,6 +194,9 @@ def _build_argv(
     e2e_options: BuildOptions, out: Path, *extra: str, mirror: str | None = None
 ) -> list[str]:
     argv = ["build", str(SPEC), "--out", str(out), "--force", *extra]
+    if "--cache" not in extra and e2e_options.cache is not None:
+        # The session's cache, so the bake reuses the session's one base image.
+        argv += ["--cache", str(e2e_options.cache)]
     argv += ["--consul-mirror", mirror or str(e2e_options.consul_mirror)]
     if e2e_options.consul_key is not None:
         argv += [
@@ -218,9 +221,9 @@ def _spec_with(tmp_path: Path, **changes: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cached_base() -> Path:
-    """The Debian base from the cache (built once if it is not there yet)."""
-    return base.build_base().path
+def cached_base(session_base: BaseImage) -> Path:
+    """The session's one Debian base (tests/conftest.py)."""
+    return session_base.path
 
 
 # --- a failed bake -------------------------------------------------------------------------

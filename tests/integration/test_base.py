@@ -1,7 +1,7 @@
 """The Debian base image: a real build (as root), the cache, the errors, and a boot.
 
-The build takes about 90 s and happens once per module; the boot under TCG adds about
-80 s more.
+The build takes about 90 s and happens once per session (tests/conftest.py builds the
+session's one base, which the e2e bakes use too); the boot under TCG adds about 80 s.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,31 +51,24 @@ runcmd:
 """
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("meshbake-cache")
+# The build is the session's one base image (tests/conftest.py), shared with the e2e
+# layer; these names keep this module's view of it.
 
 
 @pytest.fixture(scope="module")
-def both_builds(cache_dir: Path) -> list[BaseImage]:
-    """Two builds of the same key started together: the lock makes one wait and reuse.
-
-    A work dir left by an "interrupted" earlier build is planted first; the build
-    removes it.
-    """
-    if os.geteuid() != 0:
-        pytest.skip("building a base image needs root")
-    stale = cache_dir / "base" / f".build-debian-bookworm-{base_key()}-4g-stale"
-    (stale / "root").mkdir(parents=True)
-    (stale / "disk.raw").write_bytes(b"partial")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(build_base, cache_dir, progress=print) for _ in range(2)]
-        return [future.result() for future in futures]
+def cache_dir(base_cache: Path) -> Path:
+    return base_cache
 
 
 @pytest.fixture(scope="module")
-def built(both_builds: list[BaseImage]) -> BaseImage:
-    return next(image for image in both_builds if not image.reused)
+def both_builds(base_builds: list[BaseImage]) -> list[BaseImage]:
+    """Two builds of the same key started together (see ``base_builds``)."""
+    return base_builds
+
+
+@pytest.fixture(scope="module")
+def built(session_base: BaseImage) -> BaseImage:
+    return session_base
 
 
 # --- pure: no build ---------------------------------------------------------------

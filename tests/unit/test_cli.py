@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from builder import proc
 from builder.cli import main as cli
 from builder.render import cloudconfig
 from builder.render.context import MARKER
+from tests.paths import REPO
 
 AGENT = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"
 SERVICE = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
@@ -292,3 +296,36 @@ def test_dry_run_is_refused_for_the_qemu_target(
 ) -> None:
     assert cli.main(["build", str(repo / "images" / "web.yaml"), "--dry-run"]) == 1
     assert "--target aws" in capsys.readouterr().err
+
+
+def _imports_inside_functions(path: Path) -> set[str]:
+    """Modules that ``path`` imports inside a function body (its lazy imports)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and inner.module:
+                    names |= {f"{inner.module}.{a.name}" for a in inner.names} | {inner.module}
+                elif isinstance(inner, ast.Import):
+                    names |= {a.name for a in inner.names}
+    return names
+
+
+def test_lazy_imports_of_the_cli_are_not_loaded_by_its_start() -> None:
+    """An import inside a command's function only pays off if starting the CLI has not
+    loaded that module already; otherwise it belongs at the top."""
+    lazy = set()
+    for path in (REPO / "builder" / "cli").glob("*.py"):
+        lazy |= _imports_inside_functions(path)
+    assert lazy, "no lazy import found: this test would prove nothing"
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, builder.cli.main; print(*sys.modules)"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    # "from builder.aws import client" names builder.aws (a package the start may load)
+    # and builder.aws.client (the module that must not be loaded yet).
+    modules = {name for name in lazy if name.count(".") >= 2 or name not in loaded}
+    assert sorted(modules & set(loaded)) == []

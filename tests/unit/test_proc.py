@@ -17,6 +17,7 @@ import pytest
 from builder import proc
 from builder.__main__ import run as run_cli
 from builder.errors import CommandError, Interrupted, UserError
+from tests.fixtures.signals import dispositions
 from tests.paths import REPO
 
 
@@ -145,8 +146,12 @@ def test_the_guard_ends_what_the_command_left_in_its_group(tmp_path: Path) -> No
 # --- signals ----------------------------------------------------------------------------
 
 
-def _stream_under_signals(tmp_path: Path, sig: signal.Signals, *, ignore_sigint: bool) -> None:
-    """A child Python that streams a long command under ``handle_signals``; send ``sig``."""
+def _stream_under_signals(
+    tmp_path: Path, *sent: signal.Signals, ignored: frozenset[signal.Signals] = frozenset()
+) -> int:
+    """A child Python that streams a long command under ``handle_signals``, started with
+    ``ignored`` ignored and the other signals at their default; send it ``sent`` in turn
+    and return its exit code, once it and its command are gone."""
     pids = tmp_path / "pids"
     script = (
         "import sys\n"
@@ -159,20 +164,16 @@ def _stream_under_signals(tmp_path: Path, sig: signal.Signals, *, ignore_sigint:
         "except Interrupted as exc:\n"
         "    sys.exit(exc.exit_code)\n"
     )
-
-    def ignore() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
     child = subprocess.Popen(
-        [sys.executable, "-c", script, str(pids)],
-        cwd=REPO,
-        preexec_fn=ignore if ignore_sigint else None,
+        [sys.executable, "-c", script, str(pids)], cwd=REPO, preexec_fn=dispositions(ignored)
     )
     try:
         (sleeper,) = _pids_from(pids, 1)
-        child.send_signal(sig)
-        assert child.wait(timeout=30) == 128 + sig
+        for sig in sent:
+            child.send_signal(sig)
+        code = child.wait(timeout=30)
         assert _wait_dead([sleeper]) == []
+        return code
     finally:
         if child.poll() is None:
             child.kill()
@@ -182,13 +183,24 @@ def _stream_under_signals(tmp_path: Path, sig: signal.Signals, *, ignore_sigint:
 def test_each_signal_ends_the_child_and_exits_128_plus_signal(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
-    _stream_under_signals(tmp_path, sig, ignore_sigint=False)
+    assert _stream_under_signals(tmp_path, sig) == 128 + sig
 
 
 def test_sigint_is_handled_even_when_inherited_as_ignored(tmp_path: Path) -> None:
     """The cause of the Ctrl-C "hang": a background job of a script inherits SIGINT
     ignored, Python keeps it so, and the bake ran on."""
-    _stream_under_signals(tmp_path, signal.SIGINT, ignore_sigint=True)
+    code = _stream_under_signals(tmp_path, signal.SIGINT, ignored=frozenset({signal.SIGINT}))
+    assert code == 128 + signal.SIGINT
+
+
+def test_sighup_stays_ignored_under_nohup(tmp_path: Path) -> None:
+    """``nohup meshbake build`` must outlive the terminal. The SIGTERM sent after the
+    SIGHUP decides the exit: had SIGHUP been handled, it would have come first (pending
+    signals are handled lowest number first) and the code would be 129."""
+    code = _stream_under_signals(
+        tmp_path, signal.SIGHUP, signal.SIGTERM, ignored=frozenset({signal.SIGHUP})
+    )
+    assert code == 128 + signal.SIGTERM
 
 
 def test_handle_signals_restores_the_previous_handlers() -> None:

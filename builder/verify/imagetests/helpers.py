@@ -253,6 +253,22 @@ except Exception as exc:
 """
 
 
+#: Run inside the VM with argv: the admin address, a path. Prints the admin's answer.
+_GUEST_ADMIN = """
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen("http://" + sys.argv[1] + sys.argv[2], timeout=10).read().decode())
+except OSError as exc:
+    print("ERROR", exc)
+    sys.exit(3)
+"""
+
+
+def admin_command(path: str) -> str:
+    """A shell command, run in the VM, that prints Envoy's admin ``path`` (``/clusters``)."""
+    return shlex.join(["python3", "-c", _GUEST_ADMIN, ADMIN, path])
+
+
 def parse_stats(text: str) -> dict[str, int]:
     """Counters from Envoy's plain ``/stats`` (``name: value`` lines; others are skipped).
 
@@ -308,6 +324,70 @@ def deltas(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int
 def short(counters: Mapping[str, int]) -> str:
     """``name +n`` for each counter, for failure text."""
     return ", ".join(f"{name} {value:+d}" for name, value in counters.items())
+
+
+# --- is a unit still coming up? -------------------------------------------------------
+
+#: Failed starts after which a unit that never became active counts as down for good.
+#: Each of the sidecar's starts has already waited out meshbake-redirect's own retries
+#: (15 tries, 2 s apart), so three of them in a row are no slow start.
+GIVE_UP_RESTARTS = 3
+
+#: The properties :func:`down_for_good` reads, one ``Name=value`` line each.
+UNIT_PROPERTIES = ("Id", "ActiveState", "SubState", "Result", "NRestarts")
+
+
+def unit_state_command(*units: str) -> str:
+    """A shell command, run in the VM, that prints what :func:`down_for_good` reads."""
+    props = [arg for name in UNIT_PROPERTIES for arg in ("-p", name)]
+    return shlex.join(["systemctl", "show", *props, *units])
+
+
+def unit_states(show: str) -> dict[str, dict[str, str]]:
+    """unit -> its properties, from ``systemctl show`` output (a blank line between units)."""
+    states = {}
+    for block in show.strip().split("\n\n"):
+        props = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+        states[props.get("Id", "?")] = props
+    return states
+
+
+def restarts(show: str) -> dict[str, int]:
+    """unit -> how often systemd restarted it (``NRestarts``)."""
+    return {unit: int(p.get("NRestarts") or 0) for unit, p in unit_states(show).items()}
+
+
+def down_for_good(
+    show: str, give_up: int = GIVE_UP_RESTARTS, since: Mapping[str, int] | None = None
+) -> list[str]:
+    r"""Why each unit in ``systemctl show`` output will not come up (empty: all still may).
+
+    A unit is down for good when it failed and systemd will not restart it, when it was
+    skipped or stopped after a failure (an ExecCondition said no), or when it has been
+    restarted ``give_up`` times without becoming active (counted from ``since``, the
+    :func:`restarts` of an earlier look, e.g. before a manual start).
+
+    >>> down_for_good("Id=a.service\nActiveState=failed\nSubState=failed\nResult=exit-code\n")
+    ['a.service failed (exit-code)']
+    >>> down_for_good("Id=a.service\nActiveState=activating\nSubState=start-pre\nNRestarts=1\n")
+    []
+    """
+    causes = []
+    counts = restarts(show)
+    for unit, props in unit_states(show).items():
+        state, sub, result = (props.get(k, "") for k in ("ActiveState", "SubState", "Result"))
+        failures = counts[unit] - (since or {}).get(unit, 0)
+        if state == "active":
+            continue
+        if state == "failed" and sub != "auto-restart":
+            causes.append(f"{unit} failed ({result})")
+        elif state == "inactive" and result not in ("", "success"):
+            causes.append(f"{unit} did not start ({result})")
+        elif failures >= give_up:
+            causes.append(
+                f"{unit} restarted {failures} times without becoming active (last: {result})"
+            )
+    return causes
 
 
 # --- Consul's rules, either backend ---------------------------------------------------

@@ -55,15 +55,18 @@ from .helpers import (
     Exchange,
     consul_rules,
     deltas,
+    down_for_good,
     envoy_counters,
     envoy_ready,
     guest_exchange,
     iptables_consul_rules,
     nft_table,
     require,
+    restarts,
     run_with_deadline,
     short,
     tcp_exchange,
+    unit_state_command,
     unliteral,
     wait_for,
 )
@@ -291,8 +294,24 @@ def mesh_state(host: Host) -> dict[str, bool]:
     return state
 
 
-def wait_mesh(host: Host, timeout: float = MESH_TIMEOUT) -> dict[str, bool]:
-    wait_for(lambda: all(mesh_state(host).values()), timeout)
+def mesh_units(host: Host) -> str:
+    """``systemctl show`` of consul and the sidecar, as :func:`down_for_good` reads it."""
+    return str(host.run(unit_state_command("consul.service", SIDECAR)).stdout)
+
+
+def wait_mesh(
+    host: Host, timeout: float = MESH_TIMEOUT, since: dict[str, int] | None = None
+) -> dict[str, bool]:
+    """Wait for the mesh, but no longer once a unit of it is down for good: restarts
+    count from ``since`` (``{}``: from boot), by default from the start of this wait, so
+    that a check's own stops and restarts are never taken for failed starts."""
+    if since is None:
+        since = restarts(mesh_units(host))
+
+    def settled() -> bool:
+        return all(mesh_state(host).values()) or bool(down_for_good(mesh_units(host), since=since))
+
+    wait_for(settled, timeout)
     return mesh_state(host)
 
 
@@ -304,6 +323,19 @@ def until(probe: Callable[[], bool], timeout: float) -> bool:
 def require_mesh(mesh: dict[str, bool]) -> None:
     down = [what for what, up in mesh.items() if not up]
     require(not down, "consul and the sidecar active, Envoy LIVE", f"not up: {', '.join(down)}")
+
+
+def require_sidecar(mesh: dict[str, bool], needs: str) -> None:
+    """Fail at once, naming the cause, when the mesh was already seen down (``mesh_up``
+    waited for it once): a check that needs the sidecar would only wait out its own
+    deadline and then fail for that same reason."""
+    down = [what for what, up in mesh.items() if not up]
+    require(
+        not down,
+        needs,
+        f"not tried: the sidecar is down (not up: {', '.join(down)}), so Envoy's admin at"
+        f" {ADMIN} cannot count this check's traffic",
+    )
 
 
 def traffic_target(expect: dict[str, Any], end: str) -> dict[str, Any]:
@@ -401,8 +433,9 @@ def record_all(record_property: Record, figures: dict[str, int], prefix: str = "
 
 @pytest.fixture(scope="module")
 def mesh_up(host: Host) -> dict[str, bool]:
-    """Wait (up to MESH_TIMEOUT s) for consul, the sidecar and Envoy; what is up at the end."""
-    return wait_mesh(host)
+    """Wait (up to MESH_TIMEOUT s) for consul, the sidecar and Envoy; what is up at the end.
+    The first wait after boot: every restart since boot was a failed start."""
+    return wait_mesh(host, since={})
 
 
 def digests(host: Host) -> str:
@@ -521,6 +554,7 @@ def test_inbound_crosses_the_sidecar(
     host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
 ) -> None:
     traffic_target(expect, "inbound")
+    require_sidecar(mesh_up, f"a connection from outside to port {expect['port']} crosses Envoy")
     record_all(record_property, check_inbound(host, expect))
 
 
@@ -528,6 +562,7 @@ def test_consul_user_bypasses_the_sidecar(
     host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
 ) -> None:
     traffic_target(expect, "outbound")
+    require_sidecar(mesh_up, "a connection as consul bypasses a running Envoy")
     record_all(record_property, check_consul_bypass(host, expect))
 
 
@@ -535,6 +570,7 @@ def test_ssh_bypasses_the_sidecar(
     host: Host, connect: Callable[[], Host], mesh_up: dict[str, bool], record_property: Record
 ) -> None:
     assert host.run("true").succeeded, "the suite's own SSH connection broke"
+    require_sidecar(mesh_up, "a new SSH connection bypasses a running Envoy")
     record_all(record_property, check_ssh_bypass(host, connect))
 
 
@@ -542,6 +578,7 @@ def test_outbound_crosses_the_sidecar(
     host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
 ) -> None:
     traffic_target(expect, "outbound")
+    require_sidecar(mesh_up, f"a connection as {expect['app_user']} crosses Envoy outbound")
     record_all(record_property, check_outbound(host, expect))
 
 
@@ -775,6 +812,7 @@ def test_sidecar_down(
     """Stop the sidecar: Consul's rules go, nothing else; the app answers directly
     (fail-open) or not at all (fail_closed); then the sidecar comes back and carries
     traffic again."""
+    require_sidecar(mesh_up, "a running sidecar to stop and start again")
     backend = expect["redirect_backend"]
     add_unrelated_rules(host, backend)
     try:
@@ -804,8 +842,9 @@ def test_sidecar_down(
         record_property("answered_with_sidecar_down", int(exchange.answered))
     finally:
         remove_unrelated_rules(host, backend)
+        before_start = restarts(mesh_units(host))
         host.run("systemctl start %s", SIDECAR)
-    require_mesh(wait_mesh(host))
+    require_mesh(wait_mesh(host, since=before_start))
     problems = layout_problems(host, expect)
     require(not problems, "after a restart, Consul's rules once", "; ".join(problems))
     record_all(record_property, check_inbound(host, expect), "after_restart_")
@@ -819,6 +858,7 @@ def test_reboot_keeps_the_mesh(
     record_property: Record,
 ) -> None:
     """After a reboot the redirect is applied once and traffic crosses the sidecar again."""
+    require_sidecar(mesh_up, "a mesh that came up, to come up again after a reboot")
     boot_id = host.check_output("cat /proc/sys/kernel/random/boot_id")
     calls_before = len(fixture_redirect_calls(host)) if expect["fixture"] else 0
     secrets_before = digests(host)
