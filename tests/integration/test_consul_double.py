@@ -103,6 +103,12 @@ def start_agent(tmp_path: Path, services: list[dict[str, Any]], **env: str) -> R
     )
     for i, service in enumerate(services):
         (config_dir / f"service-{i}.json").write_text(json.dumps(service))
+    # ACLs are on: the agent knows TOKEN as the web service's identity.
+    table = tmp_path / "acl-tokens.json"
+    table.write_text(
+        json.dumps([{"SecretID": TOKEN, "ServiceIdentities": [{"ServiceName": "web"}]}])
+    )
+    env = {"CONSUL_FIXTURE_ACL_TOKENS": os.fspath(table), **env}
     process = subprocess.Popen(
         [FIXTURE_CONSUL, "agent", f"-config-dir={config_dir}"],
         env=base_env(tmp_path, **env),
@@ -176,6 +182,7 @@ def connect_envoy(
         *extra,
         CONSUL_FIXTURE_VERSION=consul,
         RUNTIME_DIRECTORY=os.fspath(runtime),
+        CONSUL_HTTP_TOKEN=TOKEN,
     )
 
 
@@ -332,11 +339,15 @@ def test_a_sidecar_with_its_own_port_and_a_second_service(tmp_path: Path) -> Non
     }
     running = start_agent(tmp_path, [SERVICE, pinned])
     try:
-        result = running.consul("connect", "envoy", "-sidecar-for=api", "-bootstrap")
+        result = running.consul(
+            "connect", "envoy", "-sidecar-for=api", "-bootstrap", CONSUL_HTTP_TOKEN=TOKEN
+        )
         assert result.returncode == 0, result.stderr
         listeners = json.loads(result.stdout)["static_resources"]["listeners"]
         assert listeners[0]["address"]["socket_address"]["port_value"] == 21005
-        web = running.consul("connect", "envoy", "-sidecar-for=web", "-bootstrap")
+        web = running.consul(
+            "connect", "envoy", "-sidecar-for=web", "-bootstrap", CONSUL_HTTP_TOKEN=TOKEN
+        )
         port = json.loads(web.stdout)["static_resources"]["listeners"][0]["address"]
         assert port["socket_address"]["port_value"] == 21000
     finally:

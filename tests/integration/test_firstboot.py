@@ -85,6 +85,10 @@ class Image:
         return self.at(paths.SIDECAR_TOKEN)
 
     @property
+    def redirect_token_file(self) -> Path:
+        return self.at(paths.REDIRECT_TOKEN)
+
+    @property
     def tls_dir(self) -> Path:
         return self.at(paths.CONSUL_TLS_DIR)
 
@@ -94,7 +98,7 @@ class Image:
 
     def outputs(self) -> list[Path]:
         """Every file first boot may write that exists now."""
-        candidates = [self.secrets_file, self.token_file, self.marker]
+        candidates = [self.secrets_file, self.token_file, self.redirect_token_file, self.marker]
         candidates += [self.tls_dir / name for name in ("ca.pem", "cert.pem", "key.pem")]
         return [path for path in candidates if path.exists()]
 
@@ -193,6 +197,9 @@ def test_separate_tokens_gossip_and_tls_are_written_private(image: Image) -> Non
     assert_private(image.secrets_file, image.consul_user)
     assert image.token_file.read_text() == SERVICE_TOKEN + "\n"
     assert_private(image.token_file, image.envoy_user)
+    # The redirect asks GET /v1/agent/self, which the agent token's agent:read allows.
+    assert image.redirect_token_file.read_text() == AGENT_TOKEN + "\n"
+    assert_private(image.redirect_token_file, "root")
     for name, content in (("ca.pem", CA_PEM), ("cert.pem", CERT_PEM), ("key.pem", KEY_PEM)):
         assert (image.tls_dir / name).read_text() == content
         assert_private(image.tls_dir / name, image.consul_user)
