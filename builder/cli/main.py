@@ -19,6 +19,7 @@ from builder import __version__, proc
 from builder.build.gates import validate_spec
 from builder.build.run import TARGETS
 from builder.cli import aws as cli_aws
+from builder.cli.common import _token_args as token_args
 from builder.cli.common import (
     add_secret_args,
     load,
@@ -28,7 +29,6 @@ from builder.cli.common import (
     warn,
 )
 from builder.errors import Interrupted, UserError
-from builder.render import cloudconfig
 from builder.render.context import render_context
 from builder.spec.model import Accelerator
 from builder.tools.packer import Packer
@@ -136,13 +136,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from builder.verify import runner as verify
 
+    token, service_token = token_args(args.token_file)
     if args.host is not None:
-        if args.spec is None or args.token_file is None:
+        if args.spec is None or token is None:
             # The checks look for exactly this token: in its files after first boot,
             # nowhere in a baked image. An empty one would prove nothing.
             raise UserError("--host needs --spec and --token-file (the token it was given)")
         phase = args.phase[0] if args.phase else "firstboot"
-        token = cloudconfig.read_secret(args.token_file, "token")
         result = verify.verify_host(args.host, spec=args.spec, phase=phase, token=token)
         report = verify.VerifyReport(str(args.host), (result,))
     elif args.image is None:
@@ -155,6 +155,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             accelerator=Accelerator(args.accelerator),
             progress=progress,
             allow_spec_drift=args.allow_spec_drift,
+            token=token,
+            service_token=service_token,
         )
     if args.report is not None:
         args.report.write_text(json.dumps(report.to_json(), indent=2) + "\n")
@@ -224,7 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="verify even if the spec changed since the image was built (its spec_hash)",
     )
-    p.add_argument("--token-file", type=Path, help="with --host (required): the token it got")
+    p.add_argument(
+        "--token-file",
+        action="append",
+        default=[],
+        metavar="[ROLE=]FILE",
+        help="the ACL token(s) to deliver (ROLE agent or service; default: random ones, "
+        "which an agent that checks ACLs refuses); with --host (required) the token it got",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_verify)
 

@@ -781,13 +781,16 @@ def _phase(
     progress: Progress,
     token: str | None,
     leave_out: Sequence[str] = (),
+    service_token: str | None = None,
 ) -> PhaseResult:
     token = token or str(uuid.uuid4())
     extra: dict[str, Any] | None = None
     if phase == "firstboot":
         secrets = cloudconfig.Secrets(
             agent_token=token,
-            service_token=None if loaded.spec.tokens.shared else str(uuid.uuid4()),
+            service_token=None
+            if loaded.spec.tokens.shared
+            else (service_token or str(uuid.uuid4())),
         )
         values = cloudconfig.carrier_values(loaded.spec, secrets, where="verify")
         extra = cloudconfig.first_boot_document(values)
@@ -932,12 +935,16 @@ def verify_image(
     token: str | None = None,
     allow_spec_drift: bool = False,
     leave_out: Sequence[str] = (),
+    service_token: str | None = None,
 ) -> VerifyReport:
     """Boot ``image`` once per phase and run the checks; never raises for a failed check.
 
-    ``token`` is the test token delivered in phase firstboot and searched for in phase
-    baked (a fresh random one by default). ``leave_out`` names checks not to run (the
-    broken-image tests leave out the reboot, which the good images prove).
+    ``token`` is the agent token delivered in phase firstboot and searched for in phase
+    baked (a fresh random one by default), ``service_token`` the sidecar's when the
+    spec's tokens are separate. A mesh whose agents check ACLs must know them: give the
+    tokens its cluster minted (``meshbake verify --token-file [ROLE=]F``). ``leave_out``
+    names checks not to run (the broken-image tests leave out the reboot, which the good
+    images prove).
     """
     if not image.is_file():
         raise UserError(f"{image}: no such image")
@@ -947,7 +954,8 @@ def verify_image(
     loaded = load_spec(spec or spec_for(image))
     check_spec_drift(image, loaded, allow=allow_spec_drift)
     results = [
-        _phase(image, loaded, phase, accelerator, progress, token, leave_out) for phase in phases
+        _phase(image, loaded, phase, accelerator, progress, token, leave_out, service_token)
+        for phase in phases
     ]
     return VerifyReport(loaded.spec.name, tuple(results))
 

@@ -71,6 +71,8 @@ Record = Callable[[str, object], None]
 
 SECRETS = "/etc/consul.d/zz-meshbake-secrets.json"
 SIDECAR_TOKEN = "/etc/envoy/token"
+#: The agent token, for meshbake-redirect (redirect-traffic asks GET /v1/agent/self).
+REDIRECT_TOKEN = "/etc/meshbake/redirect-token"
 CARRIER = "/run/meshbake/firstboot.env"
 MARKER = "/var/lib/meshbake/firstboot.done"
 MESH_ENV = "/etc/meshbake/mesh.env"
@@ -276,7 +278,7 @@ def expected_redirect_argv(host: Host, expect: dict[str, Any]) -> list[str]:
         f"-exclude-uid={u}" for u in dict.fromkeys(expect["exclude_uids"]) if u != uids["consul"]
     ]
     if expect["acl"]:
-        argv.append(f"-token-file={SIDECAR_TOKEN}")
+        argv.append(f"-token-file={REDIRECT_TOKEN}")
     return argv
 
 
@@ -408,7 +410,7 @@ def digests(host: Host) -> str:
     """sha256sum lines of the first-boot files that exist (to show they did not change)."""
     return str(
         host.check_output(
-            f"for f in {SECRETS} {SIDECAR_TOKEN} {MARKER}; do "
+            f"for f in {SECRETS} {SIDECAR_TOKEN} {REDIRECT_TOKEN} {MARKER}; do "
             'if [ -e "$f" ]; then sha256sum "$f"; fi; done'
         )
     )
@@ -441,6 +443,16 @@ def test_sidecar_token_file(host: Host, expect: dict[str, Any]) -> None:
         assert value != expect["token"], "tokens are separate but the sidecar has the agent's"
 
 
+def test_redirect_token_file(host: Host, expect: dict[str, Any]) -> None:
+    if not expect["acl"]:
+        pytest.skip("ACLs are off in this image: no token to deliver")
+    token = host.file(REDIRECT_TOKEN)
+    assert token.exists, f"{REDIRECT_TOKEN} is missing"
+    assert (token.user, token.group, token.mode) == ("root", "root", 0o600)
+    value = token.content_string.strip()
+    assert value == expect["token"], f"{REDIRECT_TOKEN} does not hold the agent token"
+
+
 def test_carrier_removed(host: Host) -> None:
     assert not host.file(CARRIER).exists, f"the carrier {CARRIER} is still there"
 
@@ -458,7 +470,7 @@ def test_token_only_in_secret_files(host: Host, expect: dict[str, Any]) -> None:
         f'grep -rIlsE --devices=skip -e {shlex.quote(unliteral(expect["token"]))} -- "$@"'
     )
     found = set(result.stdout.split())
-    allowed = {SECRETS, SIDECAR_TOKEN}
+    allowed = {SECRETS, SIDECAR_TOKEN, REDIRECT_TOKEN}
     copies = {path for path in found if CLOUD_INIT_COPY.match(path)}
     stray = sorted(found - allowed - copies)
     assert not stray, f"the token is also in: {stray}"
