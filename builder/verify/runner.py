@@ -219,6 +219,7 @@ def expectations(
         "envoy_version": spec.envoy.version,
         "app_user": spec.app.run_as,
         "app_unit": f"{spec.app.name}.service",
+        "wait_for_mesh": spec.app.wait_for_mesh,
         "units": [
             "consul.service",
             "envoy-sidecar.service",

@@ -388,6 +388,15 @@ def test_check_waits_for_gossip_key_and_tls(image: Image) -> None:
     assert_ok(image.check("consul", **settings))
 
 
+def test_check_app_always_lets_the_app_start_and_says_the_mesh_is_down(image: Image) -> None:
+    # No systemd runs envoy-sidecar.service here, as on a VM that got no token.
+    result = image.check("app")
+    assert_ok(result)
+    assert result.stderr.startswith(
+        "meshbake: app: starting WITHOUT the mesh: envoy-sidecar.service is "
+    )
+
+
 def test_check_misuse_fails_the_unit(image: Image) -> None:
     # 255 is what systemd treats as a failure rather than a skip.
     assert image.check("envoy").returncode == 255

@@ -486,6 +486,47 @@ def test_consul_and_sidecar_active(mesh_up: dict[str, bool]) -> None:
     require_mesh(mesh_up)
 
 
+def monotonic(host: Host, unit: str, prop: str) -> int:
+    """A unit's property in microseconds of CLOCK_MONOTONIC (0 when it never happened)."""
+    return int(host.check_output("systemctl show -p %s --value %s", prop, unit) or 0)
+
+
+def test_app_started_after_the_redirect(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool]
+) -> None:
+    """app.wait_for_mesh, from systemd's own timestamps: the app's main process started
+    after the sidecar's ExecStartPre (meshbake-redirect) had put the rules in place."""
+    if not expect["wait_for_mesh"]:
+        pytest.skip("app.wait_for_mesh is false: the app starts without waiting for the mesh")
+    require_mesh(mesh_up)
+    app = expect["app_unit"]
+    app_main = monotonic(host, app, "ExecMainStartTimestampMonotonic")
+    assert app_main > 0, f"{app} never started its main process"
+    if monotonic(host, SIDECAR, "NRestarts") == 0:
+        # systemd forks Envoy only once the ExecStartPre redirect has exited 0.
+        envoy_main = monotonic(host, SIDECAR, "ExecMainStartTimestampMonotonic")
+        assert app_main > envoy_main > 0, (
+            f"{app} started at {app_main} us, before the sidecar's redirect was done "
+            f"(Envoy started at {envoy_main} us)"
+        )
+    else:
+        # The sidecar restarted: its latest start says nothing about the first one, so
+        # take the first redirect of this boot from its journal line instead.
+        entries = host.check_output(
+            "journalctl -b --no-pager -o json --output-fields=MESSAGE -u %s", SIDECAR
+        )
+        applied = [
+            int(entry["__MONOTONIC_TIMESTAMP"])
+            for entry in map(json.loads, entries.splitlines())
+            if "traffic redirection applied for" in str(entry.get("MESSAGE", ""))
+        ]
+        assert applied, "meshbake-redirect never applied the redirect this boot"
+        assert app_main > applied[0], f"{app} started before the first redirect was applied"
+    said = host.check_output("journalctl -b --no-pager -o cat -u %s", app)
+    assert "meshbake: app: starting with the mesh" in said, f"{app}'s journal: {said[-500:]}"
+    assert "starting WITHOUT the mesh" not in said, f"{app}'s journal: {said[-500:]}"
+
+
 def test_redirect_argv(host: Host, expect: dict[str, Any], mesh_up: dict[str, bool]) -> None:
     calls = fixture_redirect_calls(host) if expect["fixture"] else journal_redirect_calls(host)
     assert calls, "consul connect redirect-traffic never ran"
