@@ -46,7 +46,7 @@ def spec_paths(targets: Sequence[Path]) -> list[Path]:
     return found
 
 
-def _token_args(values: Sequence[str]) -> tuple[str | None, str | None]:
+def token_args(values: Sequence[str]) -> tuple[str | None, str | None]:
     """``--token-file [ROLE=]FILE`` options -> (agent token, service token).
 
     A plain FILE is the agent's token (with ``tokens.shared`` the one token); a role
@@ -88,7 +88,7 @@ def add_secret_args(p: argparse.ArgumentParser) -> None:
 
 def user_data_from_args(loaded: LoadedSpec, args: argparse.Namespace) -> str:
     """The minimal first-boot user data from ``add_secret_args`` options, size-checked."""
-    agent, service = _token_args(args.token_file)
+    agent, service = token_args(args.token_file)
 
     def read(path: Path | None, what: str) -> str | None:
         return None if path is None else cloudconfig.read_secret(path, what)

@@ -19,12 +19,12 @@ from builder import __version__, proc
 from builder.build.gates import validate_spec
 from builder.build.run import TARGETS
 from builder.cli import aws as cli_aws
-from builder.cli.common import _token_args as token_args
 from builder.cli.common import (
     add_secret_args,
     load,
     progress,
     spec_paths,
+    token_args,
     user_data_from_args,
     warn,
 )
