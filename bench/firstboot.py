@@ -30,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ from builder.verify.runner import (  # noqa: E402
     first_boot_timeline,
     verify_user_data,
 )
-from tests.fixtures.release import make_fixture_release  # noqa: E402
+from tests.fixtures.release import MeshTokens, make_fixture_release, mesh_tokens  # noqa: E402
 
 #: Envoy's counters of connections to the app, and of those that failed to connect.
 APP_CX = "cluster.local_app.upstream_cx_total"
@@ -136,11 +135,13 @@ def _until(vm: Vm, command: str, want: str) -> float | None:
     return None
 
 
-def golden_image(spec: Path, given: Path | None) -> Path:
+def golden_image(spec: Path, given: Path | None, tokens: MeshTokens) -> Path:
     if given is not None:
         return given
     version = load_spec(spec).spec.consul.version
-    release = make_fixture_release(Path(tempfile.mkdtemp(prefix="bench-fixture-")), version)
+    release = make_fixture_release(
+        Path(tempfile.mkdtemp(prefix="bench-fixture-")), version, acl_tokens=tokens.table()
+    )
     options = BuildOptions(
         out=REPO / "build" / "bench" / spec.stem,
         consul_mirror=str(release.mirror),
@@ -159,11 +160,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results-firstboot.json")
     args = parser.parse_args()
     loaded = load_spec(args.spec)
-    image = golden_image(args.spec, args.image)
+    # The double's agent checks ACLs: it must know the token the VMs are given.
+    tokens = mesh_tokens([loaded.spec.service.name])
+    image = golden_image(args.spec, args.image, tokens)
     base_image = base.build_base().path
-    values = cloudconfig.carrier_values(
-        loaded.spec, cloudconfig.Secrets(agent_token=str(uuid.uuid4()))
-    )
+    values = cloudconfig.carrier_values(loaded.spec, cloudconfig.Secrets(agent_token=tokens.agent))
     golden_extra = cloudconfig.first_boot_document(values)
     at_boot = prepare(loaded, Path(tempfile.mkdtemp(prefix="bench-at-boot-")))
 

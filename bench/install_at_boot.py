@@ -26,7 +26,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from builder.render.context import render_context  # noqa: E402
 from builder.spec.model import Accelerator, LoadedSpec, load_spec  # noqa: E402
 from builder.tools.packer import Packer  # noqa: E402
 from builder.verify.runner import _poll, boot_vm, verify_user_data  # noqa: E402
-from tests.fixtures.release import make_fixture_release  # noqa: E402
+from tests.fixtures.release import make_fixture_release, mesh_tokens  # noqa: E402
 
 
 @dataclass
@@ -59,7 +58,9 @@ def prepare(loaded: LoadedSpec, work: Path) -> AtBoot:
     at boot. Shut ``server`` down when done."""
     spec = loaded.spec
     cache = base.default_cache_dir()
-    release = make_fixture_release(work / "fixture", spec.consul.version)
+    # The double's agent checks ACLs: it must know the token the VM is given.
+    tokens = mesh_tokens([spec.service.name])
+    release = make_fixture_release(work / "fixture", spec.consul.version, acl_tokens=tokens.table())
     consul = artifacts.fetch_consul(
         spec.consul.version, cache, mirror=str(release.mirror), key=release.key
     )
@@ -83,8 +84,7 @@ def prepare(loaded: LoadedSpec, work: Path) -> AtBoot:
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
-    token = str(uuid.uuid4())
-    values = cloudconfig.carrier_values(spec, cloudconfig.Secrets(agent_token=token))
+    values = cloudconfig.carrier_values(spec, cloudconfig.Secrets(agent_token=tokens.agent))
     fetch = (
         "import urllib.request; urllib.request.urlretrieve("
         f"'http://10.0.2.2:{port}/stage.tar.gz', '/tmp/stage.tar.gz')"

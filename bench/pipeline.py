@@ -18,7 +18,6 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +32,7 @@ from builder.spec.model import Accelerator, load_spec  # noqa: E402
 from builder.tools.packer import Packer  # noqa: E402
 from builder.tools.qemu import choose_accelerator  # noqa: E402
 from builder.verify.runner import boot_vm, verify_image, verify_user_data  # noqa: E402
-from tests.fixtures.release import make_fixture_release  # noqa: E402
+from tests.fixtures.release import make_fixture_release, mesh_tokens  # noqa: E402
 
 
 def timed(label: str, results: dict[str, float], fn):  # type: ignore[no-untyped-def]
@@ -59,7 +58,13 @@ def main() -> int:
     assert report.ok, [g.line() for g in report.gates]
     built_base = timed("base (cached after the first)", times, lambda: base.build_base())
 
-    release = make_fixture_release(Path(tempfile.mkdtemp(prefix="bench-fixture-")))
+    # The double's agent checks ACLs: it must know the tokens verify delivers.
+    tokens = mesh_tokens([loaded.spec.service.name])
+    release = make_fixture_release(
+        Path(tempfile.mkdtemp(prefix="bench-fixture-")),
+        loaded.spec.consul.version,
+        acl_tokens=tokens.table(),
+    )
     options = BuildOptions(
         out=args.build_dir,
         consul_mirror=str(release.mirror),
@@ -74,7 +79,13 @@ def main() -> int:
     timed("no-op rebuild", times, lambda: build_image(args.spec, noop))
     assert built.output is not None
 
-    verify = timed("verify (two boots)", times, lambda: verify_image(built.output, spec=args.spec))
+    verify = timed(
+        "verify (two boots)",
+        times,
+        lambda: verify_image(
+            built.output, spec=args.spec, token=tokens.agent, service_token=tokens.service
+        ),
+    )
     baked, firstboot = verify.phases
 
     def bare_boot() -> float:
@@ -87,7 +98,7 @@ def main() -> int:
             return round(time.monotonic() - vm.started, 1)
 
     bare = bare_boot()
-    secrets = cloudconfig.Secrets(agent_token=str(uuid.uuid4()))
+    secrets = cloudconfig.Secrets(agent_token=tokens.agent)
     user_data = cloudconfig.first_boot_user_data(cloudconfig.carrier_values(loaded.spec, secrets))
     figures = {
         "cores": os.cpu_count(),

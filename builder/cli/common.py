@@ -55,7 +55,7 @@ def spec_paths(targets: Sequence[Path]) -> list[Path]:
 TOKEN_ROLES = ("agent", "service", "dns")
 
 
-def _token_args(values: Sequence[str]) -> dict[str, str]:
+def token_args(values: Sequence[str]) -> dict[str, str]:
     """``--token-file [ROLE=]FILE`` options -> {role: token}.
 
     A plain FILE is the agent's token (with ``tokens.shared`` the one token); a role
@@ -95,7 +95,7 @@ def add_secret_args(p: argparse.ArgumentParser) -> None:
 
 def user_data_from_args(loaded: LoadedSpec, args: argparse.Namespace) -> str:
     """The minimal first-boot user data from ``add_secret_args`` options, size-checked."""
-    tokens = _token_args(args.token_file)
+    tokens = token_args(args.token_file)
 
     def read(path: Path | None, what: str) -> str | None:
         return None if path is None else cloudconfig.read_secret(path, what)

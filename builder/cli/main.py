@@ -27,11 +27,11 @@ from builder.cli.common import (
     note,
     progress,
     spec_paths,
+    token_args,
     user_data_from_args,
     warn,
 )
 from builder.errors import Interrupted, UserError
-from builder.render import cloudconfig
 from builder.render.context import render_context
 from builder.spec.model import Accelerator
 from builder.tools.packer import Packer
@@ -138,13 +138,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     # Imported here, not at the top: it brings paramiko, which no other command needs.
     from builder.verify import runner as verify
 
+    tokens = token_args(args.token_file)
+    token = tokens.get("agent")
     if args.host is not None:
-        if args.spec is None or args.token_file is None:
+        if args.spec is None or token is None:
             # The checks look for exactly this token: in its files after first boot,
             # nowhere in a baked image. An empty one would prove nothing.
             raise UserError("--host needs --spec and --token-file (the token it was given)")
         phase = args.phase[0] if args.phase else "firstboot"
-        token = cloudconfig.read_secret(args.token_file, "token")
         result = verify.verify_host(args.host, spec=args.spec, phase=phase, token=token)
         report = verify.VerifyReport(str(args.host), (result,))
     elif args.image is None:
@@ -157,6 +158,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             accelerator=Accelerator(args.accelerator),
             progress=progress,
             allow_spec_drift=args.allow_spec_drift,
+            token=token,
+            service_token=tokens.get("service"),
+            dns_token=tokens.get("dns"),
         )
     if args.report is not None:
         args.report.write_text(json.dumps(report.to_json(), indent=2) + "\n")
@@ -226,7 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="verify even if the spec changed since the image was built (its spec_hash)",
     )
-    p.add_argument("--token-file", type=Path, help="with --host (required): the token it got")
+    p.add_argument(
+        "--token-file",
+        action="append",
+        default=[],
+        metavar="[ROLE=]FILE",
+        help="the ACL token(s) to deliver (ROLE agent or service; default: random ones, "
+        "which an agent that checks ACLs refuses); with --host (required) the token it got",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_verify)
 

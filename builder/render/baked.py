@@ -314,6 +314,7 @@ def units(spec: ImageSpec) -> dict[str, str]:
             else "",
             environment=environment,
             exec_start=_exec_start(spec.app.exec_start),
+            wait_for_mesh=spec.app.wait_for_mesh,
         ),
     }
 

@@ -26,6 +26,7 @@ ENVOY_CONFIG_DIR = "/etc/envoy"
 SIDECAR_TOKEN = "/etc/envoy/token"
 MESHBAKE_CONFIG_DIR = "/etc/meshbake"
 MESH_ENV = "/etc/meshbake/mesh.env"
+REDIRECT_TOKEN = "/etc/meshbake/redirect-token"
 PATHS_ENV = "/etc/meshbake/paths.env"
 STATE_DIR = "/var/lib/meshbake"
 FIRSTBOOT_MARKER = "/var/lib/meshbake/firstboot.done"
@@ -68,6 +69,7 @@ TABLE: tuple[ImagePath, ...] = (
     ImagePath("MESHBAKE_SIDECAR_TOKEN_FILE", SIDECAR_TOKEN, "the sidecar's ACL token (first boot)"),
     ImagePath("MESHBAKE_CONFIG_DIR", MESHBAKE_CONFIG_DIR, "meshbake's runtime parameters"),
     ImagePath("MESHBAKE_MESH_ENV", MESH_ENV, "parameters of the runtime scripts, no secret"),
+    ImagePath("MESHBAKE_REDIRECT_TOKEN_FILE", REDIRECT_TOKEN, "the redirect's token (first boot)"),
     ImagePath("MESHBAKE_PATHS_ENV", PATHS_ENV, "this table, for the scripts"),
     ImagePath("MESHBAKE_STATE_DIR", STATE_DIR, "meshbake's state"),
     ImagePath("MESHBAKE_MARKER_FILE", FIRSTBOOT_MARKER, "first boot done: later runs are no-ops"),

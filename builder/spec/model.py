@@ -356,6 +356,11 @@ class App(Model):
     environment: dict[EnvName, str] = {}
     packages: tuple[DebPackage, ...] = ()
     files: tuple[File, ...] = ()
+    #: Start the app after the sidecar's start job (its ExecStartPre applies the
+    #: redirect), so its first connections already go through the mesh. Without a token
+    #: the sidecar is skipped and the app still starts. False: today's order (only
+    #: network-online.target), for an app that must not wait for the mesh.
+    wait_for_mesh: bool = True
 
     @field_validator("description")
     @classmethod

@@ -225,6 +225,7 @@ def expectations(
         "envoy_version": spec.envoy.version,
         "app_user": spec.app.run_as,
         "app_unit": f"{spec.app.name}.service",
+        "wait_for_mesh": spec.app.wait_for_mesh,
         "units": [
             "consul.service",
             "envoy-sidecar.service",
@@ -806,14 +807,20 @@ def _phase(
     progress: Progress,
     token: str | None,
     leave_out: Sequence[str] = (),
+    service_token: str | None = None,
+    dns_token: str | None = None,
 ) -> PhaseResult:
     token = token or str(uuid.uuid4())
     extra: dict[str, Any] | None = None
     if phase == "firstboot":
         secrets = cloudconfig.Secrets(
             agent_token=token,
-            service_token=None if loaded.spec.tokens.shared else str(uuid.uuid4()),
-            dns_token=str(uuid.uuid4()) if cloudconfig.takes_dns_token(loaded.spec) else None,
+            service_token=None
+            if loaded.spec.tokens.shared
+            else (service_token or str(uuid.uuid4())),
+            dns_token=(dns_token or str(uuid.uuid4()))
+            if cloudconfig.takes_dns_token(loaded.spec)
+            else None,
         )
         values = cloudconfig.carrier_values(loaded.spec, secrets, where="verify")
         extra = cloudconfig.first_boot_document(values)
@@ -1022,12 +1029,17 @@ def verify_image(
     token: str | None = None,
     allow_spec_drift: bool = False,
     leave_out: Sequence[str] = (),
+    service_token: str | None = None,
+    dns_token: str | None = None,
 ) -> VerifyReport:
     """Boot ``image`` once per phase and run the checks; never raises for a failed check.
 
-    ``token`` is the test token delivered in phase firstboot and searched for in phase
-    baked (a fresh random one by default). ``leave_out`` names checks not to run (the
-    broken-image tests leave out the reboot, which the good images prove).
+    ``token`` is the agent token delivered in phase firstboot and searched for in phase
+    baked (a fresh random one by default), ``service_token`` the sidecar's and
+    ``dns_token`` the DNS role's when the spec's tokens are separate. A mesh whose agents
+    check ACLs must know them: give the tokens its cluster minted (``meshbake verify
+    --token-file [ROLE=]F``). ``leave_out`` names checks not to run (the broken-image
+    tests leave out the reboot, which the good images prove).
     """
     if not image.is_file():
         raise UserError(f"{image}: no such image")
@@ -1037,7 +1049,10 @@ def verify_image(
     loaded = load_spec(spec or spec_for(image))
     check_spec_drift(image, loaded, allow=allow_spec_drift)
     results = [
-        _phase(image, loaded, phase, accelerator, progress, token, leave_out) for phase in phases
+        _phase(
+            image, loaded, phase, accelerator, progress, token, leave_out, service_token, dns_token
+        )
+        for phase in phases
     ]
     return VerifyReport(loaded.spec.name, tuple(results))
 

@@ -19,6 +19,7 @@ import yaml
 from builder.build.run import BuildResult, build_image
 from builder.digest import sha256_file
 from builder.verify.runner import VerifyReport, verify_image
+from tests.fixtures.release import MeshTokens
 
 from .conftest import EXAMPLES, Example
 
@@ -70,9 +71,16 @@ def test_second_build_is_a_noop(built: BuildResult, example: Example) -> None:
 
 
 @pytest.fixture(scope="module")
-def report(example: Example) -> VerifyReport:
+def report(example: Example, verify_tokens: MeshTokens) -> VerifyReport:
     assert example.built.output is not None
-    return verify_image(example.built.output, spec=example.spec)
+    # The tokens the fixture release's agents know (its token table), as a cluster's
+    # operator hands verify the tokens the cluster minted.
+    return verify_image(
+        example.built.output,
+        spec=example.spec,
+        token=verify_tokens.agent,
+        service_token=verify_tokens.service,
+    )
 
 
 def test_verify_both_phases_pass(report: VerifyReport) -> None:

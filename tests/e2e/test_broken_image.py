@@ -44,6 +44,7 @@ from pathlib import Path
 import pytest
 
 from builder.verify import runner as verify
+from tests.fixtures.release import MeshTokens
 from tests.paths import REPO
 
 pytestmark = [pytest.mark.image, pytest.mark.root]
@@ -77,7 +78,10 @@ MUST_PASS = {
 
 @pytest.fixture(scope="session")
 def good_image(request: pytest.FixtureRequest) -> Path:
-    """A good golden web image: ``MESHBAKE_E2E_IMAGE``, else the session's bake."""
+    """A good golden web image: ``MESHBAKE_E2E_IMAGE``, else the session's bake.
+
+    The firstboot breaks deliver this session's ``verify_tokens``, which only an image
+    baked in this session (its double's token table) knows."""
     given = os.environ.get("MESHBAKE_E2E_IMAGE")
     if given:
         path = Path(given)
@@ -325,7 +329,7 @@ FIRSTBOOT_MUST_PASS = {
 
 @pytest.mark.parametrize("name", sorted(FIRSTBOOT_BREAKS))
 def test_firstboot_break_fails_exactly_its_checks(
-    name: str, good_raw: Path, tmp_path: Path
+    name: str, good_raw: Path, tmp_path: Path, verify_tokens: MeshTokens
 ) -> None:
     edit, must_fail, words = FIRSTBOOT_BREAKS[name]
     image = edited_copy(good_raw, tmp_path, edit)
@@ -335,6 +339,8 @@ def test_firstboot_break_fails_exactly_its_checks(
         phases=("firstboot",),
         progress=lambda message: None,
         leave_out=LEFT_OUT,
+        token=verify_tokens.agent,
+        service_token=verify_tokens.service,
     )
     (phase,) = report.phases
     assert phase.error is None, phase.error

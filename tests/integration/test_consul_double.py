@@ -103,6 +103,12 @@ def start_agent(tmp_path: Path, services: list[dict[str, Any]], **env: str) -> R
     )
     for i, service in enumerate(services):
         (config_dir / f"service-{i}.json").write_text(json.dumps(service))
+    # ACLs are on: the agent knows TOKEN as the web service's identity.
+    table = tmp_path / "acl-tokens.json"
+    table.write_text(
+        json.dumps([{"SecretID": TOKEN, "ServiceIdentities": [{"ServiceName": "web"}]}])
+    )
+    env = {"CONSUL_FIXTURE_ACL_TOKENS": os.fspath(table), **env}
     process = subprocess.Popen(
         [FIXTURE_CONSUL, "agent", f"-config-dir={config_dir}"],
         env=base_env(tmp_path, **env),
@@ -176,6 +182,7 @@ def connect_envoy(
         *extra,
         CONSUL_FIXTURE_VERSION=consul,
         RUNTIME_DIRECTORY=os.fspath(runtime),
+        CONSUL_HTTP_TOKEN=TOKEN,
     )
 
 
@@ -332,11 +339,15 @@ def test_a_sidecar_with_its_own_port_and_a_second_service(tmp_path: Path) -> Non
     }
     running = start_agent(tmp_path, [SERVICE, pinned])
     try:
-        result = running.consul("connect", "envoy", "-sidecar-for=api", "-bootstrap")
+        result = running.consul(
+            "connect", "envoy", "-sidecar-for=api", "-bootstrap", CONSUL_HTTP_TOKEN=TOKEN
+        )
         assert result.returncode == 0, result.stderr
         listeners = json.loads(result.stdout)["static_resources"]["listeners"]
         assert listeners[0]["address"]["socket_address"]["port_value"] == 21005
-        web = running.consul("connect", "envoy", "-sidecar-for=web", "-bootstrap")
+        web = running.consul(
+            "connect", "envoy", "-sidecar-for=web", "-bootstrap", CONSUL_HTTP_TOKEN=TOKEN
+        )
         port = json.loads(web.stdout)["static_resources"]["listeners"][0]["address"]
         assert port["socket_address"]["port_value"] == 21000
     finally:
@@ -423,3 +434,90 @@ def test_agent_answers_service_lookups_over_dns(agent: RunningAgent) -> None:
 
 def test_agent_stops_on_sigterm(agent: RunningAgent) -> None:
     assert stop(agent.process) == 0
+
+
+# --- ACLs: the token table and Consul's rule evaluation -----------------------------------
+
+
+def acl_table(*tokens: dict[str, Any], datacenter: str = "dc1") -> Any:
+    return load_double().AclTable(list(tokens), "table", datacenter)
+
+
+def rules(**blocks: dict[str, str]) -> str:
+    """Consul's JSON rule syntax: {"agent": {"n1": {"policy": "read"}}, ...}."""
+    return json.dumps(
+        {
+            kind: {name: {"policy": level} for name, level in names.items()}
+            for kind, names in blocks.items()
+        }
+    )
+
+
+def test_identities_expand_to_consuls_synthetic_policies() -> None:
+    # agent/structs/acl_ce.go: neither identity grants agent:read.
+    table = acl_table(
+        {"SecretID": "svc", "AccessorID": "a-svc", "ServiceIdentities": [{"ServiceName": "web"}]},
+        {
+            "SecretID": "node",
+            "AccessorID": "a-node",
+            "NodeIdentities": [{"NodeName": "n1", "Datacenter": "dc1"}],
+        },
+        {"SecretID": "far", "NodeIdentities": [{"NodeName": "n1", "Datacenter": "dc2"}]},
+    )
+    assert table.check("svc", "service", "web-sidecar-proxy", "write") is None
+    assert table.check("svc", "service", "api", "read") is None
+    assert table.check("svc", "service", "api", "write") is not None
+    assert table.check("svc", "node", "n1", "read") is None
+    assert table.check("node", "node", "n1", "write") is None
+    assert table.check("node", "service", "web", "read") is None
+    assert table.check("node", "agent", "n1", "read") == (
+        "Permission denied: token with AccessorID 'a-node' lacks permission 'agent:read' on \"n1\""
+    )
+    assert table.check("svc", "agent", "n1", "read") is not None
+    # A node identity holds only in its own datacenter.
+    assert table.check("far", "node", "n1", "write") is not None
+
+
+def test_exact_beats_prefix_and_deny_beats_write() -> None:
+    table = acl_table(
+        {
+            "SecretID": "t",
+            "Policies": [
+                {"Name": "wide", "Rules": rules(agent_prefix={"": "read", "n": "write"})},
+                {"Name": "narrow", "Rules": rules(agent={"n1": "deny"})},
+                {"Name": "both", "Rules": rules(agent={"n2": "write"})},
+                {"Name": "deny", "Rules": rules(agent={"n2": "deny"})},
+            ],
+        }
+    )
+    assert table.check("t", "agent", "n1", "read") is not None  # exact deny
+    assert table.check("t", "agent", "n3", "write") is None  # longest prefix "n"
+    assert table.check("t", "agent", "x", "read") is None  # prefix ""
+    assert table.check("t", "agent", "x", "write") is not None
+    assert table.check("t", "agent", "n2", "read") is not None  # deny wins the merge
+
+
+def test_builtin_dns_reads_but_cannot_read_the_agent() -> None:
+    table = acl_table({"SecretID": "dns", "TemplatedPolicies": [{"TemplateName": "builtin/dns"}]})
+    assert table.check("dns", "service", "web", "read") is None
+    assert table.check("dns", "node", "n1", "read") is None
+    assert table.check("dns", "agent", "n1", "read") is not None
+
+
+def test_unknown_and_missing_tokens_are_refused_with_consuls_words() -> None:
+    table = acl_table()
+    assert table.check("not-in-table", "service", "web", "read") == "ACL not found"
+    assert table.check("", "agent", "n1", "read") == (
+        "Permission denied: anonymous token lacks permission 'agent:read' on \"n1\". The "
+        "anonymous token is used implicitly when a request does not specify a token."
+    )
+
+
+def test_a_hcl_rule_is_refused_not_guessed() -> None:
+    double = load_double()
+    token = {
+        "SecretID": "t",
+        "Policies": [{"Name": "p", "Rules": 'agent "n1" { policy = "read" }'}],
+    }
+    with pytest.raises(double.Fail, match="JSON rule syntax"):
+        double.AclTable([token], "table", "dc1")

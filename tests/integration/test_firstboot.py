@@ -87,6 +87,10 @@ class Image:
         return self.at(paths.SIDECAR_TOKEN)
 
     @property
+    def redirect_token_file(self) -> Path:
+        return self.at(paths.REDIRECT_TOKEN)
+
+    @property
     def tls_dir(self) -> Path:
         return self.at(paths.CONSUL_TLS_DIR)
 
@@ -96,7 +100,7 @@ class Image:
 
     def outputs(self) -> list[Path]:
         """Every file first boot may write that exists now."""
-        candidates = [self.secrets_file, self.token_file, self.marker]
+        candidates = [self.secrets_file, self.token_file, self.redirect_token_file, self.marker]
         candidates += [self.tls_dir / name for name in ("ca.pem", "cert.pem", "key.pem")]
         return [path for path in candidates if path.exists()]
 
@@ -195,6 +199,9 @@ def test_separate_tokens_gossip_and_tls_are_written_private(image: Image) -> Non
     assert_private(image.secrets_file, image.consul_user)
     assert image.token_file.read_text() == SERVICE_TOKEN + "\n"
     assert_private(image.token_file, image.envoy_user)
+    # The redirect asks GET /v1/agent/self, which the agent token's agent:read allows.
+    assert image.redirect_token_file.read_text() == AGENT_TOKEN + "\n"
+    assert_private(image.redirect_token_file, "root")
     for name, content in (("ca.pem", CA_PEM), ("cert.pem", CERT_PEM), ("key.pem", KEY_PEM)):
         assert (image.tls_dir / name).read_text() == content
         assert_private(image.tls_dir / name, image.consul_user)
@@ -449,6 +456,15 @@ def test_check_waits_for_gossip_key_and_tls(image: Image) -> None:
     image.deliver(MESHBAKE_GOSSIP_KEY=GOSSIP_KEY, MESHBAKE_TLS_CA_B64=b64(CA_PEM))
     assert_ok(image.firstboot(**settings))
     assert_ok(image.check("consul", **settings))
+
+
+def test_check_app_always_lets_the_app_start_and_says_the_mesh_is_down(image: Image) -> None:
+    # No systemd runs envoy-sidecar.service here, as on a VM that got no token.
+    result = image.check("app")
+    assert_ok(result)
+    assert result.stderr.startswith(
+        "meshbake: app: starting WITHOUT the mesh: envoy-sidecar.service is "
+    )
 
 
 def test_check_misuse_fails_the_unit(image: Image) -> None:

@@ -14,6 +14,7 @@ meshbake's scripts and Consul's layouts, not about a real Consul binary.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import secrets
@@ -25,7 +26,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -187,15 +188,19 @@ class Mesh:
     log_dir: Path
     config_dir: Path
     consul_version: str
+    #: The token table the agent double knows (Consul's ACL token JSON), if any.
+    acl_tokens: Path | None = None
 
     def env(self, **extra: str) -> dict[str, str]:
         settings = {
             "MESHBAKE_ENV_FILE": str(self.env_file),
-            "MESHBAKE_SIDECAR_TOKEN_FILE": str(self.token_file),
+            "MESHBAKE_REDIRECT_TOKEN_FILE": str(self.token_file),
             "MESHBAKE_REDIRECT_ATTEMPTS": "1",
             "CONSUL_FIXTURE_LOG_DIR": str(self.log_dir),
             "CONSUL_FIXTURE_VERSION": self.consul_version,
         }
+        if self.acl_tokens is not None:
+            settings["CONSUL_FIXTURE_ACL_TOKENS"] = str(self.acl_tokens)
         return clean_env(**(settings | extra))
 
     def calls(self) -> list[list[str]]:
@@ -331,8 +336,12 @@ def add_rules(ns: Netns, rules: list[tuple[str, str]]) -> None:
 @pytest.mark.root
 @needs_root
 def test_cleanup_removes_only_consul_chains(
-    netns: Netns, reference_netns: Netns, tmp_path: Path
+    netns: Netns,
+    reference_netns: Netns,
+    tmp_path: Path,
+    with_agent: Callable[[Netns, Mesh], Mesh],
 ) -> None:
+    with_agent(netns, write_mesh(tmp_path))  # redirect-traffic asks it /v1/agent/self
     add_rules(netns, UNRELATED_BEFORE)
     netns.ok(
         FIXTURE_CONSUL,
@@ -388,8 +397,11 @@ def test_cleanup_with_nothing_there_is_a_noop(netns: Netns) -> None:
 
 @pytest.mark.root
 @needs_root
-def test_fixture_refuses_existing_chains_like_consul(netns: Netns, tmp_path: Path) -> None:
+def test_fixture_refuses_existing_chains_like_consul(
+    netns: Netns, tmp_path: Path, with_agent: Callable[[Netns, Mesh], Mesh]
+) -> None:
     # This is why meshbake-redirect must clean up first.
+    with_agent(netns, write_mesh(tmp_path))  # redirect-traffic asks it /v1/agent/self
     env = clean_env(CONSUL_FIXTURE_LOG_DIR=str(tmp_path), CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL)
     argv = [
         FIXTURE_CONSUL,
@@ -1056,3 +1068,96 @@ def test_shellcheck() -> None:
         [shellcheck, *map(os.fspath, files)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the redirect's token and real redirect-traffic's ACL checks ----------------------
+
+NODE = "meshbake-redirect-node"
+ACCESSOR = "6a1f3c2e-7d4b-4e8a-9c0f-1b2d3e4f5a6b"
+#: The agent token as the README documented it before: the node's identity alone.
+NODE_IDENTITY_ONLY = {
+    "AccessorID": ACCESSOR,
+    "SecretID": TOKEN,
+    "NodeIdentities": [{"NodeName": NODE, "Datacenter": "dc1"}],
+}
+#: The agent token as the README's token table now says: the node's identity and
+#: agent:read on its own node (agent/agent_endpoint.go AgentSelf checks AgentRead).
+AGENT_TOKEN = {
+    **NODE_IDENTITY_ONLY,
+    "Policies": [
+        {"Name": f"{NODE}-agent-read", "Rules": json.dumps({"agent": {NODE: {"policy": "read"}}})}
+    ],
+}
+BACKENDS = [pytest.param(IPTABLES_CONSUL, id="iptables"), pytest.param(NFT_CONSUL, id="nft")]
+
+
+def acl_mesh(tmp_path: Path, version: str, *tokens: dict[str, object]) -> Mesh:
+    """A mesh whose agent enforces ACLs (default deny) and knows only ``tokens``."""
+    made = write_mesh(tmp_path, consul_version=version)
+    config = {"ports": {"grpc": 8502, "dns": -1}, "node_name": NODE, "datacenter": "dc1"}
+    config["acl"] = {"enabled": True, "default_policy": "deny"}
+    (made.config_dir / "consul.json").write_text(json.dumps(config))
+    table = tmp_path / "acl-tokens.json"
+    table.write_text(json.dumps(list(tokens)))
+    return replace(made, acl_tokens=table)
+
+
+def consul_rules(ns: Netns, version: str) -> list[str]:
+    """Consul's rules in ``ns`` for this backend: iptables chains, or its nft table."""
+    if version == NFT_CONSUL:
+        return [t for t in ns.tables() if "consul_tproxy" in t]
+    return consul_lines(ns.ok("iptables-save", "-t", "nat").stdout)
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("version", BACKENDS)
+def test_redirect_token_without_agent_read_gets_consuls_403_and_no_rule(
+    netns: Netns, tmp_path: Path, with_agent: Callable[[Netns, Mesh], Mesh], version: str
+) -> None:
+    mesh = with_agent(netns, acl_mesh(tmp_path, version, NODE_IDENTITY_ONLY))
+
+    result = netns.run(REDIRECT, env=mesh.env())
+
+    assert result.returncode == 1
+    # The service lookup passes (the node identity reads every service); the dual-stack
+    # probe is refused with Consul's words (acl/errors.go, agent/http.go).
+    assert (
+        "error determining if agent is running in dual-stack mode: Unexpected response "
+        f"code: 403 (Permission denied: token with AccessorID '{ACCESSOR}' lacks "
+        f"permission 'agent:read' on \"{NODE}\")"
+    ) in result.stderr
+    assert "traffic is NOT redirected" in result.stderr
+    assert consul_rules(netns, version) == []
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("version", BACKENDS)
+def test_redirect_with_the_documented_agent_token_installs_the_rules(
+    netns: Netns, tmp_path: Path, with_agent: Callable[[Netns, Mesh], Mesh], version: str
+) -> None:
+    mesh = with_agent(netns, acl_mesh(tmp_path, version, AGENT_TOKEN))
+
+    result = netns.ok(REDIRECT, env=mesh.env())
+
+    assert "traffic redirection applied for web-sidecar-proxy" in result.stderr
+    assert consul_rules(netns, version) != []
+    assert TOKEN not in result.stdout + result.stderr
+
+
+@pytest.mark.root
+@needs_root
+def test_redirect_with_a_token_the_agent_does_not_know_is_refused(
+    netns: Netns, tmp_path: Path, with_agent: Callable[[Netns, Mesh], Mesh]
+) -> None:
+    mesh = with_agent(netns, acl_mesh(tmp_path, NFT_CONSUL))  # an empty table
+
+    result = netns.run(REDIRECT, env=mesh.env())
+
+    assert result.returncode == 1
+    assert (
+        "failed to fetch proxy service from Consul Agent: Unexpected response code: 403 "
+        "(ACL not found)" in result.stderr
+    )
+    assert consul_rules(netns, NFT_CONSUL) == []

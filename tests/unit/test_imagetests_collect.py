@@ -34,6 +34,7 @@ EXPECT = {
     "envoy_version": "1.38.3",
     "app_user": "web",
     "app_unit": "web.service",
+    "wait_for_mesh": True,
     "units": [
         "consul.service",
         "envoy-sidecar.service",

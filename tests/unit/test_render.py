@@ -167,6 +167,53 @@ def test_sidecar_unit(example: LoadedSpec) -> None:
     assert "-token=" not in unit
 
 
+def ordered_after(units: dict[str, str], later: str, earlier: str) -> bool:
+    """Whether systemd starts ``later`` only once ``earlier``'s start job is done, from
+    every rendered unit's After= and Before=, followed transitively."""
+    after: dict[str, set[str]] = {}
+    for name, text in units.items():
+        for key, value in directives(text):
+            for other in value.split():
+                if key == "After":
+                    after.setdefault(name, set()).add(other)
+                elif key == "Before":
+                    after.setdefault(other, set()).add(name)
+    seen: set[str] = set()
+    todo = [later]
+    while todo:
+        for other in after.get(todo.pop(), set()) - seen:
+            seen.add(other)
+            todo.append(other)
+    return earlier in seen
+
+
+@pytest.mark.parametrize("wait", [True, False, None], ids=["wait", "no-wait", "default"])
+@pytest.mark.parametrize("fail_closed", [False, True], ids=["open", "fail-closed"])
+def test_the_app_starts_after_the_redirect_unless_told_not_to_wait(
+    variant: Variant, wait: bool | None, fail_closed: bool
+) -> None:
+    def mutate(d: Data) -> None:
+        if wait is not None:
+            d["app"]["wait_for_mesh"] = wait
+        d["service"].setdefault("transparent_proxy", {})["fail_closed"] = fail_closed
+
+    spec = variant(mutate).spec
+    units = bake.units(spec)
+    (redirecting,) = [
+        name
+        for name, text in units.items()
+        if any(
+            k == "ExecStartPre" and v.endswith("/meshbake-redirect") for k, v in directives(text)
+        )
+    ]
+    app = f"{spec.app.name}.service"
+    assert ordered_after(units, app, redirecting) is (wait is not False)
+    assert not ordered_after(units, redirecting, app)  # no cycle
+    # The app never waits for what a missing token keeps down by Requires=: it is
+    # ordered after the sidecar only, which is skipped (not failed) without a token.
+    assert not any(k in ("Requires", "BindsTo", "Requisite") for k, _ in directives(units[app]))
+
+
 def test_no_rendered_file_holds_a_token(example: LoadedSpec) -> None:
     for file in bake.baked_files(example):
         text = file.content.decode(errors="replace")

@@ -50,6 +50,7 @@ EXPECT_KEYS = frozenset(
         "envoy_version",
         "app_user",
         "app_unit",
+        "wait_for_mesh",
         "units",
         "acl",
         "tokens",

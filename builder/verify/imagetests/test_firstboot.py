@@ -75,6 +75,8 @@ Record = Callable[[str, object], None]
 
 SECRETS = "/etc/consul.d/zz-meshbake-secrets.json"
 SIDECAR_TOKEN = "/etc/envoy/token"
+#: The agent token, for meshbake-redirect (redirect-traffic asks GET /v1/agent/self).
+REDIRECT_TOKEN = "/etc/meshbake/redirect-token"
 CARRIER = "/run/meshbake/firstboot.env"
 MARKER = "/var/lib/meshbake/firstboot.done"
 MESH_ENV = "/etc/meshbake/mesh.env"
@@ -280,7 +282,7 @@ def expected_redirect_argv(host: Host, expect: dict[str, Any]) -> list[str]:
         f"-exclude-uid={u}" for u in dict.fromkeys(expect["exclude_uids"]) if u != uids["consul"]
     ]
     if expect["acl"]:
-        argv.append(f"-token-file={SIDECAR_TOKEN}")
+        argv.append(f"-token-file={REDIRECT_TOKEN}")
     return argv
 
 
@@ -442,7 +444,7 @@ def digests(host: Host) -> str:
     """sha256sum lines of the first-boot files that exist (to show they did not change)."""
     return str(
         host.check_output(
-            f"for f in {SECRETS} {SIDECAR_TOKEN} {MARKER}; do "
+            f"for f in {SECRETS} {SIDECAR_TOKEN} {REDIRECT_TOKEN} {MARKER}; do "
             'if [ -e "$f" ]; then sha256sum "$f"; fi; done'
         )
     )
@@ -480,6 +482,16 @@ def test_sidecar_token_file(host: Host, expect: dict[str, Any]) -> None:
         assert value != expect["token"], "tokens are separate but the sidecar has the agent's"
 
 
+def test_redirect_token_file(host: Host, expect: dict[str, Any]) -> None:
+    if not expect["acl"]:
+        pytest.skip("ACLs are off in this image: no token to deliver")
+    token = host.file(REDIRECT_TOKEN)
+    assert token.exists, f"{REDIRECT_TOKEN} is missing"
+    assert (token.user, token.group, token.mode) == ("root", "root", 0o600)
+    value = token.content_string.strip()
+    assert value == expect["token"], f"{REDIRECT_TOKEN} does not hold the agent token"
+
+
 def test_carrier_removed(host: Host) -> None:
     assert not host.file(CARRIER).exists, f"the carrier {CARRIER} is still there"
 
@@ -497,7 +509,7 @@ def test_token_only_in_secret_files(host: Host, expect: dict[str, Any]) -> None:
         f'grep -rIlsE --devices=skip -e {shlex.quote(unliteral(expect["token"]))} -- "$@"'
     )
     found = set(result.stdout.split())
-    allowed = {SECRETS, SIDECAR_TOKEN}
+    allowed = {SECRETS, SIDECAR_TOKEN, REDIRECT_TOKEN}
     copies = {path for path in found if CLOUD_INIT_COPY.match(path)}
     stray = sorted(found - allowed - copies)
     assert not stray, f"the token is also in: {stray}"
@@ -511,6 +523,52 @@ def test_token_only_in_secret_files(host: Host, expect: dict[str, Any]) -> None:
 
 def test_consul_and_sidecar_active(mesh_up: dict[str, bool]) -> None:
     require_mesh(mesh_up)
+
+
+def monotonic(host: Host, unit: str, prop: str) -> int:
+    """A unit's property in microseconds of CLOCK_MONOTONIC (0 when it never happened)."""
+    return int(host.check_output("systemctl show -p %s --value %s", prop, unit) or 0)
+
+
+def test_app_started_after_the_redirect(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool]
+) -> None:
+    """app.wait_for_mesh, from systemd's own timestamps: the app's main process started
+    after the sidecar's ExecStartPre (meshbake-redirect) had put the rules in place.
+
+    It needs the redirect to have run, not the whole mesh to be up (``mesh_up`` only
+    waits for it): the order holds even when Envoy itself then fails."""
+    if not expect["wait_for_mesh"]:
+        pytest.skip("app.wait_for_mesh is false: the app starts without waiting for the mesh")
+    app = expect["app_unit"]
+    app_main = monotonic(host, app, "ExecMainStartTimestampMonotonic")
+    assert app_main > 0, f"{app} never started its main process"
+    restarts = monotonic(host, SIDECAR, "NRestarts")
+    if restarts == 0:
+        # systemd forks Envoy only once the ExecStartPre redirect has exited 0.
+        envoy_main = monotonic(host, SIDECAR, "ExecMainStartTimestampMonotonic")
+        assert app_main > envoy_main > 0, (
+            f"{app} started at {app_main} us, before the sidecar's redirect was done "
+            f"(Envoy started at {envoy_main} us)"
+        )
+    else:
+        # The sidecar restarted: its latest start says nothing about the first one, so
+        # take the first redirect of this boot from its journal line instead.
+        entries = host.check_output(
+            "journalctl -b --no-pager -o json --output-fields=MESSAGE -u %s", SIDECAR
+        )
+        applied = [
+            int(entry["__MONOTONIC_TIMESTAMP"])
+            for entry in map(json.loads, entries.splitlines())
+            if "traffic redirection applied for" in str(entry.get("MESSAGE", ""))
+        ]
+        assert applied, "meshbake-redirect never applied the redirect this boot"
+        assert app_main > applied[0], f"{app} started before the first redirect was applied"
+    if restarts == 0 and all(mesh_up.values()):
+        # The sidecar was up when the app started, and the app's journal says so.
+        said = host.check_output("journalctl -b --no-pager -o cat -u %s", app)
+        assert "meshbake: app: starting with the mesh" in said, f"{app}: {said[-500:]}"
+        assert "starting WITHOUT the mesh" not in said, f"{app}: {said[-500:]}"
 
 
 def test_redirect_argv(host: Host, expect: dict[str, Any], mesh_up: dict[str, bool]) -> None:

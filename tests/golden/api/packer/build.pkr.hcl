@@ -27,7 +27,7 @@ build {
     output      = var.manifest
     strip_path  = true
     custom_data = {
-      "spec_hash" = "e5ae066d843e5ab528203da1cc92fab6f2fd58ee20e5cc66738f5bdf7f625a6b",
+      "spec_hash" = "16cba2966b8110f8b9f174eccc39bec2ff65903a9fff1a74db32712e3136c751",
       "consul"    = "2.0.0",
       "envoy"     = "1.37.0",
       "meshbake"  = "0.1.0",

@@ -28,7 +28,7 @@ build {
     output      = var.manifest
     strip_path  = true
     custom_data = {
-      "spec_hash" = "70f57866ac1d258ecd2ab70bf261407d059973af772bfab67b4fb272bd232307",
+      "spec_hash" = "20ca7fc6eba36e0e76236485745a74df313c5b672f0afb52b2fc22e5c5602bc8",
       "consul"    = "2.1.0",
       "envoy"     = "1.38.3",
       "meshbake"  = "0.1.0",

@@ -49,7 +49,7 @@ source "qemu" "web" {
 source "amazon-ebs" "web" {
   region          = "us-east-1"
   instance_type   = "t3.small"
-  ami_name        = "web-70f57866ac1d-${local.stamp}"
+  ami_name        = "web-20ca7fc6eba3-${local.stamp}"
   ami_description = "Demo web service on the Consul service mesh"
   ssh_username    = "admin"
   encrypt_boot    = true
@@ -59,7 +59,7 @@ source "amazon-ebs" "web" {
     "team"                = "platform",
     "Name"                = "web",
     "meshbake:image"      = "web",
-    "meshbake:spec-hash"  = "70f57866ac1d258ecd2ab70bf261407d059973af772bfab67b4fb272bd232307",
+    "meshbake:spec-hash"  = "20ca7fc6eba36e0e76236485745a74df313c5b672f0afb52b2fc22e5c5602bc8",
     "meshbake:consul"     = "2.1.0",
     "meshbake:envoy"      = "1.38.3",
     "meshbake:version"    = "0.1.0",
@@ -69,7 +69,7 @@ source "amazon-ebs" "web" {
     "team"                = "platform",
     "Name"                = "web",
     "meshbake:image"      = "web",
-    "meshbake:spec-hash"  = "70f57866ac1d258ecd2ab70bf261407d059973af772bfab67b4fb272bd232307",
+    "meshbake:spec-hash"  = "20ca7fc6eba36e0e76236485745a74df313c5b672f0afb52b2fc22e5c5602bc8",
     "meshbake:consul"     = "2.1.0",
     "meshbake:envoy"      = "1.38.3",
     "meshbake:version"    = "0.1.0",
