@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 
 from builder import proc
-from builder.errors import UserError
+from builder.errors import UserError, reason
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,11 @@ class Forward:
             target=self._run, args=(netns,), name=f"forward-{self.port}", daemon=True
         )
         self._thread.start()
-        self._ready.wait()
+        try:
+            self._ready.wait()
+        except BaseException:  # interrupted meanwhile: the thread must not outlive us
+            self.stop()
+            raise
         if self._error is not None:
             self.stop()
             raise UserError(f"cannot forward into {netns.name}: {self._error}")
@@ -454,6 +458,7 @@ class LocalNetwork:
         self._forwards: list[Forward] = []
         self._processes: list[subprocess.Popen[str]] = []
         self._opened = False
+        self._recorded = False
         self._closed = False
 
     # Addresses.
@@ -515,11 +520,16 @@ class LocalNetwork:
             self.subnet = choose_subnet(host_routes())
         try:
             # Recorded before it exists: a SIGKILL at any later point leaves it sweepable.
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            start = _start_time(os.getpid())
-            self.record.write_text(
-                json.dumps({"netns": self.name, "pid": os.getpid(), "start": start}) + "\n"
-            )
+            record = {"netns": self.name, "pid": os.getpid(), "start": _start_time(os.getpid())}
+            try:
+                self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self.record.write_text(json.dumps(record) + "\n")
+                self._recorded = True
+            except OSError as exc:
+                raise UserError(
+                    f"{self.record}: cannot record the local network: {reason(exc)}"
+                    " (a local network needs root)"
+                ) from exc
             proc.run(["ip", "netns", "add", self.name])
             self._ip("link", "set", "lo", "up")
             self._ip("link", "add", BRIDGE, "type", "bridge")
@@ -549,7 +559,8 @@ class LocalNetwork:
                 self._ip("link", "delete", BRIDGE, check=False)
                 proc.run(["ip", "netns", "delete", self.name])
             self._taps.clear()
-            self.record.unlink(missing_ok=True)
+            if self._recorded:
+                self.record.unlink(missing_ok=True)
 
     def _ip(self, *args: str, check: bool = True) -> proc.Completed:
         return proc.run(["ip", "-n", self.name, *args], check=check)

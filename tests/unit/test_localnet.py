@@ -98,3 +98,12 @@ def test_the_sweep_removes_a_dead_owners_namespace(
     assert localnet.sweep(tmp_path) == [name]
     assert ["ip", "netns", "delete", name] in calls
     assert not list(tmp_path.iterdir())
+
+
+def test_a_state_dir_it_cannot_write_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    net = LocalNetwork(tag="localnet", state_dir=blocker / "state", subnet=Net("198.18.7.0/24"))
+    with pytest.raises(UserError, match=r"/file/state/meshbake-localnet-\w+\.json: cannot record"):
+        net.open()
+    assert net.name not in localnet.namespaces()
