@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from builder.mesh import localnet
+from builder.mesh.forward import Forward
 from builder.mesh.localnet import Lease, LocalNetwork
 from tests.paths import REPO
 
@@ -238,7 +239,7 @@ def test_a_forward_holds_a_bounded_number_of_connections(
 ) -> None:
     vm1 = stand_in("vm1")
     with peer(vm1.netns, tmp_path / "echo.log", "echo", "2222"):
-        forward = localnet.Forward(net.netns_path, (vm1.ip, 2222), max_connections=2)
+        forward = Forward(net.netns_path, (vm1.ip, 2222), max_connections=2)
         try:
 
             def connect() -> socket.socket:
