@@ -347,6 +347,8 @@ class LocalNetwork:
         and ``Tap.qemu_args``."""
         self._live()
         lease = self.lease(vm_name)
+        if any(tap.lease == lease for tap in self._taps):
+            raise ValueError(f"{vm_name} has its tap already")
         ifname = f"mesh-tap{lease.index}"
         self._ip("tuntap", "add", "dev", ifname, "mode", "tap")
         tap = Tap(lease, ifname, self.server_address.ip)
@@ -364,6 +366,10 @@ class LocalNetwork:
     def forward(self, guest_ip: str | ipaddress.IPv4Address, guest_port: int) -> int:
         """Forward 127.0.0.1:PORT (host) to ``guest_ip:guest_port`` here; return PORT."""
         self._live()
-        forward = Forward(self.netns_path, (str(guest_ip), guest_port))
+        # An address, never a name: a name would be resolved (blocking) in the namespace.
+        address = ipaddress.IPv4Address(guest_ip)
+        if not 0 < guest_port < 65536:
+            raise ValueError(f"port {guest_port}: not a TCP port")
+        forward = Forward(self.netns_path, (str(address), guest_port))
         self._forwards.append(forward)
         return forward.port

@@ -485,3 +485,14 @@ def test_network_config_is_what_cloud_inits_networkd_renderer_writes(tmp_path: P
     assert "Gateway=198.18.0.1" in rendered
     assert not any(line.startswith("DHCP=") and line != "DHCP=no" for line in rendered)
     assert yaml.safe_load(text)["version"] == 2
+
+
+@needs_root
+def test_a_vm_gets_one_tap_and_a_forward_takes_only_an_address(net: LocalNetwork) -> None:
+    net.add_tap("vm1")
+    with pytest.raises(ValueError, match="vm1 has its tap already"):
+        net.add_tap("vm1")
+    with pytest.raises(ValueError):
+        net.forward("localhost", 22)
+    with pytest.raises(ValueError, match="not a TCP port"):
+        net.forward(net.server_address.ip, 0)
