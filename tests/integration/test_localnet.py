@@ -393,10 +393,15 @@ def child_network(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[
 def child_of(guard: int) -> int:
     """The one child of a guard (``builder/guard.py``), once it has started it."""
     for _ in range(1000):
-        found = sh("pgrep", "-P", str(guard), check=False).split()
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == guard and fields[0] != "Z":
+                    found.append(int(stat.parent.name))
         if found:
             (pid,) = found
-            return int(pid)
+            return pid
         time.sleep(0.01)
     raise AssertionError(f"guard {guard} started no child")
 
