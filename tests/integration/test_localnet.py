@@ -28,6 +28,7 @@ import yaml
 from builder.mesh import localnet
 from builder.mesh.forward import Forward
 from builder.mesh.localnet import Lease, LocalNetwork
+from tests.fixtures.signals import dispositions
 from tests.paths import REPO
 
 pytestmark = pytest.mark.integration
@@ -374,6 +375,8 @@ def child_network(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[
         text=True,
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        # Each signal sent here with its default action, whatever this run inherited.
+        preexec_fn=dispositions(),
     )
     info: dict[str, object] = {}
     try:
