@@ -504,3 +504,17 @@ def test_a_vm_gets_one_tap_and_a_forward_takes_only_an_address(net: LocalNetwork
         net.forward("localhost", 22)
     with pytest.raises(ValueError, match="not a TCP port"):
         net.forward(net.server_address.ip, 0)
+
+
+@needs_root
+def test_closing_the_network_ends_open_forwarded_connections(
+    net: LocalNetwork, stand_in: Callable[[str], StandIn], tmp_path: Path
+) -> None:
+    vm1 = stand_in("vm1")
+    with peer(vm1.netns, tmp_path / "echo.log", "echo", "2222"):
+        port = net.forward(vm1.ip, 2222)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+            net.close()
+            assert answer(conn) == b""
