@@ -294,7 +294,10 @@ class LocalNetwork:
             record = {"netns": self.name, "pid": os.getpid(), "start": _start_time(os.getpid())}
             try:
                 self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                self.record.write_text(json.dumps(record) + "\n")
+                # Whole or not at all: a record cut short by a SIGKILL would name nothing.
+                partial = self.record.with_suffix(".tmp")
+                partial.write_text(json.dumps(record) + "\n")
+                partial.replace(self.record)
                 self._recorded = True
             except OSError as exc:
                 raise UserError(
