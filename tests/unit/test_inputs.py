@@ -120,3 +120,66 @@ def test_validate_fails_when_the_rendered_units_differ_from_the_spec(
     folder = render_context(taken, tmp_path / "ctx2")
     report = gates.gate_units(folder, taken, None, tmp_path)  # type: ignore[arg-type]
     assert not report.ok and "consul.service would be rendered twice" in report.detail
+
+
+# --- 3. render --out: resolved and owned before anything is created or removed ------------
+
+#: (--out as typed, from the folder ``work``) -> refused, and nothing changes on disk.
+#: ``ctx`` is a bake folder meshbake rendered, ``victim`` a folder of someone else's.
+OUTS: list[tuple[str, str]] = [
+    ("nosuch/../victim", "work"),
+    ("nosuch/../../work/victim", "work"),
+    ("victim/../victim", "work"),
+    ("link/../victim", "work"),
+    ("link", "work"),
+    ("victim/sub/..", "work"),
+    (".", "work/ctx"),
+    ("..", "work/ctx/stage"),
+    ("../ctx", "work/ctx"),
+    ("./", "work/victim"),
+    ("ctx/../victim", "work"),
+]
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    found: dict[str, bytes | None] = {}
+    for path in sorted(root.rglob("*")):
+        found[str(path.relative_to(root))] = path.read_bytes() if path.is_file() else None
+    return found
+
+
+@pytest.mark.parametrize(("out", "cwd"), OUTS)
+def test_render_out_never_removes_a_folder_meshbake_did_not_make(
+    example: LoadedSpec,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    out: str,
+    cwd: str,
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    render_context(example, work / "ctx")
+    victim = work / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "thesis.tex").write_text("years of work")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (work / "link").symlink_to(elsewhere)
+    before = _tree(tmp_path)
+    monkeypatch.chdir(tmp_path / cwd)
+    line = one_line_error(["render", str(example.path), "--out", out], capsys)
+    assert str(Path(out)) in line, line
+    assert _tree(tmp_path) == before
+
+
+def test_render_out_through_dotdot_into_our_own_folder_replaces_only_it(
+    example: LoadedSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    render_context(example, tmp_path / "ctx")
+    (tmp_path / "ctx" / "stale").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["render", str(example.path), "--out", "nosuch/../ctx"]) == 0
+    assert not (tmp_path / "nosuch").exists()
+    assert not (tmp_path / "ctx" / "stale").exists()
+    assert (tmp_path / "ctx" / "meshbake.json").is_file()
