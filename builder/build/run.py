@@ -37,6 +37,7 @@ from builder.digest import sha256_file
 from builder.errors import CommandError, MeshbakeError, UserError
 from builder.progress import Progress, to_stderr
 from builder.render.context import BakeFolder, render_context, write_seed
+from builder.spec import boundary
 from builder.spec.model import Accelerator, LoadedSpec, load_spec
 from builder.tools.packer import MachineEvent, Packer
 from builder.tools.qemu import choose_accelerator
@@ -170,13 +171,15 @@ def _write_json(path: Path, data: object) -> None:
 def _up_to_date(manifest: Path, key: str) -> dict[str, object] | None:
     """The previous manifest when it describes this exact build and its output is intact."""
     try:
-        previous = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        previous = boundary.read_json_object(manifest, "build manifest")
+    except UserError:  # none, or not ours to trust: build again (and write it anew)
         return None
     if previous.get("content_key") != key:
         return None
-    output = previous.get("output", {})
-    path = manifest.parent / str(output.get("path", ""))
+    output = previous.get("output")
+    if not isinstance(output, dict) or not isinstance(output.get("path"), str):
+        return None
+    path = manifest.parent / output["path"]
     if not path.is_file() or sha256_file(path) != output.get("sha256"):
         return None
     return dict(previous)
@@ -517,7 +520,7 @@ def build_image(
         progress(f"warning: {warning}")
     # Absolute: Packer runs with the context as its working directory.
     out_dir = (options.out or Path("build") / loaded.spec.name).resolve()
-    cache = (options.cache or base.default_cache_dir()).resolve()
+    cache = base.cache_folder(options.cache).resolve()
     run = BuildRun(loaded, options, out_dir, cache, progress)
     return target.build(run)
 

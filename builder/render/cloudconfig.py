@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from builder.errors import UserError, reason
@@ -180,19 +181,23 @@ def _pem_problems(pems: Mapping[str, bytes | None]) -> list[str]:
                         " --tls-key-file swapped?)"
                     )
                     continue
-                loaded[part] = serialization.load_pem_private_key(pem, password=None)
+                key = serialization.load_pem_private_key(pem, password=None)
+                loaded[part] = _spki(key.public_key())
             else:
-                loaded[part] = x509.load_pem_x509_certificate(pem)
-        except (ValueError, TypeError) as exc:
+                loaded[part] = _spki(x509.load_pem_x509_certificate(pem).public_key())
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            # UnsupportedAlgorithm: a curve or key type this cryptography cannot use.
             what = "an unencrypted private key" if part == "KEY" else "a PEM certificate"
             problems.append(f"{flag} is not {what} ({' '.join(str(exc).split())[:80]})")
-    if "CERT" in loaded and "KEY" in loaded:
-        spki = serialization.PublicFormat.SubjectPublicKeyInfo
-        der = serialization.Encoding.DER
-        cert_key = loaded["CERT"].public_key().public_bytes(der, spki)
-        if loaded["KEY"].public_key().public_bytes(der, spki) != cert_key:
-            problems.append("--tls-key-file is not the key of the certificate in --tls-cert-file")
+    if "CERT" in loaded and "KEY" in loaded and loaded["KEY"] != loaded["CERT"]:
+        problems.append("--tls-key-file is not the key of the certificate in --tls-cert-file")
     return problems
+
+
+def _spki(public_key: Any) -> bytes:
+    """A public key as DER SubjectPublicKeyInfo, to compare a key with a certificate."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return bytes(public_key.public_bytes(serialization.Encoding.DER, spki))
 
 
 def _token(raw: str, role: str, problems: list[str]) -> str:

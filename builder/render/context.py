@@ -142,7 +142,7 @@ def resolve_out(out: Path) -> Path:
         real = Path(os.path.realpath(out))
     except (OSError, ValueError) as exc:
         raise UserError(f"{out}: cannot resolve this folder: {reason(exc)}") from None
-    if real != Path(os.path.abspath(out)) and ".." in out.parts:
+    if real != Path(os.path.normpath(Path.cwd() / out)) and ".." in out.parts:
         # The kernel would resolve it differently (or not at all: a missing folder
         # before '..'); say which folder it is rather than guess.
         raise UserError(f"{out}: has a '..' segment; give the folder itself ({real})")

@@ -12,8 +12,10 @@ output (systemd, shell, HCL, YAML, paths on disk) lives in ``builder.render.esca
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import re
 import stat
 import unicodedata
 from pathlib import Path
@@ -21,12 +23,19 @@ from typing import Any
 
 import yaml
 
+from builder.errors import UserError, reason
+
 #: Largest spec file read, in bytes (the worked example is under 2 KiB).
 MAX_SPEC_BYTES = 1024 * 1024
 #: Largest secret file (token, gossip key, PEM) read: user data itself is capped at 16 KiB.
 MAX_SECRET_BYTES = 64 * 1024
 #: Largest file baked from ``files[].source``.
 MAX_SOURCE_BYTES = 256 * 1024 * 1024
+#: Largest sum of every ``files[].source`` of one spec, a file listed twice counted twice
+#: (each listing is read into the image).
+MAX_SOURCES_TOTAL = 512 * 1024 * 1024
+#: Largest state file meshbake itself writes and reads back (manifests, markers, indexes).
+MAX_STATE_BYTES = 1024 * 1024
 #: Longest string field (file ``content`` aside); the tighter limits are per field.
 MAX_TEXT = 4096
 #: Linux's NAME_MAX (bytes per path component) and PATH_MAX (bytes, with the NUL).
@@ -153,6 +162,75 @@ def read_regular(path: Path, limit: int) -> bytes:
     if size > limit:
         raise UnreadableFile(f"is over the limit of {limit} bytes")
     return b"".join(chunks)
+
+
+def regular_size(path: Path, limit: int) -> int:
+    """The size of regular file ``path`` (at most ``limit``), checked as ``read_regular``
+    checks it but without reading it; the same errors."""
+    if "\0" in str(path):
+        raise UnreadableFile("has a NUL character in its name")
+    info = path.stat()
+    kind = _kind(info.st_mode)
+    if kind is not None:
+        raise UnreadableFile(f"is {kind}, not a regular file")
+    if info.st_size > limit:
+        raise UnreadableFile(f"is {info.st_size} bytes, over the limit of {limit}")
+    return info.st_size
+
+
+# --- every other input: files, folders and values named by arguments or the environment -
+
+
+def read_input(path: Path, limit: int, what: str) -> bytes:
+    """The one way meshbake reads a file it is told about (an argument, an environment
+    variable, a build folder): a regular file of at most ``limit`` bytes, or a one-line
+    ``UserError`` naming the file and what it was meant to be."""
+    try:
+        return read_regular(path, limit)
+    except (OSError, ValueError) as exc:  # UnreadableFile is a ValueError
+        raise UserError(f"{path}: cannot read the {what}: {reason(exc)}") from None
+
+
+def read_json_object(path: Path, what: str, limit: int = MAX_STATE_BYTES) -> dict[str, Any]:
+    """A JSON object from ``path`` (through ``read_input``); anything else is a one-line
+    ``UserError``, so a list or a string never passes for an empty object."""
+    raw = read_input(path, limit, what)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: the {what} is not JSON: {reason(exc)[:80]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the {what} is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def folder_input(path: Path, what: str) -> Path:
+    """A folder named by an argument or an environment variable (made later if missing):
+    refused with one line when it names a file, a device, or holds a NUL."""
+    shown = str(path)
+    if "\0" in shown or not shown:
+        raise UserError(f"{shown!r}: the {what} must be a folder path")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise UserError(f"{path}: cannot use it as the {what}: {reason(exc)}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        kind = _kind(info.st_mode) or "a file"
+        raise UserError(f"{path}: the {what} must be a folder, but it is {kind}")
+    return path
+
+
+#: An AWS region name (``us-east-1``, ``us-gov-west-1``); the spec model uses it too.
+AWS_REGION = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
+
+
+def aws_region(value: str, where: str = "--region") -> str:
+    """``value`` when it is an AWS region name, else a one-line ``UserError``."""
+    if not re.match(AWS_REGION, value):
+        raise UserError(f"{where} {value!r}: not an AWS region like us-east-1")
+    return value
 
 
 def _kind(mode: int) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -67,9 +68,7 @@ def _abs_path(value: str) -> str:
 #: An absolute path, normalised (``//`` and ``/./`` removed); ``..`` is refused.
 AbsPath = Annotated[str, AfterValidator(_abs_path)]
 Size = Annotated[str, _matching(r"^\d+[MG]$", "a size like 4G or 512M")]
-AwsRegion = Annotated[
-    str, _matching(r"^[a-z]{2}(-gov)?-[a-z]+-\d$", "an AWS region like us-east-1")
-]
+AwsRegion = Annotated[str, _matching(boundary.AWS_REGION, "an AWS region like us-east-1")]
 AwsAccount = Annotated[str, _matching(r"^\d{12}$", "a 12-digit AWS account id")]
 EnvName = Annotated[str, _matching(r"^[A-Za-z_][A-Za-z0-9_]*$", "an environment variable name")]
 OrgArn = Annotated[
@@ -687,11 +686,17 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
     errors, warnings = _semantic_checks(spec, path)
     if errors:
         raise SpecError([SpecProblem(shown, p, m) for p, m in errors])
+    try:
+        digest = _digest(spec, path)
+    except (OSError, ValueError) as exc:  # a source changed since it was checked
+        raise SpecError(
+            [SpecProblem(shown, "files", f"cannot read a source: {reason(exc)}")]
+        ) from None
     return LoadedSpec(
         spec=spec,
         path=path,
         warnings=tuple(SpecProblem(shown, p, m) for p, m in warnings),
-        digest=_digest(spec, path),
+        digest=digest,
     )
 
 
@@ -806,6 +811,7 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
                 errors.append((f"users[{i}].groups", message))
 
     dests: dict[str, str] = {}
+    total = 0
     for where, file in file_fields(spec):
         if file.source is not None:
             source = path.parent / file.source
@@ -818,8 +824,19 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
                         f"{file.source} is outside the spec's folder; keep it beside the spec",
                     )
                 )
-            elif unreadable is not None:
+            elif isinstance(unreadable, str):
                 errors.append((f"{where}.source", f"{source} {unreadable}"))
+            else:
+                total += unreadable
+                if total > boundary.MAX_SOURCES_TOTAL:
+                    errors.append(
+                        (
+                            f"{where}.source",
+                            f"brings the files baked from source to {total} bytes, over the"
+                            f" limit of {boundary.MAX_SOURCES_TOTAL} for one image",
+                        )
+                    )
+                    break
         if file.dest in dests:
             errors.append((f"{where}.dest", f"{file.dest} is also {dests[file.dest]}.dest"))
         dests.setdefault(file.dest, where)
@@ -861,14 +878,17 @@ def file_fields(spec: ImageSpec) -> list[tuple[str, File]]:
     ]
 
 
-def _unreadable(path: Path) -> str | None:
-    """Why ``path`` cannot be baked as a file, or None when it can be read."""
+def _unreadable(path: Path) -> str | int:
+    """Why ``path`` cannot be baked as a file, or its size when it can be read (checked
+    without reading it: the digest and the render read it)."""
     try:
         if not path.exists():
             return "does not exist"
-        boundary.read_regular(path, boundary.MAX_SOURCE_BYTES)
-        return None
-    except (OSError, boundary.UnreadableFile) as exc:  # a FIFO, no permission, ...
+        size = boundary.regular_size(path, boundary.MAX_SOURCE_BYTES)
+        if not os.access(path, os.R_OK):
+            return "cannot be read: Permission denied"
+        return size
+    except (OSError, ValueError) as exc:  # a FIFO, no permission, a NUL, ...
         return f"cannot be read: {reason(exc)}"
 
 

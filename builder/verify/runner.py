@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import socket
@@ -38,7 +39,7 @@ from builder import proc
 from builder.errors import UserError
 from builder.progress import Progress, to_stderr
 from builder.render import baked, cloudconfig, paths
-from builder.spec import compat
+from builder.spec import boundary, compat
 from builder.spec.model import Accelerator, LoadedSpec, load_spec
 from builder.tools.qemu import choose_accelerator
 from builder.verify.imagetests.helpers import (
@@ -890,12 +891,12 @@ def _keep_logs(work: Path, image: Path, phase: str) -> None:
 
 
 def _manifest(image: Path) -> dict[str, Any]:
-    """The manifest beside ``image`` ({} when there is none or it cannot be read)."""
-    try:
-        data = json.loads((image.parent / "manifest.json").read_text())
-    except (OSError, ValueError):
+    """The manifest beside ``image``: {} when there is none; one that is there but is
+    not a JSON object in a regular file (a FIFO, a device, a list) is a ``UserError``."""
+    path = image.parent / "manifest.json"
+    if not os.path.lexists(path):
         return {}
-    return data if isinstance(data, dict) else {}
+    return boundary.read_json_object(path, "build manifest")
 
 
 def spec_for(image: Path) -> Path:
@@ -913,8 +914,18 @@ def check_spec_drift(image: Path, loaded: LoadedSpec, *, allow: bool = False) ->
     (``--allow-spec-drift``) skips the comparison. An image with no manifest has
     nothing to compare.
     """
-    built = _manifest(image).get("spec_hash")
-    if allow or not isinstance(built, str) or built == loaded.digest:
+    if allow:
+        return
+    manifest = _manifest(image)
+    if not manifest:
+        return
+    built = manifest.get("spec_hash")
+    if not isinstance(built, str):
+        raise UserError(
+            f"{image.parent / 'manifest.json'}: spec_hash is {type(built).__name__}, not the"
+            " spec's hash; rebuild the image, or pass --allow-spec-drift"
+        )
+    if built == loaded.digest:
         return
     raise UserError(
         f"{image}: built from a spec with hash {built[:12]}, but {loaded.path} hashes to"

@@ -8,7 +8,9 @@ the one function that guards it.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import typing
 from pathlib import Path
 
@@ -183,3 +185,148 @@ def test_render_out_through_dotdot_into_our_own_folder_replaces_only_it(
     assert not (tmp_path / "nosuch").exists()
     assert not (tmp_path / "ctx" / "stale").exists()
     assert (tmp_path / "ctx" / "meshbake.json").is_file()
+
+
+# --- 4. every file, variable and argument: one line and exit 1, never a traceback or a hang
+
+
+def _curve_pems(tmp: Path, curve: str) -> tuple[Path, Path]:
+    """A key and a self-signed certificate on ``curve`` (openssl knows curves that
+    ``cryptography`` does not)."""
+    key, crt = tmp / f"{curve}.key", tmp / f"{curve}.crt"
+    subprocess.run(
+        ["openssl", "ecparam", "-name", curve, "-genkey", "-noout", "-out", key], check=True
+    )
+    subprocess.run(
+        ["openssl", "req", "-new", "-x509", "-key", key, "-subj", "/CN=x", "-days", "1"]
+        + ["-out", crt],
+        check=True,
+        capture_output=True,
+    )
+    return key, crt
+
+
+def _manifest(content: str | None, kind: str = "file") -> typing.Callable[[Path], list[str]]:
+    """``verify IMAGE`` beside a manifest.json that is ``content`` or a FIFO or a link."""
+
+    def make(tmp: Path) -> list[str]:
+        image = tmp / "img" / "disk.qcow2"
+        image.parent.mkdir()
+        image.write_bytes(b"")
+        manifest = image.parent / "manifest.json"
+        if kind == "fifo":
+            os.mkfifo(manifest)
+        elif kind == "link":
+            manifest.symlink_to(content or "/dev/zero")
+        else:
+            manifest.write_text(content or "")
+        return ["verify", str(image), "--phase", "baked"]
+
+    return make
+
+
+def _with_tls(tmp: Path, curve: str) -> list[str]:
+    key, crt = _curve_pems(tmp, curve)
+    spec = write_spec(tmp / "images", lambda d: d["consul"].update(tls={"enabled": True}))
+    token = tmp / "token"
+    token.write_text("4d3c2b1a-0000-4000-8000-000000000000\n")
+    return ["userdata", str(spec), "--token-file", str(token), "--tls-ca-file", str(crt)]
+
+
+def _with_key(tmp: Path, curve: str) -> list[str]:
+    key, crt = _curve_pems(tmp, curve)
+    _, good = _curve_pems(tmp, "prime256v1")
+    spec = write_spec(
+        tmp / "images", lambda d: d["consul"].update(tls={"enabled": True, "client_cert": True})
+    )
+    token = tmp / "token"
+    token.write_text("4d3c2b1a-0000-4000-8000-000000000000\n")
+    return [
+        "userdata", str(spec), "--token-file", str(token), "--tls-ca-file", str(good),
+        "--tls-cert-file", str(crt), "--tls-key-file", str(key),
+    ]  # fmt: skip
+
+
+def _many_sources(tmp: Path) -> list[str]:
+    big = tmp / "images" / "files" / "big.bin"
+    with big.open("wb") as f:  # sparse: the size is real, the disk use is not
+        f.truncate(200 * 1024 * 1024)
+
+    def listed(d: Data) -> None:
+        d["files"] = [{"dest": f"/opt/big/{i}", "source": "files/big.bin"} for i in range(4)]
+
+    return ["render", str(write_spec(tmp / "images", listed)), "--out", str(tmp / "out")]
+
+
+def _afile(tmp: Path) -> Path:
+    path = tmp / "a-file"
+    path.write_text("x")
+    return path
+
+
+#: id -> (environment, argv maker, what the one line must say). Each ends in exit 1.
+INPUTS: dict[str, tuple[dict[str, str], typing.Callable[[Path], list[str]], str]] = {
+    "manifest-list": ({}, _manifest("[]"), "is a JSON list, not an object"),
+    "manifest-string": ({}, _manifest('"x"'), "is a JSON str, not an object"),
+    "manifest-not-json": ({}, _manifest("{"), "not JSON"),
+    "manifest-deep": ({}, _manifest("[" * 100000), "not JSON"),
+    "manifest-fifo": ({}, _manifest(None, "fifo"), "is a FIFO"),
+    "manifest-dev-zero": ({}, _manifest("/dev/zero", "link"), "is a character device"),
+    "manifest-folder": ({}, _manifest("/", "link"), "is a folder"),
+    "manifest-hash-int": (
+        {},
+        _manifest('{"spec": "images/web.yaml", "spec_hash": 5}'),
+        "spec_hash is int",
+    ),
+    "manifest-hash-null": (
+        {},
+        _manifest('{"spec": "images/web.yaml", "spec_hash": null}'),
+        "spec_hash is NoneType",
+    ),
+    "manifest-hash-list": (
+        {},
+        _manifest('{"spec": "images/web.yaml", "spec_hash": []}'),
+        "spec_hash",
+    ),
+    "region-space": ({}, lambda t: ["images", "web", "--region", "us east 1"], "AWS region"),
+    "region-dots": ({}, lambda t: ["prune", "web", "--keep", "1", "--region", ".."], "AWS region"),
+    "region-empty": ({}, lambda t: ["images", "web", "--region", ""], "AWS region"),
+    "region-launch": (
+        {},
+        lambda t: ["launch", str(t / "images" / "web.yaml"), "--ami", "ami-1", "--region", "x"],
+        "AWS region",
+    ),
+    "cache-env-file": ({"MESHBAKE_CACHE": "@afile"}, lambda t: ["base"], "must be a folder"),
+    "cache-env-dev": ({"MESHBAKE_CACHE": "/dev/null"}, lambda t: ["base"], "character device"),
+    "cache-arg-file": ({}, lambda t: ["base", "--cache", str(_afile(t))], "must be a folder"),
+    "cache-build-file": (
+        {},
+        lambda t: ["build", str(t / "images" / "web.yaml"), "--cache", str(_afile(t))],
+        "must be a folder",
+    ),
+    "tls-ca-secp112r1": ({}, lambda t: _with_tls(t, "secp112r1"), "is not supported"),
+    "tls-ca-sect113r1": ({}, lambda t: _with_tls(t, "sect113r1"), "is not supported"),
+    "tls-key-brainpoolP160r1": ({}, lambda t: _with_key(t, "brainpoolP160r1"), "not supported"),
+    "same-big-source-listed-4-times": ({}, _many_sources, "over the limit"),
+    "token-dev-zero": (
+        {},
+        lambda t: ["userdata", str(t / "images" / "web.yaml"), "--token-file", "/dev/zero"],
+        "character device",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INPUTS))
+def test_every_input_is_one_line_and_exit_1(
+    images: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+) -> None:
+    env, make, fragment = INPUTS[case]
+    tmp = images.parent
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(_afile(tmp)) if value == "@afile" else value)
+    monkeypatch.chdir(tmp)
+    line = one_line_error(make(tmp), capsys)
+    assert fragment in line, line
