@@ -164,7 +164,7 @@ def content_key(
 
 def _write_json(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    boundary.write_output(tmp, json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
 
 
@@ -225,7 +225,7 @@ class QemuBuild:
         started = time.monotonic()
         arts = _fetch_artifacts(run)
         base_id, base_ref = self._base_ref(run)
-        run.out_dir.mkdir(parents=True, exist_ok=True)
+        boundary.own_folder(run.out_dir, "build folder")
         manifest_path = run.out_dir / "manifest.json"
         work = Path(tempfile.mkdtemp(prefix=".work-", dir=run.out_dir))
         try:
@@ -460,7 +460,7 @@ class AwsBuild:
             with run.stage("plan", "resolving the source AMI"):
                 plan = aws.aws_dry_run(run.loaded, packer=packer.version())
             return BuildResult(spec.name, run.loaded.path, "planned", plan=plan)
-        run.out_dir.mkdir(parents=True, exist_ok=True)
+        boundary.own_folder(run.out_dir, "build folder")
         (run.out_dir / "logs").mkdir(exist_ok=True)
         log = run.out_dir / "logs" / "packer-aws.log"
         work = Path(tempfile.mkdtemp(prefix=".work-", dir=run.out_dir))
@@ -519,7 +519,10 @@ def build_image(
     for warning in loaded.warnings:
         progress(f"warning: {warning}")
     # Absolute: Packer runs with the context as its working directory.
-    out_dir = (options.out or Path("build") / loaded.spec.name).resolve()
+    given = options.out or Path("build") / loaded.spec.name
+    if given.is_symlink():
+        raise UserError(f"{given}: the build folder is a symbolic link; give a folder of its own")
+    out_dir = boundary.own_folder(given.resolve(), "build folder", create=False)
     cache = base.cache_folder(options.cache).resolve()
     run = BuildRun(loaded, options, out_dir, cache, progress)
     return target.build(run)

@@ -12,6 +12,7 @@ output (systemd, shell, HCL, YAML, paths on disk) lives in ``builder.render.esca
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -220,6 +221,66 @@ def folder_input(path: Path, what: str) -> Path:
         kind = _kind(info.st_mode) or "a file"
         raise UserError(f"{path}: the {what} must be a folder, but it is {kind}")
     return path
+
+
+# --- writing into a folder someone else may have tampered with ---------------------------
+
+
+def own_folder(folder: Path, what: str, *, create: bool = True) -> Path:
+    """``folder`` (made when missing and ``create``) once it is a real folder, not a
+    symbolic link, and holds no symbolic link, FIFO or device at its top or in
+    ``logs/``: a tampered build folder would make meshbake write (or block) wherever
+    those point."""
+    try:
+        if not create and not os.path.lexists(folder):
+            return folder
+        if not folder.is_symlink():
+            folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink() or not folder.is_dir():
+            raise UserError(f"{folder}: the {what} is not a folder of its own (a link?)")
+        entries = list(folder.iterdir())
+        logs = folder / "logs"
+        if logs.is_dir() and not logs.is_symlink():
+            entries += list(logs.iterdir())
+        for entry in entries:
+            mode = entry.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise UserError(
+                    f"{entry}: is a symbolic link in the {what}, which holds none; remove it"
+                )
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise UserError(f"{entry}: is {_kind(mode)} in the {what}; remove it")
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot use the {what}: {reason(exc)}") from None
+    return folder
+
+
+def write_output(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+    """Write ``path`` without following a link at it or blocking on a FIFO there; its
+    folder must be one ``own_folder`` checked (or one meshbake made). One-line errors."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        if path.parent.is_symlink():
+            raise UserError(f"{path.parent}: is a symbolic link; refusing to write into it")
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{path}: is a symbolic link; refusing to write through it") from None
+        raise UserError(f"{path}: cannot write it: {reason(exc)}") from None
+    try:
+        kind = _kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise UserError(f"{path}: is {kind}, not a regular file; refusing to write it")
+        os.ftruncate(fd, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write it: {reason(exc)}") from None
+    finally:
+        os.close(fd)
 
 
 #: An AWS region name (``us-east-1``, ``us-gov-west-1``); the spec model uses it too.

@@ -730,9 +730,8 @@ def _keep_plot(vm: Vm, folder: Path) -> Path | None:
             timeout=180,
         )
         if code == 0 and "<svg" in svg:
-            folder.mkdir(parents=True, exist_ok=True)
             path = folder / "firstboot.svg"
-            path.write_text(svg)
+            boundary.write_output(path, svg)
             return path
     return None
 
@@ -882,12 +881,11 @@ def _keep_logs(work: Path, image: Path, phase: str) -> None:
     """Keep the serial console and pytest logs next to the image for a post-mortem."""
     logs = report_folder(image)
     try:
-        logs.mkdir(exist_ok=True)
         for name in ("serial.log", f"pytest-{phase}.log"):
             if (work / name).is_file():
-                shutil.copyfile(work / name, logs / f"verify-{phase}-{name}")
-    except OSError:
-        pass
+                boundary.write_output(logs / f"verify-{phase}-{name}", (work / name).read_bytes())
+    except (OSError, UserError):
+        pass  # a post-mortem aid: never written through a link, never fatal
 
 
 def _manifest(image: Path) -> dict[str, Any]:
@@ -957,6 +955,7 @@ def verify_image(
             raise UserError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
     loaded = load_spec(spec or spec_for(image))
     check_spec_drift(image, loaded, allow=allow_spec_drift)
+    boundary.own_folder(report_folder(image), "folder of verify's logs")
     results = [
         _phase(image, loaded, phase, accelerator, progress, token, leave_out) for phase in phases
     ]

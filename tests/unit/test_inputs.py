@@ -18,6 +18,7 @@ import pytest
 
 from builder.build import gates
 from builder.cli import main as cli
+from builder.errors import UserError
 from builder.render import baked as bake
 from builder.render import paths
 from builder.render.context import render_context
@@ -330,3 +331,100 @@ def test_every_input_is_one_line_and_exit_1(
     monkeypatch.chdir(tmp)
     line = one_line_error(make(tmp), capsys)
     assert fragment in line, line
+
+
+# --- 5. a tampered build folder: meshbake writes only inside it, never through a link ----
+
+
+def _plant(kind: str, at: Path, victim: Path) -> None:
+    at.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "link":
+        at.symlink_to(victim)
+    elif kind == "fifo":
+        os.mkfifo(at)
+
+
+#: (what is planted, where in the build folder) -> the build refuses before writing.
+TAMPERED: list[tuple[str, str]] = [
+    ("link", "."),
+    ("link", ".manifest.json.tmp"),
+    ("link", "manifest.json"),
+    ("link", "logs"),
+    ("link", "logs/packer.log"),
+    ("link", "logs/packer-aws.log"),
+    ("link", "logs/render-packer.log"),
+    ("link", "web.qcow2"),
+    ("fifo", "manifest.json"),
+    ("fifo", "logs/packer.log"),
+]
+
+
+@pytest.mark.parametrize(("kind", "where"), TAMPERED)
+@pytest.mark.parametrize("target", ["qemu", "aws"])
+def test_build_refuses_a_tampered_build_folder(
+    example: LoadedSpec, tmp_path: Path, kind: str, where: str, target: str
+) -> None:
+    from builder.build import run as build
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("mine")
+    out = tmp_path / "build" / "web"
+    out.parent.mkdir()
+    if where == ".":
+        _plant(kind, out, victim)
+    else:
+        out.mkdir()
+        _plant(kind, out / where, victim / "keep" if kind == "link" and "." in where else victim)
+    options = build.BuildOptions(target=target, out=out, cache=tmp_path / "cache")
+    with pytest.raises(UserError) as info:
+        build.build_image(example.path, options, progress=lambda m: None)
+    assert "symbolic link" in str(info.value) or "FIFO" in str(info.value)
+    assert sorted(p.name for p in victim.iterdir()) == ["keep"]
+    assert (victim / "keep").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("kind", "where"),
+    [("link", "logs"), ("link", "logs/verify-baked-serial.log"), ("fifo", "logs/x")],
+)
+def test_verify_refuses_a_tampered_log_folder(
+    example: LoadedSpec, tmp_path: Path, kind: str, where: str
+) -> None:
+    from builder.verify import runner
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    image = tmp_path / "img" / "web.qcow2"
+    image.parent.mkdir()
+    image.write_bytes(b"")
+    _plant(kind, image.parent / where, victim)
+    with pytest.raises(UserError):
+        runner.verify_image(image, spec=example.path, phases=("baked",))
+    assert list(victim.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo", "link-to-fifo", "link-to-missing"])
+def test_outputs_are_never_written_through_a_link_or_into_a_fifo(tmp_path: Path, kind: str) -> None:
+    from builder.errors import CommandError
+    from builder.spec import boundary
+
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for name in ("out", "log"):
+        at = tmp_path / name
+        if kind == "link":
+            at.symlink_to(victim)
+        elif kind == "fifo":
+            os.mkfifo(at)
+        elif kind == "link-to-fifo":
+            at.symlink_to(fifo)
+        else:
+            at.symlink_to(tmp_path / "nothing-yet")
+    with pytest.raises(UserError):
+        boundary.write_output(tmp_path / "out", "pwned")
+    CommandError(["false"], 1, "", "").write_log(tmp_path / "log")  # best effort: no raise
+    assert victim.read_text() == "mine"
+    assert not (tmp_path / "nothing-yet").exists()
