@@ -8,7 +8,9 @@ the one function that guards it.
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import shutil
 import subprocess
 import typing
@@ -23,6 +25,7 @@ from builder.render import baked as bake
 from builder.render import paths
 from builder.render.context import render_context
 from builder.spec.model import LoadedSpec, load_spec
+from tests.unit.pems import tls_files
 from tests.unit.test_boundary import Data, one_line_error, set_dest, write_spec
 
 
@@ -428,3 +431,73 @@ def test_outputs_are_never_written_through_a_link_or_into_a_fifo(tmp_path: Path,
     CommandError(["false"], 1, "", "").write_log(tmp_path / "log")  # best effort: no raise
     assert victim.read_text() == "mine"
     assert not (tmp_path / "nothing-yet").exists()
+
+
+# --- 6. smaller holes ------------------------------------------------------------------------
+
+FIRSTBOOT = Path(__file__).parents[2] / "builder" / "image" / "scripts" / "meshbake-firstboot"
+
+
+def _firstboot_pem(value_b64: str, kind: str) -> str | None:
+    """Run the ``pem`` function of meshbake-firstboot (with its ``decode_b64``) on
+    ``value_b64``: the PEM it writes, or None when it refuses the carrier."""
+    script = FIRSTBOOT.read_text()
+    functions = "".join(
+        re.search(rf"^{name}\(\) {{\n.*?^}}\n", script, re.S | re.M).group(0)  # type: ignore[union-attr]
+        for name in ("decode_b64", "pem")
+    )
+    program = f'set -u\ndie() {{ echo "$*" >&2; exit 1; }}\n{functions}\npem X "$1" "$2"\n'
+    done = subprocess.run(
+        ["bash", "-c", program, "pem", value_b64, kind], capture_output=True, text=True
+    )
+    return done.stdout if done.returncode == 0 else None
+
+
+def _pem_cases() -> dict[str, tuple[str, bytes]]:
+    files = tls_files()
+    cert, key = files["cert"], files["key"]
+    crlf = cert.replace(b"\n", b"\r\n")
+    bag = b"Bag Attributes\n    localKeyID: 01 02 03\nsubject=/CN=client\nissuer=/CN=ca\n" + cert
+    key_bag = b"Bag Attributes\n    friendlyName: client\nKey Attributes: <No Attributes>\n" + key
+    lines = key.decode().splitlines()
+    encrypted = "\n".join([lines[0], "Proc-Type: 4,ENCRYPTED", "", *lines[1:]]) + "\n"
+    return {
+        "cert": ("cert", cert),
+        "cert-crlf": ("cert", crlf),
+        "cert-bag-attributes": ("cert", bag),
+        "cert-trailing-text": ("cert", cert + b"trailing words\n"),
+        "cert-chain": ("cert", cert + files["ca"]),
+        "cert-no-final-newline": ("cert", cert.rstrip(b"\n")),
+        "key": ("key", key),
+        "key-crlf": ("key", key.replace(b"\n", b"\r\n")),
+        "key-bag-attributes": ("key", key_bag),
+        "key-encrypted-header": ("key", encrypted.encode()),
+        "key-two-keys": ("key", key + files["other_key"]),
+        "key-in-cert-slot": ("cert", key),
+        "cert-in-key-slot": ("key", cert),
+        "cert-unterminated": ("cert", cert.rsplit(b"-----END", 1)[0]),
+        "cert-mismatched-end": ("cert", cert.replace(b"END CERTIFICATE", b"END X509 CRL")),
+        "cert-space-in-body": ("cert", cert.replace(b"\n", b" \n", 2)),
+        "no-pem": ("cert", b"just text\n"),
+        "empty": ("cert", b""),
+        "not-ascii": ("cert", "é".encode() + cert),
+    }
+
+
+PEM_CASES = _pem_cases()
+
+
+@pytest.mark.parametrize("case", list(PEM_CASES))
+def test_userdata_and_firstboot_accept_the_same_key_material(case: str) -> None:
+    """What ``userdata`` accepts, first boot accepts as the same PEM; what ``userdata``
+    refuses, first boot refuses too (given the file as it is)."""
+    from builder.render import cloudconfig
+
+    kind, raw = PEM_CASES[case]
+    normal = cloudconfig.normal_pem(raw, kind)
+    if isinstance(normal, bytes):
+        assert _firstboot_pem(base64.b64encode(normal).decode(), kind) == normal.decode()
+        # and first boot reads the file as it is the same way
+        assert _firstboot_pem(base64.b64encode(raw).decode(), kind) == normal.decode()
+    else:
+        assert raw == b"" or _firstboot_pem(base64.b64encode(raw).decode(), kind) is None, normal
