@@ -304,7 +304,8 @@ def _kind(mode: int) -> str | None:
 
 
 class StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses aliases (no alias bombs) and duplicate keys."""
+    """``yaml.SafeLoader`` that refuses aliases (no alias bombs), merge keys and
+    duplicate keys."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -318,7 +319,11 @@ class StrictLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
+                # A merge brings keys in beside the written ones, where a duplicate is
+                # silently dropped: a spec spells out every key instead.
+                raise yaml.constructor.ConstructorError(
+                    None, None, "merge keys (<<) are not allowed in a spec", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen

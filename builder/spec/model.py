@@ -462,6 +462,22 @@ class Check(Model):
 #: Consul's default Serf LAN port (``ports.serf_lan``).
 SERF_LAN_PORT = 8301
 
+#: Ports the image itself listens on, so the service may not take them: Consul's
+#: defaults (hashicorp/consul agent/config/default.go: serf_lan 8301, http 8500, and
+#: the gRPC ports meshbake sets, 8502 and 8503) and the sidecar's: Envoy's admin
+#: (``-admin-bind``, 19000), its public listener (the first of ``sidecar_min_port``,
+#: 21000) and the transparent proxy's outbound listener (15001,
+#: ``TProxyOutboundPort`` in api/agent.go's defaults).
+RESERVED_PORTS: dict[int, str] = {
+    SERF_LAN_PORT: "Consul's Serf LAN port",
+    8500: "Consul's HTTP API",
+    8502: "Consul's gRPC port",
+    8503: "Consul's gRPC TLS port",
+    15001: "the transparent proxy's outbound listener",
+    19000: "the sidecar's Envoy admin port",
+    21000: "the sidecar's public listener",
+}
+
 
 class TransparentProxy(Model):
     #: SSH (22) is excluded unless this is turned off: redirecting it cuts SSH.
@@ -564,6 +580,21 @@ class Share(Model):
     ous: tuple[OuArn, ...] = ()
 
 
+#: EC2's limit of user tags per resource; the ``aws:`` prefix is AWS's own (any case).
+EC2_MAX_TAGS = 50
+#: Tags meshbake puts on every AMI itself: ``Name`` and the six ``meshbake:`` tags of
+#: ``builder.render.tags`` (a test keeps the two in step).
+OWN_TAGS = 7
+
+
+def _tag_key_problem(key: str) -> str | None:
+    if key.lower().startswith("aws:"):
+        return f"{key!r}: the prefix 'aws:' is reserved by AWS"
+    if key.lower().startswith("meshbake:") or key == "Name":
+        return f"{key!r} is a tag meshbake sets itself"
+    return None
+
+
 class AwsTarget(Model):
     region: AwsRegion
     instance_type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]+\.[a-z0-9]+$")] = "t3.small"
@@ -575,6 +606,21 @@ class AwsTarget(Model):
     subnet_id: str | None = None
     ssh_username: UnixName | None = None
     tags: dict[TagKey, TagValue] = {}
+
+    @field_validator("tags")
+    @classmethod
+    def _ec2_limits(cls, tags: dict[str, str]) -> dict[str, str]:
+        for key in tags:
+            problem = _tag_key_problem(key)
+            if problem is not None:
+                raise ValueError(problem)
+        limit = EC2_MAX_TAGS - OWN_TAGS
+        if len(tags) > limit:
+            raise ValueError(
+                f"has {len(tags)} tags; EC2 takes {EC2_MAX_TAGS} and meshbake sets {OWN_TAGS},"
+                f" so at most {limit}"
+            )
+        return tags
 
 
 class Targets(Model):
@@ -761,6 +807,16 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
             (
                 "service.transparent_proxy.exclude_ssh",
                 "SSH (22) will be redirected into the mesh; you will lose SSH to this VM",
+            )
+        )
+    taken = {**RESERVED_PORTS}
+    if spec.consul.dns.forward:
+        taken[spec.consul.dns.port] = "Consul's DNS port (consul.dns.port)"
+    if spec.service.port in taken:
+        errors.append(
+            (
+                "service.port",
+                f"{spec.service.port} is {taken[spec.service.port]}; give the service another",
             )
         )
     if spec.service.port in tproxy.inbound_exclusions:

@@ -501,3 +501,77 @@ def test_userdata_and_firstboot_accept_the_same_key_material(case: str) -> None:
         assert _firstboot_pem(base64.b64encode(raw).decode(), kind) == normal.decode()
     else:
         assert raw == b"" or _firstboot_pem(base64.b64encode(raw).decode(), kind) is None, normal
+
+
+def _port(port: int) -> typing.Callable[[Data], None]:
+    def mutate(d: Data) -> None:
+        d["service"]["port"] = port
+        d["service"]["check"] = {"tcp": f"127.0.0.1:{port}"}
+
+    return mutate
+
+
+def _tags(tags: dict[str, str]) -> typing.Callable[[Data], None]:
+    def mutate(d: Data) -> None:
+        d["targets"]["aws"]["tags"] = tags
+
+    return mutate
+
+
+#: (field, mutation, what the line says): each a spec error naming the field.
+SMALL: dict[str, tuple[str, typing.Callable[[Data], None], str]] = {
+    "port-envoy-admin": ("service.port", _port(19000), "admin"),
+    "port-sidecar-public": ("service.port", _port(21000), "public listener"),
+    "port-tproxy-outbound": ("service.port", _port(15001), "outbound listener"),
+    "port-consul-http": ("service.port", _port(8500), "HTTP API"),
+    "port-consul-grpc": ("service.port", _port(8502), "gRPC"),
+    "port-dns": ("service.port", _port(8600), "DNS"),
+    "tag-aws-prefix": ("targets.aws.tags", _tags({"aws:cloudformation:x": "y"}), "aws:"),
+    "tag-aws-prefix-upper": ("targets.aws.tags", _tags({"AWS:x": "y"}), "aws:"),
+    "tag-meshbake-own": ("targets.aws.tags", _tags({"meshbake:spec-hash": "0"}), "itself"),
+    "tag-name": ("targets.aws.tags", _tags({"Name": "other"}), "itself"),
+    "tags-44": ("targets.aws.tags", _tags({f"k{i}": "v" for i in range(44)}), "at most 43"),
+    "tags-51": ("targets.aws.tags", _tags({f"k{i}": "v" for i in range(51)}), "at most 43"),
+}
+
+
+@pytest.mark.parametrize("case", list(SMALL))
+def test_small_holes_are_spec_errors(
+    images: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    field, mutate, fragment = SMALL[case]
+    spec = write_spec(images, mutate)
+    line = one_line_error(["userdata", str(spec), "--token-file", "/dev/null"], capsys)
+    assert f"{field}:" in line and fragment in line, line
+
+
+def test_43_tags_are_the_most_ec2_takes_beside_meshbakes(images: Path) -> None:
+    from builder.render.hcl import image_tags
+    from builder.spec.model import EC2_MAX_TAGS, OWN_TAGS
+
+    tags = {f"k{i}": "v" for i in range(EC2_MAX_TAGS - OWN_TAGS)}
+    loaded = load_spec(write_spec(images, _tags(tags)))
+    assert len(image_tags(loaded)) == EC2_MAX_TAGS
+    assert len(image_tags(loaded)) - len(tags) == OWN_TAGS  # the model counts them right
+
+
+@pytest.mark.parametrize(
+    ("after", "text"),
+    [
+        ("", "<<: {name: evil}\n"),
+        ("app:\n", "  <<: {name: consul}\n"),
+        ("app:\n", "  <<: {user: root}\n"),
+        ("consul:\n", "  <<: {version: 1.0.0}\n  <<: {version: 2.0.0}\n"),
+        ("", "extra: {a: 1, <<: {a: 2}}\n"),
+    ],
+)
+def test_yaml_merge_keys_are_refused(images: Path, after: str, text: str) -> None:
+    from builder.errors import SpecError
+    from builder.spec.model import parse_spec
+
+    base = (images / "web.yaml").read_text()
+    assert after in base
+    spliced = base.replace(after, after + text, 1) if after else base + text
+    with pytest.raises(SpecError) as info:
+        parse_spec(spliced, images / "m.yaml")
+    assert "merge keys (<<) are not allowed" in str(info.value)
