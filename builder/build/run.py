@@ -34,7 +34,7 @@ from typing import Protocol
 from builder import __version__, proc
 from builder.build import artifacts, base, gates
 from builder.digest import sha256_file
-from builder.errors import CommandError, MeshbakeError, UserError
+from builder.errors import CommandError, MeshbakeError, UserError, reason
 from builder.progress import Progress, to_stderr
 from builder.render.context import BakeFolder, render_context, write_seed
 from builder.spec import boundary
@@ -165,7 +165,10 @@ def content_key(
 def _write_json(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     boundary.write_output(tmp, json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.replace(path)
+    except OSError as exc:  # a folder where the manifest goes, say
+        raise UserError(f"{path}: cannot write the manifest: {reason(exc)}") from None
 
 
 def _up_to_date(manifest: Path, key: str) -> dict[str, object] | None:
