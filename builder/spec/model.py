@@ -718,8 +718,8 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
     except (ValueError, RecursionError) as exc:
         # PyYAML raises a bare ValueError for an impossible date (2001-02-30), and very
         # deep nesting overflows its recursive constructor.
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise SpecError([SpecProblem(shown, "", f"invalid YAML: {reason}")]) from None
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise SpecError([SpecProblem(shown, "", f"invalid YAML: {why}")]) from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise SpecError([SpecProblem(shown, "", f"must be a mapping of fields, not {kind}")])

@@ -203,7 +203,11 @@ ODD_PATHS = [
 #: For build: nothing that names or holds a spec, so no build ever starts (downloads).
 NO_SPEC_PATHS = [p for p in ODD_PATHS if p not in ("spec.yaml", ".", "..", "out/..", "/")]
 words = st.one_of(st.text(max_size=12), st.sampled_from(["1", "-1", "0", "99999999999999999999"]))
-not_a_region = st.one_of(st.text(max_size=16), st.sampled_from(["us-east-1x", "", "US-EAST-1"]))
+not_a_region = st.one_of(
+    st.text(max_size=16), st.sampled_from(["us-east-1x", "", "US-EAST-1", "us east 1"])
+).filter(lambda r: re.match(r"^[a-z]{2}(-gov)?-[a-z]+-\d$", r) is None)
+#: Image names (not spec files), so the AWS commands never read a spec's regions.
+names = st.one_of(st.just("web"), words.filter(lambda w: not w.endswith((".yaml", ".yml"))))
 
 COMMANDS: dict[str, list[st.SearchStrategy[list[str]]]] = {
     "render": [
@@ -232,9 +236,9 @@ COMMANDS: dict[str, list[st.SearchStrategy[list[str]]]] = {
         st.sampled_from(ODD_PATHS).map(lambda p: ["--report", p]),
         st.just(["--allow-spec-drift"]),
     ],
-    "images": [words.map(lambda w: [w]), not_a_region.map(lambda r: ["--region", r])],
+    "images": [names.map(lambda w: [w]), not_a_region.map(lambda r: ["--region", r])],
     "prune": [
-        words.map(lambda w: [w]),
+        names.map(lambda w: [w]),
         not_a_region.map(lambda r: ["--region", r]),
         words.map(lambda w: ["--keep", w]),
     ],
