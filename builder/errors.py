@@ -7,8 +7,10 @@ and exits 1. Anything else is a bug: the CLI prints the traceback and exits 3.
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
+import stat
 import urllib.error
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,9 +108,16 @@ class CommandError(UserError):
 
     def write_log(self, path: Path) -> None:
         """Keep ``details()`` in ``path`` (best effort) and point the message at it."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(self.details() + "\n")
+            if path.parent.is_symlink():
+                return
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o644)  # never through a planted link
+            with open(fd, "w") as out:  # noqa: PTH123 - an fd
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return
+                out.write(self.details() + "\n")
         except OSError:
             return
         self.log = path

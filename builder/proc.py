@@ -207,7 +207,9 @@ def spawn(argv: Sequence[StrPath], *, log_file: Path) -> subprocess.Popen[str]:
     args = [os.fspath(a) for a in argv]
     which(args[0])
     log.debug("+ %s &", shlex.join(args))
-    with log_file.open("w") as out:
+    # Never through a link planted where the log goes (a tampered build folder).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with open(os.open(log_file, flags, 0o644), "w") as out:  # noqa: PTH123 - an fd
         return _start_guarded(args, stdout=out, stderr=subprocess.STDOUT)
 
 

@@ -17,7 +17,6 @@ the usual credential chain and the region we pass per call.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -52,6 +51,7 @@ from builder.errors import UserError
 from builder.render import cloudconfig
 from builder.render import tags as tag
 from builder.render.hcl import AMI_DEFAULTS, image_tags
+from builder.spec import boundary
 from builder.spec.model import AwsTarget, ImageSpec, LoadedSpec
 from builder.tools.packer import PackerVersion
 
@@ -725,11 +725,7 @@ def record_amis(packer_manifest: Path) -> dict[str, str]:
     >>> record_amis(Path("packer-manifest.json"))  # doctest: +SKIP
     {'us-east-1': 'ami-123', 'eu-west-1': 'ami-456'}
     """
-    try:
-        manifest = json.loads(packer_manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise UserError(f"{packer_manifest}: cannot read the Packer manifest: {reason}") from None
+    manifest = boundary.read_json_object(packer_manifest, "Packer manifest")
     builds = manifest.get("builds") if isinstance(manifest, dict) else None
     if not isinstance(builds, list):
         raise UserError(f"{packer_manifest}: not a Packer manifest (no builds list)")

@@ -40,6 +40,7 @@ from builder.digest import sha256_file
 from builder.errors import CommandError, UserError, reason
 from builder.proc import run
 from builder.progress import Progress
+from builder.spec import boundary
 
 HASHICORP_FINGERPRINT = "C874011F0AB405110D02105534365D9472D7468F"
 OFFICIAL_CONSUL_URL = "https://releases.hashicorp.com/consul"
@@ -393,11 +394,11 @@ class _Store:
 
     def _load(self) -> list[_Entry]:
         try:
-            raw = json.loads(self.index.read_text(encoding="utf-8"))
+            if not os.path.lexists(self.index):
+                return []
+            raw = boundary.read_json_object(self.index, "cache index")
             return [_Entry(**row) for row in raw["entries"]]
-        except FileNotFoundError:
-            return []
-        except (ValueError, TypeError, KeyError):
+        except (UserError, ValueError, TypeError, KeyError):
             # A damaged index only costs a fresh download; blobs are verified on use.
             return []
 

@@ -33,6 +33,7 @@ from builder.proc import run, shielded, which
 from builder.progress import Progress, to_stderr
 from builder.render import paths
 from builder.render.cloudconfig import cloud_cfg_dropin
+from builder.spec import boundary
 
 #: Bump when the recipe below changes in a way that changes the image, so cached
 #: bases built by an older recipe are not reused.
@@ -172,10 +173,17 @@ def default_cache_dir() -> Path:
     """
     configured = os.environ.get("MESHBAKE_CACHE")
     if configured:
-        return Path(configured)
+        return boundary.folder_input(Path(configured), "cache folder ($MESHBAKE_CACHE)")
     if os.geteuid() == 0:
         return Path("/var/cache/meshbake")
     return Path.home() / ".cache" / "meshbake"
+
+
+def cache_folder(given: Path | None) -> Path:
+    """The cache folder: ``given`` (``--cache``) or the default, checked to be a folder."""
+    if given is None:
+        return default_cache_dir()
+    return boundary.folder_input(given, "cache folder (--cache)")
 
 
 def build_base(
@@ -197,7 +205,7 @@ def build_base(
     """
     _check_inputs(suite, packages, disk_size_gib)
     key = base_key(suite, packages)
-    base_dir = (cache_dir if cache_dir is not None else default_cache_dir()) / "base"
+    base_dir = cache_folder(cache_dir) / "base"
     name = f"debian-{suite}-{key}-{disk_size_gib}g"
     final = base_dir / f"{name}.qcow2"
 

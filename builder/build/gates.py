@@ -21,6 +21,7 @@ from pathlib import Path
 
 from builder import proc
 from builder.errors import MeshbakeError, SpecError, SpecProblem
+from builder.render import baked as bake
 from builder.render import cloudconfig, paths
 from builder.render.context import BakeFolder, render_context
 from builder.render.hcl import enabled_sources
@@ -245,11 +246,31 @@ def _placeholders(rootfs: Path, scratch: Path) -> Iterator[Callable[[str], str]]
 
 
 #: The gates after render, in order, with the names reports use for them.
+def gate_units(folder: BakeFolder, loaded: LoadedSpec, packer: Packer, work: Path) -> Gate:
+    """The rendered units are exactly the ones the spec implies: none overwritten by
+    another of the same name, none missing, none extra."""
+    expected = bake.expected_units(loaded.spec)
+    rendered = sorted(p.name for p in folder.units())
+    problems = []
+    twice = sorted({u for u in expected if expected.count(u) > 1})
+    if twice:
+        problems.append(f"{', '.join(twice)} would be rendered twice (one overwrites the other)")
+    missing = sorted(set(expected) - set(rendered))
+    extra = sorted(set(rendered) - set(expected))
+    if missing:
+        problems.append(f"missing: {', '.join(missing)}")
+    if extra:
+        problems.append(f"not implied by the spec: {', '.join(extra)}")
+    detail = "; ".join(problems) or f"the {len(expected)} units the spec implies, no other"
+    return Gate("units", not problems, detail)
+
+
 GATE_NAMES: dict[Callable[[BakeFolder, LoadedSpec, Packer, Path], Gate], str] = {
     gate_packer_fmt: "packer fmt -check",
     gate_packer_validate: "packer validate",
     gate_cloud_init_schema: "cloud-init schema",
     gate_shellcheck: "shellcheck",
     gate_systemd_analyze: "systemd-analyze verify",
+    gate_units: "units",
 }
 GATES = tuple(GATE_NAMES)

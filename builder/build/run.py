@@ -34,9 +34,10 @@ from typing import Protocol
 from builder import __version__, proc
 from builder.build import artifacts, base, gates
 from builder.digest import sha256_file
-from builder.errors import CommandError, MeshbakeError, UserError
+from builder.errors import CommandError, MeshbakeError, UserError, reason
 from builder.progress import Progress, to_stderr
 from builder.render.context import BakeFolder, render_context, write_seed
+from builder.spec import boundary
 from builder.spec.model import Accelerator, LoadedSpec, load_spec
 from builder.tools.packer import MachineEvent, Packer
 from builder.tools.qemu import choose_accelerator
@@ -163,20 +164,25 @@ def content_key(
 
 def _write_json(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    boundary.write_output(tmp, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    try:
+        tmp.replace(path)
+    except OSError as exc:  # a folder where the manifest goes, say
+        raise UserError(f"{path}: cannot write the manifest: {reason(exc)}") from None
 
 
 def _up_to_date(manifest: Path, key: str) -> dict[str, object] | None:
     """The previous manifest when it describes this exact build and its output is intact."""
     try:
-        previous = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        previous = boundary.read_json_object(manifest, "build manifest")
+    except UserError:  # none, or not ours to trust: build again (and write it anew)
         return None
     if previous.get("content_key") != key:
         return None
-    output = previous.get("output", {})
-    path = manifest.parent / str(output.get("path", ""))
+    output = previous.get("output")
+    if not isinstance(output, dict) or not isinstance(output.get("path"), str):
+        return None
+    path = manifest.parent / output["path"]
     if not path.is_file() or sha256_file(path) != output.get("sha256"):
         return None
     return dict(previous)
@@ -222,7 +228,7 @@ class QemuBuild:
         started = time.monotonic()
         arts = _fetch_artifacts(run)
         base_id, base_ref = self._base_ref(run)
-        run.out_dir.mkdir(parents=True, exist_ok=True)
+        boundary.own_folder(run.out_dir, "build folder")
         manifest_path = run.out_dir / "manifest.json"
         work = Path(tempfile.mkdtemp(prefix=".work-", dir=run.out_dir))
         try:
@@ -457,7 +463,7 @@ class AwsBuild:
             with run.stage("plan", "resolving the source AMI"):
                 plan = aws.aws_dry_run(run.loaded, packer=packer.version())
             return BuildResult(spec.name, run.loaded.path, "planned", plan=plan)
-        run.out_dir.mkdir(parents=True, exist_ok=True)
+        boundary.own_folder(run.out_dir, "build folder")
         (run.out_dir / "logs").mkdir(exist_ok=True)
         log = run.out_dir / "logs" / "packer-aws.log"
         work = Path(tempfile.mkdtemp(prefix=".work-", dir=run.out_dir))
@@ -516,8 +522,11 @@ def build_image(
     for warning in loaded.warnings:
         progress(f"warning: {warning}")
     # Absolute: Packer runs with the context as its working directory.
-    out_dir = (options.out or Path("build") / loaded.spec.name).resolve()
-    cache = (options.cache or base.default_cache_dir()).resolve()
+    given = options.out or Path("build") / loaded.spec.name
+    if given.is_symlink():
+        raise UserError(f"{given}: the build folder is a symbolic link; give a folder of its own")
+    out_dir = boundary.own_folder(given.resolve(), "build folder", create=False)
+    cache = base.cache_folder(options.cache).resolve()
     run = BuildRun(loaded, options, out_dir, cache, progress)
     return target.build(run)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from builder.cli import common
 from builder.errors import UserError
+from builder.spec import boundary
 
 if TYPE_CHECKING:
     from builder.aws.client import AmiRecord
@@ -31,6 +32,7 @@ def _spec_or_name(value: str, regions: list[str]) -> tuple[str, tuple[str, ...]]
     """An image name and its regions, from a spec file or a bare name plus ``--region``."""
     from builder.aws import client as aws
 
+    regions = [boundary.aws_region(r) for r in regions]
     path = Path(value)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         loaded = common.load(path)
@@ -82,6 +84,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from builder.aws import client as aws
 
     loaded = common.load(args.spec)
+    if args.region is not None:
+        boundary.aws_region(args.region)
     user_data = common.user_data_from_args(loaded, args)
     common.progress(f"launching {args.ami} and waiting for it to run")
     instance = aws.launch(

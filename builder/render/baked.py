@@ -22,7 +22,7 @@ import jinja2
 
 from builder.errors import SpecError, SpecProblem
 from builder.render import escape, paths
-from builder.spec import compat
+from builder.spec import boundary, compat
 from builder.spec.model import BaseDistro, ImageSpec, LoadedSpec, TokenSource, file_fields
 
 ENVOY_ADMIN = "127.0.0.1:19000"
@@ -285,6 +285,9 @@ def units(spec: ImageSpec) -> dict[str, str]:
     environment = [
         escape.unit_environment(key, value) for key, value in sorted(spec.app.environment.items())
     ]
+    problem = paths.app_unit_problem(spec.app.name)
+    if problem is not None:  # check_spec_files said so with the file's name first
+        raise escape.Unrepresentable(f"app.name: {problem}")
     return {
         "consul.service": render_template("consul.service.j2", image=spec.name),
         "envoy-sidecar.service": render_template(
@@ -342,6 +345,14 @@ def enabled_units(spec: ImageSpec) -> tuple[str, ...]:
     return tuple(units(spec))
 
 
+def expected_units(spec: ImageSpec) -> list[str]:
+    """The units ``spec`` implies, from ``paths.MESHBAKE_UNITS`` and the app alone (not
+    from ``units()``), so that a unit one name overwrote shows up as a difference."""
+    fail_closed = spec.service.transparent_proxy.fail_closed
+    own = [u for u in paths.MESHBAKE_UNITS if fail_closed or u != "meshbake-fail-closed.service"]
+    return [*own, f"{spec.app.name}.service"]
+
+
 def _json(data: dict[str, Any]) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
@@ -364,6 +375,9 @@ def carrier_guard() -> list[BakedFile]:
 def baked_files(loaded: LoadedSpec) -> list[BakedFile]:
     """Every rendered file the image gets, in install order."""
     spec = loaded.spec
+    app_problem = paths.app_unit_problem(spec.app.name)
+    if app_problem is not None:
+        raise SpecError([SpecProblem(str(loaded.path), "app.name", app_problem)])
     files = [
         BakedFile(
             f"{paths.CONSUL_CONFIG_DIR}/consul.json",
@@ -412,11 +426,14 @@ def protected_paths(own: Iterable[str]) -> list[str]:
 
 def check_spec_files(loaded: LoadedSpec, own: Iterable[str]) -> None:
     """Refuse every spec file that would replace (or sit under, or be a folder of)
-    something meshbake renders; all of them in one ``SpecError``."""
+    something meshbake renders, or change it (``paths.claim_problem``); all of them in
+    one ``SpecError``."""
     protected = protected_paths(own)
     problems = []
     for where, file in file_fields(loaded.spec):
-        message = escape.protected_conflict(file.dest, protected)
+        message = escape.protected_conflict(file.dest, protected) or paths.claim_problem(
+            boundary.normal_path(file.dest)
+        )
         if message is not None:
             problems.append(SpecProblem(str(loaded.path), f"{where}.dest", message))
     if problems:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from builder.errors import UserError, reason
@@ -152,15 +153,68 @@ def carrier_values(
             flag = f"--tls-{part.lower()}-file"
             if pem is None:
                 problems.append(f"TLS is on: give {flag}")
-            elif b"-----BEGIN " not in pem:
-                problems.append(f"{flag} is not a PEM file")
+                continue
+            normal = normal_pem(pem, "key" if part == "KEY" else "cert")
+            if isinstance(normal, str):
+                problems.append(f"{flag} {normal}")
+                swapped = {"CERT": "PRIVATE KEY", "KEY": "CERTIFICATE"}.get(part, "-")
+                if swapped in normal:
+                    problems[-1] += " (are --tls-cert-file and --tls-key-file swapped?)"
+                needed[part] = None
             else:
-                values[f"MESHBAKE_TLS_{part}_B64"] = base64.b64encode(pem).decode()
+                needed[part] = normal
+                values[f"MESHBAKE_TLS_{part}_B64"] = base64.b64encode(normal).decode()
         if check_pem:
             problems += _pem_problems(needed)
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
     return values
+
+
+_PEM_BEGIN = re.compile(r"^-----BEGIN ([A-Z ]+)-----$")
+_PEM_LINE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+_PEM_LABELS = {
+    "cert": ("CERTIFICATE",),
+    "key": ("PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"),
+}
+
+
+def normal_pem(pem: bytes, kind: str) -> bytes | str:
+    """The PEM blocks of ``pem`` as first boot reads them, or why it refuses them.
+
+    The one grammar both ends apply (``pem()`` in ``scripts/meshbake-firstboot`` is its
+    shell twin): CRs are dropped, so is text outside the blocks (OpenSSL's "Bag
+    Attributes" preamble); a block is base64 lines between matching BEGIN and END lines,
+    with no header (an encrypted key has ``Proc-Type:``). ``kind`` "cert" takes one or
+    more certificates, "key" exactly one private key.
+    """
+    try:
+        text = pem.decode("ascii").replace("\r", "")
+    except UnicodeDecodeError:
+        return "is not a PEM file (not ASCII text)"
+    blocks: list[str] = []
+    inside = ""
+    count = 0
+    for line in text.split("\n"):
+        if not inside:
+            begin = _PEM_BEGIN.match(line)
+            if begin is None:
+                continue
+            inside = begin.group(1)
+            count += 1
+            if inside not in _PEM_LABELS[kind]:
+                wanted = "a certificate" if kind == "cert" else "an unencrypted private key"
+                return f"holds a PEM {inside} block, not {wanted}"
+        elif line == f"-----END {inside}-----":
+            inside = ""
+        elif not _PEM_LINE.match(line):
+            return "has a line inside a PEM block that is not base64 (a header: encrypted?)"
+        blocks.append(line)
+    if inside or count == 0:
+        return "is not a PEM file (no complete BEGIN/END block)"
+    if kind == "key" and count != 1:
+        return f"holds {count} private keys, not one"
+    return ("\n".join(blocks) + "\n").encode()
 
 
 def _pem_problems(pems: Mapping[str, bytes | None]) -> list[str]:
@@ -185,18 +239,16 @@ def _pem_problems(pems: Mapping[str, bytes | None]) -> list[str]:
                         " --tls-key-file swapped?)"
                     )
                     continue
-                loaded[part] = serialization.load_pem_private_key(pem, password=None)
+                key = serialization.load_pem_private_key(pem, password=None)
+                loaded[part] = _spki(key.public_key())
             else:
-                loaded[part] = x509.load_pem_x509_certificate(pem)
-        except (ValueError, TypeError) as exc:
+                loaded[part] = _spki(x509.load_pem_x509_certificate(pem).public_key())
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            # UnsupportedAlgorithm: a curve or key type this cryptography cannot use.
             what = "an unencrypted private key" if part == "KEY" else "a PEM certificate"
             problems.append(f"{flag} is not {what} ({' '.join(str(exc).split())[:80]})")
-    if "CERT" in loaded and "KEY" in loaded:
-        spki = serialization.PublicFormat.SubjectPublicKeyInfo
-        der = serialization.Encoding.DER
-        cert_key = loaded["CERT"].public_key().public_bytes(der, spki)
-        if loaded["KEY"].public_key().public_bytes(der, spki) != cert_key:
-            problems.append("--tls-key-file is not the key of the certificate in --tls-cert-file")
+    if "CERT" in loaded and "KEY" in loaded and loaded["KEY"] != loaded["CERT"]:
+        problems.append("--tls-key-file is not the key of the certificate in --tls-cert-file")
     return problems
 
 
@@ -240,6 +292,12 @@ def _dns_token(spec: ImageSpec, secrets: Secrets, values: dict[str, str]) -> lis
     elif not (spec.tokens.shared and dns == (secrets.agent_token or "").strip()):
         values["MESHBAKE_DNS_TOKEN"] = dns
     return problems
+
+
+def _spki(public_key: Any) -> bytes:
+    """A public key as DER SubjectPublicKeyInfo, to compare a key with a certificate."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return bytes(public_key.public_bytes(serialization.Encoding.DER, spki))
 
 
 def _token(raw: str, role: str, problems: list[str]) -> str:
@@ -311,14 +369,18 @@ def user_data_template(spec: ImageSpec) -> str:
         else "00000000-0000-4000-8000-000000000001",
         dns_token="00000000-0000-4000-8000-000000000002" if takes_dns_token(spec) else None,
         gossip_key=base64.b64encode(bytes(32)).decode() if spec.consul.gossip.enabled else None,
-        tls_ca=b"-----BEGIN CERTIFICATE-----\n" if tls.enabled else None,
-        tls_cert=b"-----BEGIN CERTIFICATE-----\n" if client else None,
-        tls_key=b"-----BEGIN PRIVATE KEY-----\n" if client else None,
+        tls_ca=_stand_in("CERTIFICATE") if tls.enabled else None,
+        tls_cert=_stand_in("CERTIFICATE") if client else None,
+        tls_key=_stand_in("PRIVATE KEY") if client else None,
     )
     values = carrier_values(spec, dummy, where="template", check_pem=False)
     return first_boot_user_data(
         {k: ("${" + names[k] + "}" if k in names else v) for k, v in values.items()}
     )
+
+
+def _stand_in(label: str) -> bytes:
+    return f"-----BEGIN {label}-----\nAA==\n-----END {label}-----\n".encode()
 
 
 def read_secret(path: Path, what: str) -> str:

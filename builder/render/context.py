@@ -96,8 +96,7 @@ def render_context(
     """
     if packer_version is None:
         packer_version = packer.version() if packer is not None else PackerVersion(1, 6, 6)
-    _check_out(out)
-    _check_replaceable(out)
+    out = resolve_out(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -130,6 +129,33 @@ MARKER_KIND = "meshbake bake folder"
 _NOT_STORAGE = ("/proc", "/sys", "/dev")
 
 
+def resolve_out(out: Path) -> Path:
+    """``out`` as the absolute folder it names, once checked that meshbake may (re)write
+    it; nothing is created or removed before this returns.
+
+    The path is resolved first (symbolic links of its parents and every ``..``), so
+    ``nosuch/../victim`` is judged as ``victim``, the folder it would replace, and
+    ``.`` as the current folder; all later steps use the resolved path only.
+    """
+    _check_out(out)
+    try:
+        real = Path(os.path.realpath(out))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{out}: cannot resolve this folder: {reason(exc)}") from None
+    if real != Path(os.path.normpath(Path.cwd() / out)) and ".." in out.parts:
+        # The kernel would resolve it differently (or not at all: a missing folder
+        # before '..'); say which folder it is rather than guess.
+        raise UserError(f"{out}: has a '..' segment; give the folder itself ({real})")
+    cwd = Path.cwd().resolve()
+    if cwd == real or cwd.is_relative_to(real):
+        raise UserError(
+            f"{out}: is the current folder or holds it; run from elsewhere or give another folder"
+        )
+    _check_out(real)
+    _check_replaceable(real, out)
+    return real
+
+
 def _check_out(out: Path) -> None:
     """Refuse an ``--out`` that cannot be a folder of files: under /proc, /sys or /dev,
     the root itself, a symbolic link, or under something that is not a folder."""
@@ -149,12 +175,12 @@ def _check_out(out: Path) -> None:
             break
 
 
-def _check_replaceable(out: Path) -> None:
+def _check_replaceable(out: Path, shown: Path) -> None:
     if not os.path.lexists(out):
         return
     if not out.is_dir() or (any(out.iterdir()) and not is_bake_folder(out)):
         raise UserError(
-            f"{out}: exists and is not a meshbake context (no {MARKER} written by meshbake);"
+            f"{shown}: exists and is not a meshbake context (no {MARKER} written by meshbake);"
             " refusing to overwrite it"
         )
 

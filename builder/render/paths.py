@@ -122,3 +122,141 @@ def markdown_table() -> str:
     rows = ["| path | variable | what |", "|---|---|---|"]
     rows += [f"| `{r.path}` | `{r.variable}` | {r.what} |" for r in TABLE]
     return "\n".join(rows) + "\n"
+
+
+# --- what a spec's files and app may not claim -------------------------------------------
+
+#: Every systemd unit meshbake may render (whether or not one spec renders it). The app's
+#: unit may not take one of these names, nor may a spec file drop into their ``.d/``.
+MESHBAKE_UNITS = (
+    "consul.service",
+    "envoy-sidecar.service",
+    "meshbake-imds.service",
+    "meshbake-conntrack.service",
+    "meshbake-warm.service",
+    "meshbake-fail-closed.service",
+    "meshbake-firstboot.service",
+)
+#: Stock units meshbake changes with a drop-in, or that must run as shipped for the
+#: mesh to come up (the carrier arrives through cloud-init; tmpfiles makes its folder).
+STOCK_UNITS = (
+    "cloud-init.service",
+    "cloud-init-local.service",
+    "cloud-config.service",
+    "cloud-final.service",
+    "systemd-tmpfiles-setup.service",
+    "systemd-resolved.service",
+    "systemd-sysctl.service",
+    "ssh.service",
+)
+#: Where systemd looks for units and their drop-ins on the image's disk (``/run`` is
+#: not on the disk, and the spec may not write there anyway).
+UNIT_SEARCH_DIRS = (
+    UNIT_DIR,
+    "/etc/systemd/system.control",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+)
+#: Files and folders that change, for the whole system, how meshbake's files and units
+#: are treated: a spec file may not be one of these or sit under one.
+#: tmpfiles.d can reopen the carrier's folder, sysctl.d can undo the redirect's
+#: settings, system.conf(.d) sets every unit's environment, cloud.cfg(.d) changes how
+#: the carrier is written, resolved.conf(.d) where *.consul resolves.
+OWNED_WHOLE = (
+    "/etc/tmpfiles.d",
+    "/usr/lib/tmpfiles.d",
+    "/usr/local/lib/tmpfiles.d",
+    "/etc/sysctl.conf",
+    "/etc/sysctl.d",
+    "/usr/lib/sysctl.d",
+    "/usr/local/lib/sysctl.d",
+    "/etc/systemd/system.conf",
+    "/etc/systemd/system.conf.d",
+    "/usr/lib/systemd/system.conf.d",
+    "/usr/local/lib/systemd/system.conf.d",
+    "/etc/systemd/resolved.conf",
+    "/etc/systemd/resolved.conf.d",
+    "/etc/cloud/cloud.cfg",
+    "/etc/cloud/cloud.cfg.d",
+    "/etc/environment",
+    "/etc/security/pam_env.conf",
+    CONSUL_CONFIG_DIR,
+    ENVOY_CONFIG_DIR,
+    MESHBAKE_CONFIG_DIR,
+    STATE_DIR,
+    CONSUL_DATA_DIR,
+    LIBEXEC,
+    CARRIER_DIR,
+    CONSUL_BIN,
+    ENVOY_BIN,
+)
+#: Debian and Ubuntu merge /usr: ``/lib/x`` is ``/usr/lib/x`` on the disk.
+USR_MERGED = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def on_disk(path: str) -> str:
+    """The path a normalised absolute ``path`` names on a /usr-merged disk.
+
+    >>> on_disk("/lib/systemd/system/consul.service.d/x.conf")
+    '/usr/lib/systemd/system/consul.service.d/x.conf'
+    """
+    for alias in USR_MERGED:
+        if path == alias or path.startswith(alias + "/"):
+            return "/usr" + path
+    return path
+
+
+def _protected_units() -> frozenset[str]:
+    return frozenset((*MESHBAKE_UNITS, *STOCK_UNITS))
+
+
+def _unit_claim(unit: str) -> str | None:
+    """Why a unit file or a ``.d/`` folder named ``unit`` (in a unit folder) reaches one
+    of the protected units, or None. systemd also reads ``service.d/`` (every service)
+    and ``a-.service.d/`` (every unit named ``a-...``, per ``-`` of the name)."""
+    protected = _protected_units()
+    if unit in protected:
+        return f"{unit} is a unit meshbake installs or relies on"
+    name, dot, kind = unit.rpartition(".")
+    if not dot and unit in ("service", "socket", "target", "timer", "path"):
+        return f"{unit}.d/ drop-ins apply to every {unit}, meshbake's too"
+    if name.endswith("-"):
+        hit = sorted(u for u in protected if u.startswith(name) and u.endswith("." + kind))
+        if hit:
+            return f"{unit} drop-ins apply to {hit[0]}, which meshbake installs or relies on"
+    if unit.startswith("meshbake-") or unit.startswith("meshbake."):
+        return f"{unit}: the name meshbake- is meshbake's own"
+    return None
+
+
+def claim_problem(dest: str) -> str | None:
+    """Why a spec file at normalised absolute ``dest`` would replace or change something
+    meshbake installs, or None. The one table above decides (with the rendered files,
+    which ``builder.render.escape.protected_conflict`` compares)."""
+    path = on_disk(dest)
+    for owned in OWNED_WHOLE:
+        owned = on_disk(owned)
+        if path == owned or path.startswith(owned + "/"):
+            return f"{dest} is {'under ' if path != owned else ''}{owned}, which meshbake owns"
+        if owned.startswith(path + "/"):
+            return f"{dest} is a folder meshbake installs into ({owned})"
+    for folder in UNIT_SEARCH_DIRS:
+        folder = on_disk(folder)
+        if not path.startswith(folder + "/"):
+            continue
+        unit = path[len(folder) + 1 :].split("/")[0]
+        for suffix in (".d", ".wants", ".requires", ".upholds"):
+            unit = unit.removesuffix(suffix)
+        problem = _unit_claim(unit)
+        if problem is not None:
+            return f"{dest}: {problem}"
+    return None
+
+
+def app_unit_problem(name: str) -> str | None:
+    """Why the app may not be the unit ``name.service``, or None.
+
+    >>> app_unit_problem("consul")
+    'consul.service is a unit meshbake installs or relies on'
+    """
+    return _unit_claim(f"{name}.service")

@@ -12,8 +12,11 @@ output (systemd, shell, HCL, YAML, paths on disk) lives in ``builder.render.esca
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import posixpath
+import re
 import stat
 import unicodedata
 from pathlib import Path
@@ -21,12 +24,19 @@ from typing import Any
 
 import yaml
 
+from builder.errors import UserError, reason
+
 #: Largest spec file read, in bytes (the worked example is under 2 KiB).
 MAX_SPEC_BYTES = 1024 * 1024
 #: Largest secret file (token, gossip key, PEM) read: user data itself is capped at 16 KiB.
 MAX_SECRET_BYTES = 64 * 1024
 #: Largest file baked from ``files[].source``.
 MAX_SOURCE_BYTES = 256 * 1024 * 1024
+#: Largest sum of every ``files[].source`` of one spec, a file listed twice counted twice
+#: (each listing is read into the image).
+MAX_SOURCES_TOTAL = 512 * 1024 * 1024
+#: Largest state file meshbake itself writes and reads back (manifests, markers, indexes).
+MAX_STATE_BYTES = 1024 * 1024
 #: Longest string field (file ``content`` aside); the tighter limits are per field.
 MAX_TEXT = 4096
 #: Linux's NAME_MAX (bytes per path component) and PATH_MAX (bytes, with the NUL).
@@ -155,6 +165,135 @@ def read_regular(path: Path, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def regular_size(path: Path, limit: int) -> int:
+    """The size of regular file ``path`` (at most ``limit``), checked as ``read_regular``
+    checks it but without reading it; the same errors."""
+    if "\0" in str(path):
+        raise UnreadableFile("has a NUL character in its name")
+    info = path.stat()
+    kind = _kind(info.st_mode)
+    if kind is not None:
+        raise UnreadableFile(f"is {kind}, not a regular file")
+    if info.st_size > limit:
+        raise UnreadableFile(f"is {info.st_size} bytes, over the limit of {limit}")
+    return info.st_size
+
+
+# --- every other input: files, folders and values named by arguments or the environment -
+
+
+def read_input(path: Path, limit: int, what: str) -> bytes:
+    """The one way meshbake reads a file it is told about (an argument, an environment
+    variable, a build folder): a regular file of at most ``limit`` bytes, or a one-line
+    ``UserError`` naming the file and what it was meant to be."""
+    try:
+        return read_regular(path, limit)
+    except (OSError, ValueError) as exc:  # UnreadableFile is a ValueError
+        raise UserError(f"{path}: cannot read the {what}: {reason(exc)}") from None
+
+
+def read_json_object(path: Path, what: str, limit: int = MAX_STATE_BYTES) -> dict[str, Any]:
+    """A JSON object from ``path`` (through ``read_input``); anything else is a one-line
+    ``UserError``, so a list or a string never passes for an empty object."""
+    raw = read_input(path, limit, what)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: the {what} is not JSON: {reason(exc)[:80]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the {what} is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def folder_input(path: Path, what: str) -> Path:
+    """A folder named by an argument or an environment variable (made later if missing):
+    refused with one line when it names a file, a device, or holds a NUL."""
+    shown = str(path)
+    if "\0" in shown or not shown:
+        raise UserError(f"{shown!r}: the {what} must be a folder path")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise UserError(f"{path}: cannot use it as the {what}: {reason(exc)}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        kind = _kind(info.st_mode) or "a file"
+        raise UserError(f"{path}: the {what} must be a folder, but it is {kind}")
+    return path
+
+
+# --- writing into a folder someone else may have tampered with ---------------------------
+
+
+def own_folder(folder: Path, what: str, *, create: bool = True) -> Path:
+    """``folder`` (made when missing and ``create``) once it is a real folder, not a
+    symbolic link, and holds no symbolic link, FIFO or device at its top or in
+    ``logs/``: a tampered build folder would make meshbake write (or block) wherever
+    those point."""
+    try:
+        if not create and not os.path.lexists(folder):
+            return folder
+        if not folder.is_symlink():
+            folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink() or not folder.is_dir():
+            raise UserError(f"{folder}: the {what} is not a folder of its own (a link?)")
+        entries = list(folder.iterdir())
+        logs = folder / "logs"
+        if logs.is_dir() and not logs.is_symlink():
+            entries += list(logs.iterdir())
+        for entry in entries:
+            mode = entry.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise UserError(
+                    f"{entry}: is a symbolic link in the {what}, which holds none; remove it"
+                )
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise UserError(f"{entry}: is {_kind(mode)} in the {what}; remove it")
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot use the {what}: {reason(exc)}") from None
+    return folder
+
+
+def write_output(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+    """Write ``path`` without following a link at it or blocking on a FIFO there; its
+    folder must be one ``own_folder`` checked (or one meshbake made). One-line errors."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        if path.parent.is_symlink():
+            raise UserError(f"{path.parent}: is a symbolic link; refusing to write into it")
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{path}: is a symbolic link; refusing to write through it") from None
+        raise UserError(f"{path}: cannot write it: {reason(exc)}") from None
+    try:
+        kind = _kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise UserError(f"{path}: is {kind}, not a regular file; refusing to write it")
+        os.ftruncate(fd, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write it: {reason(exc)}") from None
+    finally:
+        os.close(fd)
+
+
+#: An AWS region name (``us-east-1``, ``us-gov-west-1``); the spec model uses it too.
+AWS_REGION = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
+
+
+def aws_region(value: str, where: str = "--region") -> str:
+    """``value`` when it is an AWS region name, else a one-line ``UserError``."""
+    if not re.match(AWS_REGION, value):
+        raise UserError(f"{where} {value!r}: not an AWS region like us-east-1")
+    return value
+
+
 def _kind(mode: int) -> str | None:
     if stat.S_ISREG(mode):
         return None
@@ -165,7 +304,8 @@ def _kind(mode: int) -> str | None:
 
 
 class StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses aliases (no alias bombs) and duplicate keys."""
+    """``yaml.SafeLoader`` that refuses aliases (no alias bombs), merge keys and
+    duplicate keys."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -179,7 +319,11 @@ class StrictLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
+                # A merge brings keys in beside the written ones, where a duplicate is
+                # silently dropped: a spec spells out every key instead.
+                raise yaml.constructor.ConstructorError(
+                    None, None, "merge keys (<<) are not allowed in a spec", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen

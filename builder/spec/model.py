@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -68,9 +69,7 @@ def _abs_path(value: str) -> str:
 #: An absolute path, normalised (``//`` and ``/./`` removed); ``..`` is refused.
 AbsPath = Annotated[str, AfterValidator(_abs_path)]
 Size = Annotated[str, _matching(r"^\d+[MG]$", "a size like 4G or 512M")]
-AwsRegion = Annotated[
-    str, _matching(r"^[a-z]{2}(-gov)?-[a-z]+-\d$", "an AWS region like us-east-1")
-]
+AwsRegion = Annotated[str, _matching(boundary.AWS_REGION, "an AWS region like us-east-1")]
 AwsAccount = Annotated[str, _matching(r"^\d{12}$", "a 12-digit AWS account id")]
 EnvName = Annotated[str, _matching(r"^[A-Za-z_][A-Za-z0-9_]*$", "an environment variable name")]
 OrgArn = Annotated[
@@ -495,6 +494,22 @@ class Check(Model):
 #: Consul's default Serf LAN port (``ports.serf_lan``).
 SERF_LAN_PORT = 8301
 
+#: Ports the image itself listens on, so the service may not take them: Consul's
+#: defaults (hashicorp/consul agent/config/default.go: serf_lan 8301, http 8500, and
+#: the gRPC ports meshbake sets, 8502 and 8503) and the sidecar's: Envoy's admin
+#: (``-admin-bind``, 19000), its public listener (the first of ``sidecar_min_port``,
+#: 21000) and the transparent proxy's outbound listener (15001,
+#: ``TProxyOutboundPort`` in api/agent.go's defaults).
+RESERVED_PORTS: dict[int, str] = {
+    SERF_LAN_PORT: "Consul's Serf LAN port",
+    8500: "Consul's HTTP API",
+    8502: "Consul's gRPC port",
+    8503: "Consul's gRPC TLS port",
+    15001: "the transparent proxy's outbound listener",
+    19000: "the sidecar's Envoy admin port",
+    21000: "the sidecar's public listener",
+}
+
 
 class TransparentProxy(Model):
     #: SSH (22) is excluded unless this is turned off: redirecting it cuts SSH.
@@ -597,6 +612,21 @@ class Share(Model):
     ous: tuple[OuArn, ...] = ()
 
 
+#: EC2's limit of user tags per resource; the ``aws:`` prefix is AWS's own (any case).
+EC2_MAX_TAGS = 50
+#: Tags meshbake puts on every AMI itself: ``Name`` and the six ``meshbake:`` tags of
+#: ``builder.render.tags`` (a test keeps the two in step).
+OWN_TAGS = 7
+
+
+def _tag_key_problem(key: str) -> str | None:
+    if key.lower().startswith("aws:"):
+        return f"{key!r}: the prefix 'aws:' is reserved by AWS"
+    if key.lower().startswith("meshbake:") or key == "Name":
+        return f"{key!r} is a tag meshbake sets itself"
+    return None
+
+
 class AwsTarget(Model):
     region: AwsRegion
     instance_type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]+\.[a-z0-9]+$")] = "t3.small"
@@ -608,6 +638,21 @@ class AwsTarget(Model):
     subnet_id: str | None = None
     ssh_username: UnixName | None = None
     tags: dict[TagKey, TagValue] = {}
+
+    @field_validator("tags")
+    @classmethod
+    def _ec2_limits(cls, tags: dict[str, str]) -> dict[str, str]:
+        for key in tags:
+            problem = _tag_key_problem(key)
+            if problem is not None:
+                raise ValueError(problem)
+        limit = EC2_MAX_TAGS - OWN_TAGS
+        if len(tags) > limit:
+            raise ValueError(
+                f"has {len(tags)} tags; EC2 takes {EC2_MAX_TAGS} and meshbake sets {OWN_TAGS},"
+                f" so at most {limit}"
+            )
+        return tags
 
 
 class Targets(Model):
@@ -729,8 +774,8 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
     except (ValueError, RecursionError) as exc:
         # PyYAML raises a bare ValueError for an impossible date (2001-02-30), and very
         # deep nesting overflows its recursive constructor.
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise SpecError([SpecProblem(shown, "", f"invalid YAML: {reason}")]) from None
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise SpecError([SpecProblem(shown, "", f"invalid YAML: {why}")]) from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise SpecError([SpecProblem(shown, "", f"must be a mapping of fields, not {kind}")])
@@ -743,11 +788,17 @@ def parse_spec(text: str, path: Path) -> LoadedSpec:
     errors, warnings = _semantic_checks(spec, path)
     if errors:
         raise SpecError([SpecProblem(shown, p, m) for p, m in errors])
+    try:
+        digest = _digest(spec, path)
+    except (OSError, ValueError) as exc:  # a source changed since it was checked
+        raise SpecError(
+            [SpecProblem(shown, "files", f"cannot read a source: {reason(exc)}")]
+        ) from None
     return LoadedSpec(
         spec=spec,
         path=path,
         warnings=tuple(SpecProblem(shown, p, m) for p, m in warnings),
-        digest=_digest(spec, path),
+        digest=digest,
     )
 
 
@@ -814,6 +865,16 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
                 "SSH (22) will be redirected into the mesh; you will lose SSH to this VM",
             )
         )
+    taken = {**RESERVED_PORTS}
+    if spec.consul.dns.forward:
+        taken[spec.consul.dns.port] = "Consul's DNS port (consul.dns.port)"
+    if spec.service.port in taken:
+        errors.append(
+            (
+                "service.port",
+                f"{spec.service.port} is {taken[spec.service.port]}; give the service another",
+            )
+        )
     if spec.service.port in tproxy.inbound_exclusions:
         errors.append(
             (
@@ -870,6 +931,7 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
                 errors.append((f"users[{i}].groups", message))
 
     dests: dict[str, str] = {}
+    total = 0
     for where, file in file_fields(spec):
         if file.source is not None:
             source = path.parent / file.source
@@ -882,8 +944,19 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
                         f"{file.source} is outside the spec's folder; keep it beside the spec",
                     )
                 )
-            elif unreadable is not None:
+            elif isinstance(unreadable, str):
                 errors.append((f"{where}.source", f"{source} {unreadable}"))
+            else:
+                total += unreadable
+                if total > boundary.MAX_SOURCES_TOTAL:
+                    errors.append(
+                        (
+                            f"{where}.source",
+                            f"brings the files baked from source to {total} bytes, over the"
+                            f" limit of {boundary.MAX_SOURCES_TOTAL} for one image",
+                        )
+                    )
+                    break
         if file.dest in dests:
             errors.append((f"{where}.dest", f"{file.dest} is also {dests[file.dest]}.dest"))
         dests.setdefault(file.dest, where)
@@ -925,14 +998,17 @@ def file_fields(spec: ImageSpec) -> list[tuple[str, File]]:
     ]
 
 
-def _unreadable(path: Path) -> str | None:
-    """Why ``path`` cannot be baked as a file, or None when it can be read."""
+def _unreadable(path: Path) -> str | int:
+    """Why ``path`` cannot be baked as a file, or its size when it can be read (checked
+    without reading it: the digest and the render read it)."""
     try:
         if not path.exists():
             return "does not exist"
-        boundary.read_regular(path, boundary.MAX_SOURCE_BYTES)
-        return None
-    except (OSError, boundary.UnreadableFile) as exc:  # a FIFO, no permission, ...
+        size = boundary.regular_size(path, boundary.MAX_SOURCE_BYTES)
+        if not os.access(path, os.R_OK):
+            return "cannot be read: Permission denied"
+        return size
+    except (OSError, ValueError) as exc:  # a FIFO, no permission, a NUL, ...
         return f"cannot be read: {reason(exc)}"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -39,7 +40,7 @@ from builder import proc
 from builder.errors import UserError
 from builder.progress import Progress, to_stderr
 from builder.render import baked, cloudconfig, paths
-from builder.spec import compat
+from builder.spec import boundary, compat
 from builder.spec.model import Accelerator, LoadedSpec, load_spec
 from builder.tools.qemu import choose_accelerator
 from builder.verify.imagetests import helpers
@@ -755,9 +756,8 @@ def _keep_plot(vm: Vm, folder: Path, *, wait: bool = True) -> Path | None:
     with suppress(OSError, paramiko.SSHException, EOFError):
         code, svg = ssh_run(vm, f"{settle}systemd-analyze plot 2>&1", timeout=180)
         if code == 0 and "<svg" in svg:
-            folder.mkdir(parents=True, exist_ok=True)
             path = folder / "firstboot.svg"
-            path.write_text(svg)
+            boundary.write_output(path, svg)
             return path
     return None
 
@@ -978,21 +978,20 @@ def _keep_logs(work: Path, image: Path, phase: str) -> None:
     """Keep the serial console and pytest logs next to the image for a post-mortem."""
     logs = report_folder(image)
     try:
-        logs.mkdir(exist_ok=True)
         for name in ("serial.log", f"pytest-{phase}.log"):
             if (work / name).is_file():
-                shutil.copyfile(work / name, logs / f"verify-{phase}-{name}")
-    except OSError:
-        pass
+                boundary.write_output(logs / f"verify-{phase}-{name}", (work / name).read_bytes())
+    except (OSError, UserError):
+        pass  # a post-mortem aid: never written through a link, never fatal
 
 
 def _manifest(image: Path) -> dict[str, Any]:
-    """The manifest beside ``image`` ({} when there is none or it cannot be read)."""
-    try:
-        data = json.loads((image.parent / "manifest.json").read_text())
-    except (OSError, ValueError):
+    """The manifest beside ``image``: {} when there is none; one that is there but is
+    not a JSON object in a regular file (a FIFO, a device, a list) is a ``UserError``."""
+    path = image.parent / "manifest.json"
+    if not os.path.lexists(path):
         return {}
-    return data if isinstance(data, dict) else {}
+    return boundary.read_json_object(path, "build manifest")
 
 
 def spec_for(image: Path) -> Path:
@@ -1010,8 +1009,18 @@ def check_spec_drift(image: Path, loaded: LoadedSpec, *, allow: bool = False) ->
     (``--allow-spec-drift``) skips the comparison. An image with no manifest has
     nothing to compare.
     """
-    built = _manifest(image).get("spec_hash")
-    if allow or not isinstance(built, str) or built == loaded.digest:
+    if allow:
+        return
+    manifest = _manifest(image)
+    if not manifest:
+        return
+    built = manifest.get("spec_hash")
+    if not isinstance(built, str):
+        raise UserError(
+            f"{image.parent / 'manifest.json'}: spec_hash is {type(built).__name__}, not the"
+            " spec's hash; rebuild the image, or pass --allow-spec-drift"
+        )
+    if built == loaded.digest:
         return
     raise UserError(
         f"{image}: built from a spec with hash {built[:12]}, but {loaded.path} hashes to"
@@ -1048,6 +1057,7 @@ def verify_image(
             raise UserError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
     loaded = load_spec(spec or spec_for(image))
     check_spec_drift(image, loaded, allow=allow_spec_drift)
+    boundary.own_folder(report_folder(image), "folder of verify's logs")
     results = [
         _phase(
             image, loaded, phase, accelerator, progress, token, leave_out, service_token, dns_token

@@ -35,6 +35,7 @@ ALL_GATES = [
     "cloud-init schema",
     "shellcheck",
     "systemd-analyze verify",
+    "units",
 ]
 
 

@@ -103,3 +103,70 @@ def test_first_boot_secrets_are_skipped_only_when_asked(tmp_path: Path) -> None:
     assert (done.returncode, done.stdout) == (0, "")
     plant(tmp_path, "/etc/consul.d/other.json", tokens_json("agent"))
     assert scan(tmp_path, MESHBAKE_SCAN_SKIP_FIRSTBOOT="true").returncode == 1
+
+
+#: Issue 16: secrets that reach Consul or the sidecar through systemd itself, or through
+#: a file a drop-in loads from elsewhere. (extra files planted, the file found)
+REACHED = {
+    "DefaultEnvironment= in system.conf": (
+        {"/etc/systemd/system.conf": "[Manager]\nDefaultEnvironment=CONSUL_HTTP_TOKEN=abc\n"},
+        "/etc/systemd/system.conf",
+    ),
+    "DefaultEnvironment= in a system.conf drop-in": (
+        {"/etc/systemd/system.conf.d/10-x.conf": f"[Manager]\nDefaultEnvironment=X={TOKEN}\n"},
+        "/etc/systemd/system.conf.d/10-x.conf",
+    ),
+    "EnvironmentFile= of a consul drop-in, elsewhere": (
+        {
+            "/etc/systemd/system/consul.service.d/env.conf": (
+                "[Service]\nEnvironmentFile=-/opt/app/consul.env\n"
+            ),
+            "/opt/app/consul.env": "CONSUL_HTTP_TOKEN=abc\n",
+        },
+        "/opt/app/consul.env",
+    ),
+    "EnvironmentFile= of a vendor drop-in, with a space": (
+        {
+            "/usr/lib/systemd/system/envoy-sidecar.service.d/env.conf": (
+                "[Service]\nEnvironmentFile=/srv/my app/env\n"
+            ),
+            "/srv/my app/env": f"X={TOKEN}\n",
+        },
+        "/srv/my app/env",
+    ),
+    "EnvironmentFile= of a prefix drop-in": (
+        {
+            "/etc/systemd/system/envoy-.service.d/env.conf": (
+                "[Service]\nEnvironmentFile=/var/lib/app/env\n"
+            ),
+            "/var/lib/app/env": "CONSUL_GRPC_TOKEN=abc\n",
+        },
+        "/var/lib/app/env",
+    ),
+    "a drop-in for every service": (
+        {"/etc/systemd/system/service.d/x.conf": "[Service]\nEnvironment=CONSUL_TOKEN=abc\n"},
+        "/etc/systemd/system/service.d/x.conf",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REACHED))
+def test_a_secret_systemd_hands_to_the_units_is_found(tmp_path: Path, case: str) -> None:
+    planted, found = REACHED[case]
+    for path, text in planted.items():
+        plant(tmp_path, path, text)
+    done = scan(tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{found}:" in done.stdout, done.stdout
+    assert TOKEN not in done.stdout
+
+
+def test_an_environment_file_is_scanned_once(tmp_path: Path) -> None:
+    plant(
+        tmp_path,
+        "/etc/systemd/system/consul.service",
+        "[Service]\nEnvironmentFile=/etc/default/consul\n",
+    )
+    plant(tmp_path, "/etc/default/consul", "CONSUL_HTTP_TOKEN=abc\n")
+    done = scan(tmp_path)
+    assert done.stdout.count("/etc/default/consul:") == 1, done.stdout

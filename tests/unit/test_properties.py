@@ -170,3 +170,221 @@ raw_text = st.one_of(
 @given(raw_text)
 def test_raw_text_gives_only_spec_errors(text: str) -> None:
     check_outcome(text, Path("images/raw.yaml"))
+
+
+# --- issue 16: CLI arguments, environment variables and build folders ------------------------
+#
+# Whatever the arguments, variables or build folder, meshbake ends in a result or a
+# one-line ``UserError`` (the CLI: exit 0, 1, or argparse's 2), never a traceback (exit 3),
+# and writes nothing outside the folders it was given. Nothing here reaches a network or
+# boots a VM: verify always gets an image that is not a regular file or a spec that does
+# not load, and the AWS commands get no valid region.
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+from builder.cli import main as cli  # noqa: E402
+from builder.errors import UserError  # noqa: E402
+
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+
+#: Paths (relative to the scratch folder the CLI runs in) of every kind that matters.
+ODD_PATHS = [
+    "spec.yaml", "missing.yaml", "folder", "fifo", "/dev/zero", "/dev/null", "loop",
+    "link-to-victim", "junk.json", "list.json", "out", ".", "..", "nosuch/../victim",
+    "victim", "out/..", "/", "/proc/self/x", "a\tb", "-", "--", "folder/", "spec.yaml/x",
+]  # fmt: skip
+#: For build: nothing that names or holds a spec, so no build ever starts (downloads).
+NO_SPEC_PATHS = [p for p in ODD_PATHS if p not in ("spec.yaml", ".", "..", "out/..", "/")]
+words = st.one_of(st.text(max_size=12), st.sampled_from(["1", "-1", "0", "99999999999999999999"]))
+not_a_region = st.one_of(
+    st.text(max_size=16), st.sampled_from(["us-east-1x", "", "US-EAST-1", "us east 1"])
+).filter(lambda r: re.match(r"^[a-z]{2}(-gov)?-[a-z]+-\d$", r) is None)
+#: Image names (not spec files), so the AWS commands never read a spec's regions.
+names = st.one_of(st.just("web"), words.filter(lambda w: not w.endswith((".yaml", ".yml"))))
+
+COMMANDS: dict[str, list[st.SearchStrategy[list[str]]]] = {
+    "render": [
+        st.sampled_from(ODD_PATHS).map(lambda p: [p]),
+        st.sampled_from(ODD_PATHS).map(lambda p: ["--out", p]),
+    ],
+    "userdata": [
+        st.sampled_from(ODD_PATHS).map(lambda p: [p]),
+        st.tuples(
+            st.sampled_from(["", "agent=", "service=", "x="]), st.sampled_from(ODD_PATHS)
+        ).map(lambda t: ["--token-file", t[0] + t[1]]),
+        st.tuples(
+            st.sampled_from(
+                ["--gossip-key-file", "--tls-ca-file", "--tls-cert-file", "--tls-key-file"]
+            ),
+            st.sampled_from(ODD_PATHS),
+        ).map(list),
+    ],
+    "verify": [
+        # never a regular file as the image, so no VM boots
+        st.sampled_from(["folder", "fifo", "/dev/null", "missing.qcow2", "loop"]).map(
+            lambda p: [p]
+        ),
+        st.sampled_from(ODD_PATHS).map(lambda p: ["--spec", p]),
+        st.sampled_from(["baked", "firstboot", "x"]).map(lambda p: ["--phase", p]),
+        st.sampled_from(ODD_PATHS).map(lambda p: ["--report", p]),
+        st.just(["--allow-spec-drift"]),
+    ],
+    "images": [names.map(lambda w: [w]), not_a_region.map(lambda r: ["--region", r])],
+    "prune": [
+        names.map(lambda w: [w]),
+        not_a_region.map(lambda r: ["--region", r]),
+        words.map(lambda w: ["--keep", w]),
+    ],
+    "build": [
+        st.sampled_from(NO_SPEC_PATHS).map(lambda p: [p]),
+        st.sampled_from(ODD_PATHS).map(lambda p: ["--cache", p]),
+        st.just(["--dry-run"]),  # qemu is the default target: refused before any work
+        words.map(lambda w: ["-j", w]),
+    ],
+}
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    """A folder with one file of every kind, the CLI's working folder meanwhile."""
+    root = Path(tempfile.mkdtemp(prefix="meshbake-fuzz-"))
+    before = Path.cwd()
+    try:
+        shutil.copy(EXAMPLE_PATH, root / "spec.yaml")
+        shutil.copytree(EXAMPLE_PATH.parent / "files", root / "files")
+        (root / "folder").mkdir()
+        os.mkfifo(root / "fifo")
+        (root / "loop").symlink_to("loop")
+        (root / "victim").mkdir()
+        (root / "victim" / "keep").write_text("mine")
+        (root / "link-to-victim").symlink_to(root / "victim")
+        (root / "junk.json").write_text("{")
+        (root / "list.json").write_text("[]")
+        os.chdir(root)
+        yield root
+    finally:
+        os.chdir(before)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:  # argparse: usage errors (2) and --help (0)
+            code = exc.code if isinstance(exc.code, int) else 2
+    return code, err.getvalue()
+
+
+@st.composite
+def command_lines(draw: st.DrawFn) -> list[str]:
+    command = draw(st.sampled_from(sorted(COMMANDS)))
+    argv = [command]
+    for _ in range(draw(st.integers(min_value=0, max_value=4))):
+        argv += draw(st.sampled_from(COMMANDS[command]).flatmap(lambda s: s))
+    return argv
+
+
+@FUZZ
+@given(command_lines())
+def test_cli_arguments_never_end_in_a_traceback(argv: list[str]) -> None:
+    with scratch() as root:
+        os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+        code, err = run_cli(argv)
+        assert code in (0, 1, 2), (argv, err)
+        assert "Traceback" not in err and "internal error" not in err, (argv, err)
+        assert (root / "victim" / "keep").read_text() == "mine"
+        assert sorted(p.name for p in (root / "victim").iterdir()) == ["keep"]
+
+
+env_values = st.one_of(
+    st.sampled_from(ODD_PATHS), st.text(max_size=20).filter(lambda t: "\0" not in t)
+)
+
+
+@FUZZ
+@given(env_values)
+def test_the_cache_variable_gives_a_folder_or_one_line(value: str) -> None:
+    from builder.build import base
+
+    with scratch():
+        os.environ["MESHBAKE_CACHE"] = value
+        try:
+            folder = base.cache_folder(None)
+        except UserError as exc:
+            assert "\n" not in str(exc)
+        else:
+            assert not folder.exists() or folder.is_dir()
+        finally:
+            del os.environ["MESHBAKE_CACHE"]
+
+
+# --- build folders ---------------------------------------------------------------------------
+
+BUILD_ENTRIES = ["manifest.json", ".manifest.json.tmp", "logs", "logs/packer.log", "web.qcow2"]
+manifest_texts = st.one_of(
+    st.sampled_from(["[]", "{", '"x"', "null", "{}", '{"spec_hash": 5}', '{"output": []}']),
+    st.dictionaries(
+        st.sampled_from(["spec", "spec_hash", "content_key", "output"]),
+        st.one_of(st.none(), st.integers(), st.text(max_size=8), st.just({"path": "../x"})),
+        max_size=4,
+    ).map(json.dumps),
+)
+entry_kinds = st.sampled_from(["file", "folder", "link", "fifo", "missing"])
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(BUILD_ENTRIES), entry_kinds, max_size=5), manifest_texts)
+def test_a_tampered_build_folder_never_ends_in_a_traceback_or_a_write_outside(
+    entries: dict[str, str], manifest: str
+) -> None:
+    from builder.build import run as build
+    from builder.spec import boundary
+    from builder.verify import runner
+
+    with scratch() as root:
+        folder = root / "build" / "web"
+        folder.mkdir(parents=True)
+        for name, kind in sorted(entries.items()):
+            path = folder / name
+            if path.parent != folder and (path.parent.is_symlink() or not path.parent.is_dir()):
+                continue  # logs/ is not a folder of its own this time
+            if kind == "file":
+                path.write_text(manifest)
+            elif kind == "folder":
+                path.mkdir(exist_ok=True)
+            elif kind == "link":
+                path.symlink_to(root / "victim" / "keep" if "." in name else root / "victim")
+            elif kind == "fifo":
+                os.mkfifo(path)
+        image = folder / "web.qcow2"
+        loaded = parse_spec(EXAMPLE_PATH.read_text(), EXAMPLE_PATH)
+        steps = [
+            lambda: boundary.own_folder(folder, "build folder", create=False),
+            lambda: build._up_to_date(folder / "manifest.json", "key"),
+            lambda: runner.spec_for(image),
+            lambda: runner.check_spec_drift(image, loaded),
+            lambda: boundary.own_folder(runner.report_folder(image), "verify's logs"),
+        ]
+        for step in steps:
+            try:
+                step()
+            except UserError as exc:
+                assert "\n" not in str(exc), exc
+        # Writing the manifest only after the folder passed, as build does.
+        try:
+            boundary.own_folder(folder, "build folder", create=False)
+            build._write_json(folder / "manifest.json", {"image": "web"})
+        except UserError:
+            pass
+        assert (root / "victim" / "keep").read_text() == "mine"
+        assert sorted(p.name for p in (root / "victim").iterdir()) == ["keep"]
+        assert not re.search("web", "".join(p.name for p in root.iterdir() if p.name != "build"))
