@@ -309,6 +309,26 @@ def test_catalog_reads_are_filtered_by_read_rights(mesh: Mesh) -> None:
     assert server.call("GET", "/v1/catalog/nodes", token="not-a-token").text == "ACL not found"
 
 
+def test_a_service_instance_needs_node_read_and_service_read(mesh: Mesh) -> None:
+    """aclfilter: an instance is kept only when its node and its service are readable."""
+    server = mesh.server
+    assert register_node(mesh).status == 200
+    assert register_service(mesh, mesh.web, service("web", 8080)).status == 200
+    body = {"Node": "web-2", "Address": "127.0.0.2", "Service": service("web", 8080)}
+    server.ok("PUT", "/v1/catalog/register", body, mesh.root)
+    everyone = server.ok("GET", "/v1/catalog/service/web", token=mesh.root)
+    assert [s["Node"] for s in everyone] == ["web-1", "web-2"]
+    # The node identity reads every service but only its own node.
+    mine = server.ok("GET", "/v1/catalog/service/web", token=mesh.node["SecretID"])
+    assert [s["Node"] for s in mine] == ["web-1"]
+    # Nodes but no service: no instance.
+    rules = json.dumps({"node_prefix": {"": {"policy": "read"}}})
+    server.ok("PUT", "/v1/acl/policy", {"Name": "nodes", "Rules": rules}, mesh.root)
+    nodes_only = server.token(mesh.root, Policies=[{"Name": "nodes"}])["SecretID"]
+    assert len(server.ok("GET", "/v1/catalog/nodes", token=nodes_only)) == 2
+    assert server.ok("GET", "/v1/catalog/service/web", token=nodes_only) == []
+
+
 def test_health_passing_drops_an_instance_with_a_critical_check(mesh: Mesh) -> None:
     server = mesh.server
     assert register_node(mesh).status == 200
