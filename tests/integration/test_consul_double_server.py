@@ -13,8 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import urllib.error
@@ -30,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.integration.test_consul_double import dns_query  # one DNS client for both doubles
 from tests.paths import REPO
 
 pytestmark = pytest.mark.integration
@@ -465,26 +464,6 @@ def test_a_proxy_gives_its_destination_a_virtual_ip_that_needs_service_read(mesh
         403,
         denied(None, "service:read", "web") + ANONYMOUS_TAIL,
     )
-
-
-def dns_query(port: int, name: str) -> tuple[int, list[str]]:
-    """Ask 127.0.0.1:port for the A records of ``name``: (rcode, addresses)."""
-    question = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
-    packet = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + question + b"\0\1\0\1"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(10)
-        sock.sendto(packet, ("127.0.0.1", port))
-        data = sock.recv(4096)
-    ident, flags, _, ancount = struct.unpack("!HHHH", data[:8])
-    assert ident == 0x1234 and flags & 0x8000
-    at = 12 + len(question) + 4
-    addresses = []
-    for _ in range(ancount):
-        rtype, _, _, size = struct.unpack("!HHIH", data[at + 2 : at + 12])
-        if rtype == 1:
-            addresses.append(socket.inet_ntoa(data[at + 12 : at + 12 + size]))
-        at += 12 + size
-    return flags & 0xF, addresses
 
 
 def test_dns_answers_under_the_dns_token_and_not_without_it(mesh: Mesh) -> None:
