@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from tests.fixtures.consul_double import dns
+from tests.fixtures.consul_double import acl, dns
 from tests.fixtures.consul_double.server import request_token
 from tests.fixtures.consul_double.state import BadRequest, Denied, ServerState
 
@@ -84,3 +84,21 @@ def test_bad_rules_and_templates_are_refused_up_front() -> None:
         state.set_token(root, {"TemplatedPolicies": [{"TemplateName": "builtin/nope"}]})
     with pytest.raises(BadRequest, match="already exists"):
         state.set_policy(root, {"Name": "global-management", "Rules": "{}"})
+
+
+def test_acl_rule_is_a_scalar_and_only_global_management_grants_it_by_default() -> None:
+    writer = acl.Token.from_json(
+        {"SecretID": "s", "Policies": [{"Name": "w", "Rules": '{"acl": "write"}'}]}
+    )
+    assert acl.Authorizer(writer, "dc1").acl_write()
+    reader = acl.Token.from_json(
+        {"SecretID": "s", "Policies": [{"Name": "r", "Rules": '{"acl": "read"}'}]}
+    )
+    assert acl.Authorizer(reader, "dc1").acl_read()
+    assert not acl.Authorizer(reader, "dc1").acl_write()
+    dns = acl.Token.from_json(
+        {"SecretID": "s", "TemplatedPolicies": [{"TemplateName": "builtin/dns"}]}
+    )
+    assert not acl.Authorizer(dns, "dc1").acl_read()
+    with pytest.raises(acl.ACLError, match="acl: must be read, write or deny"):
+        acl.parse_rules('{"acl": {"": {"policy": "write"}}}')
