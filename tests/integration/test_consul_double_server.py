@@ -474,10 +474,11 @@ def test_dns_answers_under_the_dns_token_and_not_without_it(mesh: Mesh) -> None:
     # No DNS token: the anonymous token reads nothing.
     assert dns_query(server.dns, "web.service.consul") == (3, [])  # NXDOMAIN
     assert dns_query(server.dns, "web.virtual.consul") == (2, [])  # SERVFAIL: RPC denied
-    # Setting the agent's DNS token needs acl:write, as the operator's token has.
+    # Setting the agent's DNS token needs agent:write on the server's node, as the
+    # operator's token has and a node identity (of another node) has not.
     body = {"Token": mesh.dns["SecretID"]}
     refused = server.call("PUT", "/v1/agent/token/dns", body, mesh.node["SecretID"])
-    assert (refused.status, refused.text) == (403, denied(mesh.node, "acl:write"))
+    assert (refused.status, refused.text) == (403, denied(mesh.node, "agent:write", "server-1"))
     assert server.call("PUT", "/v1/agent/token/dns", body, mesh.root).status == 200
     assert dns_query(server.dns, "web.service.consul") == (0, ["127.0.0.7"])
     assert dns_query(server.dns, "web.virtual.consul") == (0, ["240.0.0.1"])
