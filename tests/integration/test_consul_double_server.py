@@ -142,6 +142,9 @@ def denied(who: dict[str, Any] | None, permission: str, name: str | None = None)
     )
 
 
+ROOT_NODE = {"Node": "web-1", "Address": "127.0.0.1", "Datacenter": DC}
+
+
 def register_node(mesh: Mesh, node: str = "web-1", address: str = "127.0.0.1") -> Reply:
     body = {"Node": node, "Address": address, "Datacenter": DC}
     return mesh.server.call("PUT", "/v1/catalog/register", body, mesh.node["SecretID"])
@@ -279,6 +282,13 @@ def test_service_registration_needs_service_write_and_the_proxy_its_destination(
     assert (proxy.status, proxy.text) == (403, denied(mesh.web, "service:write", "api"))
     node_only = register_service(mesh, mesh.node, service("web", 8080))
     assert (node_only.status, node_only.text) == (403, denied(mesh.node, "service:write", "web"))
+    # Taking over another service's ID deletes that service: it needs write on it too
+    # (vetRegisterWithACL answers the bare "Permission denied" there).
+    mesh.server.ok(
+        "PUT", "/v1/catalog/register", {**ROOT_NODE, "Service": service("db", 5432)}, mesh.root
+    )
+    takeover = register_service(mesh, mesh.web, {**service("web", 8080), "ID": "db"})
+    assert (takeover.status, takeover.text) == (403, "Permission denied")
     # A node-level check is the node's: the service token may not add one.
     check = {"CheckID": "serfHealth", "Name": "Serf", "Status": "passing"}
     with_check = register_service(mesh, mesh.web, service("web", 8080), Check=check)
