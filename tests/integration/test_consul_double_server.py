@@ -474,6 +474,11 @@ def test_a_proxy_gives_its_destination_a_virtual_ip_that_needs_service_read(mesh
         403,
         denied(None, "service:read", "web") + ANONYMOUS_TAIL,
     )
+    # A plain service, with no proxy and not connect-native, has no virtual IP.
+    body = {**ROOT_NODE, "Service": service("db", 5432)}
+    server.ok("PUT", "/v1/catalog/register", body, mesh.root)
+    db = "/v1/double/catalog/virtual-ip/db"
+    assert server.ok("GET", db, token=mesh.dns["SecretID"]) == {"VirtualIP": ""}
 
 
 def test_dns_answers_under_the_dns_token_and_not_without_it(mesh: Mesh) -> None:
