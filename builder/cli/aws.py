@@ -113,7 +113,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from builder.aws import client as aws
-
     from builder.release import channels
 
     name, regions = _spec_or_name(args.image, args.region)
