@@ -11,7 +11,7 @@ and who or what moved it. Two stores hold the same fields:
   (``meshbake:revoked``).
 - ``LocalRegistry`` (qcow2): ``channels.json`` in the output folder, rewritten under
   a lock through a temp file, fsync and rename, so a crash leaves the old file or the
-  new one, never a torn one. A promoted qcow2 is kept under ``builds/`` by digest, so
+  new one, never a torn one. A promoted qcow2 is copied to ``builds/`` by digest, so
   a rebuild into ``build/<name>/`` cannot change what a channel points to.
 
 >>> Promotion("prod", "ami-1", "us-east-1", "ab" * 32, "ami-0", "ci", "t", "m").line()
@@ -248,6 +248,9 @@ class LocalRegistry:
         return data
 
     def _save(self, data: Mapping[str, object]) -> None:
+        # Under the lock no other writer runs: a temp file left now is a dead one's.
+        for stale in self.folder.glob(f".{self.FILE}.*.tmp"):
+            stale.unlink(missing_ok=True)
         tmp = self.folder / f".{self.FILE}.{os.getpid()}.tmp"
         try:
             with tmp.open("w", encoding="utf-8") as f:
@@ -291,7 +294,10 @@ class LocalRegistry:
         return Channels(image, history, revoked)
 
     def keep(self, build: Build) -> Path:
-        """Keep the promoted qcow2 under ``builds/`` by digest (a hard link when it can)."""
+        """Keep a copy of the promoted qcow2 under ``builds/`` by digest.
+
+        A copy, not a hard link: booting or rewriting the build folder's qcow2 in place
+        would change a linked file under the channel."""
         assert build.image_file is not None
         digest = build.ids[None].removeprefix("sha256:")
         kept = self.folder / "builds" / f"{build.image}-{digest[:12]}.qcow2"
@@ -307,10 +313,12 @@ class LocalRegistry:
         kept.parent.mkdir(parents=True, exist_ok=True)
         tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
         try:
-            os.link(build.image_file, tmp)
-        except OSError:
             shutil.copy2(build.image_file, tmp)
-        tmp.replace(kept)
+            if sha256_file(tmp) != digest:
+                raise UserError(f"{build.image_file}: changed while it was copied; try again")
+            tmp.replace(kept)
+        finally:
+            tmp.unlink(missing_ok=True)
         return kept
 
     def promote(self, image: str, promotions: Sequence[Promotion]) -> None:
