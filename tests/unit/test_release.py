@@ -331,3 +331,25 @@ def test_a_writer_killed_mid_write_leaves_the_registry_whole(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     assert len(rel.LocalRegistry(registry).read("web").history[("prod", None)]) == 2
     assert not list(registry.glob(".channels.json.*.tmp"))
+
+
+def test_a_build_records_its_parent_and_is_promoted_from_its_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``build`` (with the Packer double) writes arch and parent; promote takes that."""
+    from tests.unit.test_pipeline import make_pipeline
+
+    pipeline = make_pipeline(tmp_path, monkeypatch, "1.6.6")
+    result = pipeline.build(WEB)
+    assert result.manifest is not None
+    written = json.loads(result.manifest.read_text())
+    assert written["arch"] == "amd64"
+    assert written["parent"] == {"kind": "base-image", "id": "sha256:" + "0" * 64}
+    registry = ["--registry", str(tmp_path / "registry")]
+    assert (
+        main(["promote", "web", "--channel", "dev", "--build", str(result.manifest), *registry])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["channels", "web", *registry, "--affected-by", "sha256:" + "0" * 64]) == 0
+    assert capsys.readouterr().out.startswith("dev  sha256:")
