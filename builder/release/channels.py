@@ -278,8 +278,8 @@ class LocalRegistry:
         return entry
 
     def read(self, image: str) -> Channels:
-        with self._locked():
-            data = self._load()
+        # No lock: every write is a rename, so a reader sees one whole version.
+        data = self._load()
         entry = self._image(data, image)
         history: dict[tuple[str, str | None], list[Promotion]] = {}
         for name, entries in entry["channels"].items():
@@ -342,7 +342,12 @@ class LocalRegistry:
                 for e in entries
                 if isinstance(e, dict)
             }
-            matches = sorted(b for b in known if b == build or b == f"sha256:{build}")
+            wanted = build if build.startswith("sha256:") else f"sha256:{build}"
+            matches = sorted(b for b in known if b in (build, wanted))
+            if not matches and len(wanted) >= len("sha256:") + 12:
+                matches = sorted(b for b in known if b.startswith(wanted))
+            if len(matches) > 1:
+                raise UserError(f"{self.path}: images.{image}: {build} names several builds")
             if not matches:
                 raise UserError(
                     f"{self.path}: images.{image}: no promoted build {build}; see"

@@ -76,8 +76,9 @@ def test_github_workflow_fits_the_schema(tmp_path: Path) -> None:
     # The check can fail: a misspelt key is refused.
     broken = tmp_path / "broken.yml"
     broken.write_text(
-        GITHUB.read_text().replace("runs-on: ubuntu-24.04\n", "run-on: ubuntu-24.04\n", 1)
+        GITHUB.read_text().replace("runs-on: ubuntu-latest\n", "run-on: ubuntu-latest\n", 1)
     )
+    assert broken.read_text() != GITHUB.read_text()
     assert schema_check("vendor.github-workflows", broken).returncode != 0
 
 
@@ -115,6 +116,7 @@ def test_gitlab_pipeline_fits_the_schema(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     broken = tmp_path / "broken.yml"
     broken.write_text(GITLAB.read_text().replace("  script:\n", "  scripts:\n", 1))
+    assert broken.read_text() != GITLAB.read_text()
     assert schema_check("vendor.gitlab-ci", broken).returncode != 0
 
 
