@@ -353,3 +353,35 @@ def test_a_build_records_its_parent_and_is_promoted_from_its_manifest(
     capsys.readouterr()
     assert main(["channels", "web", *registry, "--affected-by", "sha256:" + "0" * 64]) == 0
     assert capsys.readouterr().out.startswith("dev  sha256:")
+
+
+def test_arches_come_from_the_spec_and_may_be_a_list() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from builder.build.arch import target_arches
+    from builder.spec.model import ImageSpec
+
+    def spec(qemu: object, aws: object) -> ImageSpec:
+        return cast(ImageSpec, SimpleNamespace(targets=SimpleNamespace(qemu=qemu, aws=aws)))
+
+    graviton = SimpleNamespace(source_ami=SimpleNamespace(architecture="arm64"))
+    assert target_arches(spec(None, graviton), "aws") == ("arm64",)
+    both = SimpleNamespace(arch=["amd64", "arm64"])
+    assert target_arches(spec(both, None), "qemu") == ("amd64", "arm64")
+    assert target_arches(spec(SimpleNamespace(), None), "qemu") == ("amd64",)
+    assert target_arches(spec(None, None), "aws") == ()
+
+
+def test_plan_refuses_two_specs_of_one_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(REPO / "images" / "files", tmp_path / "files")
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text(WEB.read_text())
+    assert main(["plan", str(tmp_path), "--json"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"meshbake: error: {tmp_path / 'b.yaml'}: name: image web is also defined in"
+        f" {tmp_path / 'a.yaml'}; each image needs its own name\n"
+    )
