@@ -388,6 +388,10 @@ def _revocation(raw: object, build: str, where: str) -> Revocation:
 # --- SSM Parameter Store and AMI tags -----------------------------------------------------------
 
 
+#: How often ``_retag`` follows a channel that keeps moving under it.
+_RETAG_ATTEMPTS = 20
+
+
 def parameter(image: str, channel: str) -> str:
     """>>> parameter("web", "prod")
     '/meshbake/web/channels/prod'
@@ -451,19 +455,33 @@ class SsmStore:
                     Overwrite=True,
                     Description=json.dumps(about, sort_keys=True),  # at most 1024 characters
                 )
-            self._retag(image, p.channel, p.region, p.at)
+            self._retag(image, p.channel, p.region)
 
-    def _retag(self, image: str, channel: str, region: str, at: str) -> None:
-        """The channel tag on the AMI the parameter names now, and on no other."""
+    def _retag(self, image: str, channel: str, region: str) -> None:
+        """The channel tag on the AMI the parameter names now, and on no other.
+
+        Promotes may race: each one re-reads the parameter after its tag writes and
+        goes again if the channel moved meanwhile, so the last writer leaves the tags
+        matching the parameter, whatever the interleaving.
+        """
         ssm, ec2 = self.aws.ssm(region), self.aws.ec2(region)
         key = tag.CHANNEL_PREFIX + channel
+        name = parameter(image, channel)
         with aws.translated(f"tagging the {channel} AMI of {image}", region):
-            current = ssm.get_parameter(Name=parameter(image, channel))["Parameter"].get("Value")
-            for record in aws.list_images(image, [region], aws=self.aws):
-                if record.id == current and key not in record.tags:
-                    ec2.create_tags(Resources=[record.id], Tags=[{"Key": key, "Value": at}])
-                elif record.id != current and key in record.tags:
-                    ec2.delete_tags(Resources=[record.id], Tags=[{"Key": key}])
+            current = ssm.get_parameter(Name=name)["Parameter"]
+            for _attempt in range(_RETAG_ATTEMPTS):
+                ami = current.get("Value")
+                modified = current.get("LastModifiedDate")
+                at = modified.isoformat() if isinstance(modified, datetime) else now()
+                for record in aws.list_images(image, [region], aws=self.aws):
+                    if record.id == ami and key not in record.tags:
+                        ec2.create_tags(Resources=[record.id], Tags=[{"Key": key, "Value": at}])
+                    elif record.id != ami and key in record.tags:
+                        ec2.delete_tags(Resources=[record.id], Tags=[{"Key": key}])
+                again = ssm.get_parameter(Name=name)["Parameter"]
+                if again.get("Version") == current.get("Version"):
+                    return
+                current = again
 
     def revoke(self, image: str, build: str, reason: str, by: str) -> list[str]:
         """Tag ``build`` and its copies in the other regions (same AMI name) revoked."""
