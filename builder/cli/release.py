@@ -12,11 +12,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from builder.cli import common
 from builder.errors import UserError
-from builder.release import channels as rel
 from builder.release import plan as release_plan
+
+if TYPE_CHECKING:
+    # boto3 comes with the channels: loaded only when a channel command runs.
+    from builder.release import channels as rel
 
 #: Where the qcow2 channel registry lives unless ``--registry`` says otherwise.
 DEFAULT_REGISTRY = Path("build")
@@ -49,6 +53,7 @@ def _image_and_store(
 ) -> tuple[str, rel.Store]:
     """The image name, and its channel store: SSM with ``--region``, else the registry."""
     from builder.aws import client as aws
+    from builder.release import channels as rel
 
     path = Path(value)
     if path.suffix in (".yaml", ".yml") or path.is_file():
@@ -68,6 +73,8 @@ def _image_and_store(
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from builder.release import channels as rel
+
     build = rel.load_build(args.build)
     store: rel.Store
     if build.target == "aws":
@@ -89,6 +96,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
+    from builder.release import channels as rel
+
     if not args.reason.strip():
         raise UserError("--reason: say why the build is revoked (it is shown wherever it is)")
     name, store = _image_and_store(args.image, args.region, args.registry)
@@ -98,6 +107,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_channels(args: argparse.Namespace) -> int:
+    from builder.release import channels as rel
+
     name, store = _image_and_store(args.image, args.region, args.registry)
     if args.resolve is not None:
         region = args.region[0] if args.region else None
