@@ -64,6 +64,7 @@ if TYPE_CHECKING:
         RunInstancesRequestTypeDef,
         TagTypeDef,
     )
+    from mypy_boto3_ssm.client import SSMClient
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class Aws:
         self.waiter_delay = waiter_delay
         self.waiter_max_attempts = waiter_max_attempts
         self._ec2: dict[str, EC2Client] = {}
+        self._ssm: dict[str, SSMClient] = {}
 
     def config(self) -> Config:
         # total_max_attempts counts the first call; botocore's "max_attempts" key would
@@ -155,6 +157,15 @@ class Aws:
                     "ec2", region_name=region, endpoint_url=self.endpoint_url, config=self.config()
                 )
         return self._ec2[region]
+
+    def ssm(self, region: str) -> SSMClient:
+        """The SSM client for ``region`` (release channels live in Parameter Store)."""
+        if region not in self._ssm:
+            with translated("connecting to SSM", region):
+                self._ssm[region] = self.session.client(
+                    "ssm", region_name=region, endpoint_url=self.endpoint_url, config=self.config()
+                )
+        return self._ssm[region]
 
 
 @contextmanager
@@ -519,6 +530,9 @@ def launch(
             f"{ami} {what}, so this spec's first-boot user data does not fit it: pick an AMI"
             f" from 'meshbake images {spec.name}'"
         )
+    revoked = _tags(images[0].get("Tags", [])).get(tag.REVOKED)
+    if revoked is not None:
+        raise UserError(f"{ami} in {region} is revoked ({revoked}); it is never launched")
     tags: list[TagTypeDef] = [
         {"Key": "Name", "Value": spec.name},
         {"Key": tag.IMAGE, "Value": spec.name},
@@ -647,6 +661,7 @@ def prune(
     regions: Sequence[str],
     *,
     dry_run: bool = False,
+    protected: Mapping[str, str] | None = None,
     aws: Aws | None = None,
 ) -> list[PruneAction]:
     """Per region, keep the ``keep`` newest available AMIs of ``name``; remove the rest.
@@ -656,7 +671,9 @@ def prune(
     stopped instance is skipped, and so is one not ``available`` (a build may be
     writing it). Each removal deregisters the AMI first, then deletes its EBS
     snapshots (EC2 refuses to delete the snapshot of a registered AMI). ``dry_run``
-    returns the same actions without doing them.
+    returns the same actions without doing them. ``protected`` maps AMI ids that must
+    stay (a release channel points to them, or did) to the reason; they are kept
+    whatever their age.
 
     >>> [a.line() for a in prune("web", 2, ["us-east-1"], dry_run=True)]  # doctest: +SKIP
     ['keep ami-3 (web-...) in us-east-1: one of the 2 newest', 'would deregister ami-1 ...']
@@ -680,6 +697,9 @@ def prune(
             if kept < keep:
                 kept += 1
                 actions.append(_with(base, PruneStep.KEEP, f"one of the {keep} newest"))
+                continue
+            if protected and record.id in protected:
+                actions.append(_with(base, PruneStep.KEEP, protected[record.id]))
                 continue
             if record.id in using:
                 users = ", ".join(sorted(using[record.id]))

@@ -33,6 +33,7 @@ from typing import Protocol
 
 from builder import __version__, proc
 from builder.build import artifacts, base, gates
+from builder.build.arch import target_arches
 from builder.digest import sha256_file
 from builder.errors import CommandError, MeshbakeError, UserError, reason
 from builder.progress import Progress, to_stderr
@@ -273,6 +274,9 @@ class QemuBuild:
                     "meshbake": __version__,
                 },
                 "base": {"id": base_id, "path": str(base_path), "sha256": base_sha},
+                "arch": target_arches(spec, "qemu")[0],
+                # Ancestry: what this build was baked on (release channels show it).
+                "parent": {"kind": "base-image", "id": f"sha256:{base_sha}"},
                 "accelerator": accel.value,
                 "stages": dict(run.timings),
                 "output": {"path": final.name, "sha256": digest, "size": output.stat().st_size},
@@ -473,6 +477,10 @@ class AwsBuild:
             _validate(run, packer, ctx, work)
             arts = _fetch_artifacts(run)
             artifacts.stage(arts, ctx.stage_dir / "artifacts")
+            # The same lookup as the template's source_ami_filter, just before Packer's:
+            # the build's parent, for ancestry (a newer AMI published in between would
+            # make this name the one before Packer's pick).
+            source = aws.resolve_source_ami(spec)
             packer_manifest = work / "packer-manifest.json"
             with run.stage("bake", "Packer amazon-ebs builder"), packer_tmpdir() as tmp:
                 result = packer.build(
@@ -494,6 +502,8 @@ class AwsBuild:
                     "target": "aws",
                     "spec_hash": run.loaded.digest,
                     "amis": amis,
+                    "arch": target_arches(spec, "aws")[0],
+                    "parent": {"kind": "source-ami", "id": source.id, "name": source.name},
                     "artifacts": [{"name": a.name, "sha256": a.sha256} for a in arts],
                     "versions": {"consul": spec.consul.version, "envoy": spec.envoy.version},
                     "stages": dict(run.timings),

@@ -87,10 +87,19 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.region is not None:
         boundary.aws_region(args.region)
     user_data = common.user_data_from_args(loaded, args)
-    common.progress(f"launching {args.ami} and waiting for it to run")
+    ami = args.ami
+    if (ami is None) == (args.channel is None):
+        raise UserError("launch: give --ami or --channel (exactly one)")
+    if args.channel is not None:
+        from builder.release import channels
+
+        region = args.region or aws.image_regions(loaded.spec)[0]
+        store = channels.SsmStore([region])
+        ami = channels.resolve(store, loaded.spec.name, args.channel, region).build
+    common.progress(f"launching {ami} and waiting for it to run")
     instance = aws.launch(
         loaded,
-        args.ami,
+        ami,
         user_data,
         subnet=args.subnet,
         key_name=args.key_name,
@@ -108,9 +117,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from builder.aws import client as aws
+    from builder.release import channels
 
     name, regions = _spec_or_name(args.image, args.region)
-    actions = aws.prune(name, args.keep, regions, dry_run=args.dry_run)
+    state = channels.SsmStore(regions).read(name)
+    keep = channels.protected(state, args.channel_history)
+    actions = aws.prune(name, args.keep, regions, dry_run=args.dry_run, protected=keep)
     if args.json:
         print(json.dumps([a.to_json() for a in actions], indent=2))
     elif actions:
@@ -134,7 +146,8 @@ def add_launch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """Add ``meshbake launch``."""
     p = sub.add_parser("launch", help="launch one instance of a baked AMI with its user data")
     p.add_argument("spec", type=Path)
-    p.add_argument("--ami", required=True, help="the AMI id, e.g. from 'meshbake images'")
+    p.add_argument("--ami", help="the AMI id, e.g. from 'meshbake images'")
+    p.add_argument("--channel", help="launch what this release channel points to (not --ami)")
     common.add_secret_args(p)
     p.add_argument("--subnet", help="subnet id (default: targets.aws.subnet_id, else default VPC)")
     p.add_argument("--key-name", help="EC2 key pair for SSH")
@@ -157,6 +170,12 @@ def add_prune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("image", metavar="NAME|SPEC", help="a spec file, or an image name with --region")
     p.add_argument("--keep", type=int, required=True, help="newest AMIs to keep per region")
     p.add_argument("--dry-run", action="store_true", help="list the actions, change nothing")
+    p.add_argument(
+        "--channel-history",
+        type=int,
+        metavar="N",
+        help="also keep what each channel pointed to in its last N moves (default: all)",
+    )
     p.add_argument("--region", action="append", default=[], help="region to prune in (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable results")
     p.set_defaults(handler=cmd_prune)

@@ -21,6 +21,7 @@ from builder.build import run as build
 from builder.build.gates import validate_spec
 from builder.build.run import TARGETS
 from builder.cli import aws as cli_aws
+from builder.cli import release as cli_release
 from builder.cli.common import (
     add_secret_args,
     load,
@@ -241,13 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_verify)
 
-    for add in AWS_COMMANDS:
+    for add in (*AWS_COMMANDS, *RELEASE_COMMANDS):
         add(sub)
     return parser
 
 
 #: The AWS subcommands (images, launch, prune), added after the local ones.
 AWS_COMMANDS = (cli_aws.add_images, cli_aws.add_launch, cli_aws.add_prune)
+
+#: The pipeline at scale (plan, collect) and release channels (promote, revoke, channels).
+RELEASE_COMMANDS = (
+    cli_release.add_plan,
+    cli_release.add_collect,
+    cli_release.add_promote,
+    cli_release.add_revoke,
+    cli_release.add_channels,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

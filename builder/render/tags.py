@@ -16,3 +16,9 @@ ENVOY = "meshbake:envoy"
 VERSION = "meshbake:version"
 #: When Packer built it (a template expression, so not part of the rendered text).
 BUILD_TIME = "meshbake:build-time"
+#: ``meshbake revoke``: the reason; a revoked AMI is never launched.
+REVOKED = "meshbake:revoked"
+REVOKED_AT = "meshbake:revoked-at"
+REVOKED_BY = "meshbake:revoked-by"
+#: ``meshbake promote``: ``meshbake:channel:<name>`` is on the AMI a channel points to now.
+CHANNEL_PREFIX = "meshbake:channel:"

@@ -1,0 +1,170 @@
+"""``meshbake plan`` and ``meshbake collect``: the CI's own matrix around ``meshbake build``.
+
+``plan`` turns specs into jobs, one per image x target x architecture (x region for
+AWS), each with what a runner needs to build it and nothing secret (a spec holds no
+secret: tokens arrive at first boot). ``collect`` merges the manifests the jobs wrote
+into one release record, refusing duplicates and builds of different spec versions.
+
+>>> [j.id for j in plan([Path("images/web.yaml")])]
+['web-qemu-amd64', 'web-aws-amd64-us-east-1']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from builder.build.arch import DEFAULT, target_arches
+from builder.errors import UserError
+from builder.spec.model import load_spec
+
+#: The targets in the order jobs are listed.
+TARGET_ORDER = ("qemu", "aws")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One matrix entry. ``command`` is null for an AWS copy region: the home region's
+    job bakes and copies (Packer's ``ami_regions``), the entry says where it lands."""
+
+    id: str
+    image: str
+    spec: str
+    spec_hash: str
+    target: str
+    arch: str
+    region: str | None
+    out: str
+    command: list[str] | None
+    built_by: str
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def plan(specs: Sequence[Path]) -> list[Job]:
+    """The jobs for ``specs`` (files, as ``spec_paths`` expands them), in a stable order."""
+    jobs: list[Job] = []
+    for path in specs:
+        loaded = load_spec(path)
+        spec = loaded.spec
+        for target in TARGET_ORDER:
+            for arch in target_arches(spec, target):
+                base_id = f"{spec.name}-{target}-{arch}"
+                if target == "qemu":
+                    regions: tuple[str | None, ...] = (None,)
+                else:
+                    aws = spec.targets.aws
+                    assert aws is not None
+                    regions = tuple(dict.fromkeys((aws.region, *aws.ami_regions)))
+                home = f"{base_id}-{regions[0]}" if regions[0] else base_id
+                out = f"build/{home}"
+                command = ["meshbake", "build", str(path), "--target", target, "--out", out]
+                for region in regions:
+                    job_id = f"{base_id}-{region}" if region else base_id
+                    jobs.append(
+                        Job(
+                            id=job_id,
+                            image=spec.name,
+                            spec=str(path),
+                            spec_hash=loaded.digest,
+                            target=target,
+                            arch=arch,
+                            region=region,
+                            out=out,
+                            command=command if job_id == home else None,
+                            built_by=home,
+                        )
+                    )
+    seen: dict[str, str] = {}
+    for job in jobs:
+        if job.id in seen:
+            raise UserError(
+                f"{job.spec}: name: image {job.image} is also defined in {seen[job.id]};"
+                " each image needs its own name"
+            )
+        seen[job.id] = job.spec
+    return jobs
+
+
+# --- collect -----------------------------------------------------------------------------
+
+RECORD = "release.json"
+
+
+def _read_manifest(folder: Path) -> dict[str, object]:
+    path = folder / "manifest.json" if folder.is_dir() else folder
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no manifest here (did this job's build finish?)") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable JSON manifest: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a manifest (a JSON object is expected)")
+    for field in ("image", "target", "spec_hash"):
+        if not isinstance(data.get(field), str) or not data[field]:
+            raise UserError(f"{path}: {field}: missing or not a string")
+    if data["target"] == "aws" and not isinstance(data.get("amis"), dict):
+        raise UserError(f"{path}: amis: missing (an aws manifest maps regions to AMI ids)")
+    if data["target"] == "qemu" and not isinstance(data.get("output"), dict):
+        raise UserError(f"{path}: output: missing (a qemu manifest names its image)")
+    data["_path"] = str(path)
+    return data
+
+
+def collect(folders: Sequence[Path], out: Path) -> dict[str, object]:
+    """Merge the manifests in ``folders`` into ``out``/release.json and return it.
+
+    Each build is keyed by image, target and architecture; a key seen twice is refused,
+    and so are two builds of one image from different spec hashes (a job built from
+    another commit). Each manifest is copied beside the record, so ``promote --build``
+    can take it from there.
+    """
+    if not folders:
+        raise UserError("collect: give at least one build folder")
+    builds: dict[str, dict[str, object]] = {}
+    hashes: dict[str, tuple[str, str]] = {}
+    for folder in folders:
+        manifest = _read_manifest(folder)
+        where = str(manifest.pop("_path"))
+        image, target = str(manifest["image"]), str(manifest["target"])
+        arch = str(manifest.get("arch") or DEFAULT)
+        spec_hash = str(manifest["spec_hash"])
+        key = f"{image}-{target}-{arch}"
+        if key in builds:
+            raise UserError(
+                f"{where}: image: {image} ({target}, {arch}) is already collected from"
+                f" {builds[key]['from']}; give each build once"
+            )
+        if image in hashes and hashes[image][0] != spec_hash:
+            other_hash, other = hashes[image]
+            raise UserError(
+                f"{where}: spec_hash: {spec_hash[:12]} differs from {other_hash[:12]} in"
+                f" {other}; every job must build the same spec"
+            )
+        hashes[image] = (spec_hash, where)
+        # A qemu manifest names its image relative to its own folder; keep that folder.
+        manifest.setdefault("folder", str(Path(where).parent.resolve()))
+        builds[key] = {"from": where, "manifest": f"manifests/{key}.json", **manifest}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifests").mkdir(exist_ok=True)
+    for key, build in builds.items():
+        fields = {k: v for k, v in build.items() if k not in ("from", "manifest")}
+        _write_atomically(out / "manifests" / f"{key}.json", fields)
+    record: dict[str, object] = {
+        "collected_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "builds": [builds[k] for k in sorted(builds)],
+    }
+    _write_atomically(out / RECORD, record)
+    return record
+
+
+def _write_atomically(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
