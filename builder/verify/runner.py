@@ -38,7 +38,6 @@ from builder import proc
 from builder.errors import UserError
 from builder.progress import Progress, to_stderr
 from builder.render import baked, cloudconfig, paths
-from builder.spec import compat
 from builder.spec.model import Accelerator, LoadedSpec, load_spec
 from builder.tools.qemu import choose_accelerator
 from builder.verify.imagetests.helpers import (
@@ -234,7 +233,7 @@ def expectations(
         "dns_forward": spec.consul.dns.forward,
         "token": token,
         "fixture": fixture,
-        "redirect_backend": compat.redirect_backend(spec.consul.version).value,
+        "redirect_backend": spec.consul.release.backend.value,
         "fail_closed": tproxy.fail_closed,
         "imds_restricted": spec.imds_restricted,
         "imds_allow_users": list(spec.imds_users),

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from builder.render import baked
+from builder.spec.compat import ConsulRelease
 from tests.paths import REPO
 
 SCRIPTS = REPO / "builder" / "image" / "scripts"
@@ -229,7 +231,7 @@ def write_mesh(
         "MESHBAKE_TLS": "false",
         "MESHBAKE_TLS_CLIENT_CERT": "false",
         "MESHBAKE_CONSUL_BIN": str(consul_bin),
-        "MESHBAKE_CONSUL_VERSION": consul_version,
+        **baked.release_env(ConsulRelease.of(consul_version)),
         "MESHBAKE_SERVICE_PORT": str(SERVICE_PORT),
         "MESHBAKE_FAIL_CLOSED": "false",
     }
