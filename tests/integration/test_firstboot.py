@@ -134,8 +134,11 @@ class Image:
 
 
 def on_consul(version: str) -> dict[str, str]:
-    """mesh.env's facts about this Consul release, as the render writes them."""
-    return baked.release_env(ConsulRelease.of(version))
+    """mesh.env's facts about this Consul release, as the render writes them, without the
+    version itself: first boot must decide from the facts alone (issue 17)."""
+    facts = baked.release_env(ConsulRelease.of(version))
+    del facts["MESHBAKE_CONSUL_VERSION"]
+    return facts
 
 
 def run(*argv: str | os.PathLike[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
