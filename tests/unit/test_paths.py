@@ -208,11 +208,12 @@ def test_every_script_that_reads_a_path_sources_the_table_first() -> None:
         lines = script.read_text().splitlines()
         if script.name == "meshbake-bake":  # the build VM has the staged copy
             assert "paths_env=${MESHBAKE_PATHS_ENV:-$STAGE/paths.env}" in lines
+            assert any(line.startswith('source_env "$paths_env"') for line in lines)
         elif "load_paths" in lines:  # the shared library's loader
             continue
         else:
             assert BOOTSTRAP in lines, script.name
-        assert '. "$paths_env"' in lines, script.name
+            assert '. "$paths_env"' in lines, script.name
     library = (REPO / "builder" / "image" / "scripts" / "meshbake-lib.sh").read_text()
     assert BOOTSTRAP in [line.strip() for line in library.splitlines()]
 
