@@ -234,6 +234,7 @@ def expectations(
         "token": token,
         "fixture": fixture,
         "redirect_backend": spec.consul.release.backend.value,
+        "dns_token_key": spec.consul.release.dns_token_key,
         "fail_closed": tproxy.fail_closed,
         "imds_restricted": spec.imds_restricted,
         "imds_allow_users": list(spec.imds_users),
