@@ -156,11 +156,12 @@ def gate_cloud_init_schema(
 
 
 def shipped_scripts() -> list[Path]:
-    """Every shell script that ships in ``scripts/`` (they start with a shebang)."""
+    """Every shell script that ships in ``scripts/``: they start with a shebang, and the
+    sourced library with a ``shellcheck shell=`` line."""
     found = []
     for entry in resources.files("builder.image").joinpath("scripts").iterdir():
         path = Path(str(entry))
-        if path.is_file() and path.read_bytes().startswith(b"#!"):
+        if path.is_file() and path.read_bytes().startswith((b"#!", b"# shellcheck shell=")):
             found.append(path)
     return sorted(found)
 
@@ -183,7 +184,10 @@ def shellcheck(paths: list[Path], *options: str) -> list[str]:
     """Run shellcheck on ``paths``; return its findings (empty when clean)."""
     if not paths:
         return []
-    done = proc.run(["shellcheck", "--format=gcc", *options, *paths], check=False)
+    # --external-sources: follow each script's `source=` directive into meshbake-lib.sh.
+    done = proc.run(
+        ["shellcheck", "--format=gcc", "--external-sources", *options, *paths], check=False
+    )
     return [line for line in done.stdout.splitlines() if line.strip()]
 
 

@@ -23,6 +23,7 @@ import jinja2
 from builder.errors import SpecError, SpecProblem
 from builder.render import escape, paths
 from builder.spec import boundary, compat
+from builder.spec.compat import ConsulRelease, Feature
 from builder.spec.model import BaseDistro, ImageSpec, LoadedSpec, TokenSource, file_fields
 
 ENVOY_ADMIN = "127.0.0.1:19000"
@@ -37,6 +38,9 @@ RUNTIME_SCRIPTS = (
     "meshbake-imds",
     "meshbake-conntrack",
 )
+
+#: The library the scripts share (say, die, env-file loading); installed beside them.
+SCRIPT_LIB = "meshbake-lib.sh"
 
 #: Installed too when the tokens come from a secret store (tokens.source ssm or
 #: secretsmanager), with what it needs besides python3 (cloud-init's own interpreter):
@@ -129,7 +133,7 @@ GRPC_TLS_PORT = 8503
 
 
 def _grpc_tls(spec: ImageSpec) -> bool:
-    return spec.consul.tls.enabled and compat.parse_version(spec.consul.version) >= (1, 14, 0)
+    return spec.consul.tls.enabled and spec.consul.release.has(Feature.GRPC_TLS)
 
 
 def grpc_ports(spec: ImageSpec) -> dict[str, int]:
@@ -153,7 +157,7 @@ def _tls_config(spec: ImageSpec) -> dict[str, Any]:
     if tls.client_cert:
         files |= {"cert_file": f"{tls_dir}/cert.pem", "key_file": f"{tls_dir}/key.pem"}
     out: dict[str, Any] = {}
-    if compat.parse_version(spec.consul.version) >= (1, 12, 0):
+    if spec.consul.release.has(Feature.TLS_STANZA):
         out["tls"] = {
             "defaults": {**files, "verify_outgoing": tls.verify_outgoing},
             "internal_rpc": {"verify_server_hostname": tls.verify_server_hostname},
@@ -220,8 +224,7 @@ def mesh_env(spec: ImageSpec) -> str:
         "MESHBAKE_GOSSIP": _bool(spec.consul.gossip.enabled),
         "MESHBAKE_TLS": _bool(spec.consul.tls.enabled),
         "MESHBAKE_TLS_CLIENT_CERT": _bool(spec.consul.tls.enabled and spec.consul.tls.client_cert),
-        "MESHBAKE_CONSUL_VERSION": spec.consul.version,
-        "MESHBAKE_REDIRECT_BACKEND": compat.redirect_backend(spec.consul.version).value,
+        **release_env(spec.consul.release),
         "MESHBAKE_SERVICE_PORT": str(spec.service.port),
         "MESHBAKE_FAIL_CLOSED": _bool(tproxy.fail_closed),
         "MESHBAKE_IMDS_RESTRICT": _bool(spec.imds_restricted),
@@ -232,6 +235,19 @@ def mesh_env(spec: ImageSpec) -> str:
     }
     header = "Rendered by meshbake: parameters of the first-boot and redirect scripts."
     return escape.shell_env_file(values, header)
+
+
+def release_env(release: ConsulRelease) -> dict[str, str]:
+    """mesh.env's facts about the Consul release, so the scripts decide nothing about
+    versions: the backend ``redirect-traffic`` drives (meshbake-cleanup) and the
+    ``acl.tokens`` keys of the registering and the DNS token (meshbake-firstboot; the
+    same key means DNS is answered by the registering token)."""
+    return {
+        "MESHBAKE_CONSUL_VERSION": release.version,
+        "MESHBAKE_REDIRECT_BACKEND": release.backend.value,
+        "MESHBAKE_REGISTRATION_TOKEN_KEY": release.registration_token_key,
+        "MESHBAKE_DNS_TOKEN_KEY": release.dns_token_key,
+    }
 
 
 #: The instance metadata service (EC2, and the same address on other clouds).
@@ -276,7 +292,7 @@ def envoy_check_skipped(spec: ImageSpec) -> bool:
     # Short-circuit: without allow_unsupported the load already refused a bad pair.
     if not spec.envoy.allow_unsupported:
         return False
-    return compat.check_pair(spec.consul.version, spec.envoy.version) is not None
+    return compat.check_pair(spec.consul.release, spec.envoy.version) is not None
 
 
 def units(spec: ImageSpec) -> dict[str, str]:
@@ -404,6 +420,8 @@ def baked_files(loaded: LoadedSpec) -> list[BakedFile]:
     ]
     for script in runtime_scripts(spec):
         files.append(BakedFile(f"{paths.LIBEXEC}/{script}", shipped_script(script), 0o755))
+    # Sourced by the scripts from their own folder, never run.
+    files.append(BakedFile(paths.LIB, shipped_script(SCRIPT_LIB)))
     check_spec_files(loaded, [f.dest for f in files])
     for file in spec.all_files:
         files.append(
@@ -455,7 +473,7 @@ def image_packages(spec: ImageSpec) -> tuple[str, ...]:
     >>> image_packages(load_spec("images/web.yaml").spec)
     ('python3', 'nftables', 'systemd-resolved')
     """
-    mesh = [compat.redirect_backend(spec.consul.version).value]
+    mesh = [spec.consul.release.backend.value]
     if spec.consul.dns.forward and spec.base is not BaseDistro.UBUNTU_2204:
         mesh.append("systemd-resolved")
     extra = FETCH_TOKEN_PACKAGES if _secret_store(spec) else ()

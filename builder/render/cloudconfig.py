@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from builder.errors import UserError, reason
 from builder.render import escape, paths
 from builder.render.paths import CARRIER
-from builder.spec import boundary, compat
+from builder.spec import boundary
 from builder.spec.model import BUILD_USER, ImageSpec, TokenSource
 
 EC2_LIMIT = 16 * 1024
@@ -260,7 +260,7 @@ def takes_dns_token(spec: ImageSpec) -> bool:
         spec.consul.acl.enabled
         and spec.tokens.source is TokenSource.USERDATA
         and not spec.tokens.shared
-        and compat.parse_version(spec.consul.version) >= compat.REGISTRATION_TOKEN_SINCE
+        and spec.consul.release.separate_dns_token
     )
 
 
@@ -273,7 +273,7 @@ def _dns_token(spec: ImageSpec, secrets: Secrets, values: dict[str, str]) -> lis
     separate DNS token; there the service's token answers DNS.
     """
     problems: list[str] = []
-    version = compat.parse_version(spec.consul.version)
+    release = spec.consul.release
     if secrets.dns_token is None:
         if takes_dns_token(spec):
             problems.append(
@@ -283,10 +283,10 @@ def _dns_token(spec: ImageSpec, secrets: Secrets, values: dict[str, str]) -> lis
         return problems
     dns = _token(secrets.dns_token, "dns", problems)
     registers = secrets.agent_token if spec.tokens.shared else secrets.service_token
-    if version < compat.REGISTRATION_TOKEN_SINCE:
+    if not release.separate_dns_token:
         if dns != (registers or "").strip():
             problems.append(
-                f"Consul {spec.consul.version} registers the service with the default token,"
+                f"Consul {release.version} registers the service with the default token,"
                 " which also answers DNS before 1.17, so it takes no separate dns token"
             )
     elif not (spec.tokens.shared and dns == (secrets.agent_token or "").strip()):

@@ -6,7 +6,7 @@ Layout of ``DIR``::
     stage/                      uploaded into the VM as /tmp/meshbake
         bake.env paths.env users.list groups.list keys/  parameters of meshbake-bake
         rootfs/... files.tsv    every rendered file, with its mode and owner
-        scripts/                meshbake-bake, meshbake-finalize
+        scripts/                meshbake-bake, meshbake-finalize, meshbake-lib.sh
         artifacts/              consul.zip, envoy, SHA256SUMS (added by ``build``)
     cloudinit/seed/             the qemu build seed (user-data, meta-data)
     cloudinit/first-boot.tftpl  the first-boot user data as a templatefile()
@@ -38,7 +38,7 @@ from builder.spec.model import BUILD_USER, LoadedSpec
 from builder.tools.packer import Packer, PackerVersion
 
 MARKER = "meshbake.json"
-STAGE_SCRIPTS = ("meshbake-bake", "meshbake-finalize")
+STAGE_SCRIPTS = ("meshbake-bake", "meshbake-finalize", bake.SCRIPT_LIB)
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,9 @@ def _write_stage(ctx: BakeFolder, loaded: LoadedSpec) -> None:
     for user, keys in bake.authorized_keys(spec).items():
         _write(escape.inside(stage / "keys", f"{user}.pub"), keys)
     for name in STAGE_SCRIPTS:
-        _write(stage / "scripts" / name, bake.shipped_script(name), 0o755)
+        # The library is sourced by meshbake-bake from its folder, never run.
+        mode = 0o644 if name == bake.SCRIPT_LIB else 0o755
+        _write(stage / "scripts" / name, bake.shipped_script(name), mode)
     (stage / "artifacts").mkdir(exist_ok=True)
 
 

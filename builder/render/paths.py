@@ -33,6 +33,9 @@ FIRSTBOOT_MARKER = "/var/lib/meshbake/firstboot.done"
 CARRIER = "/run/meshbake/firstboot.env"
 LIBEXEC = "/usr/libexec/meshbake"
 FETCH_TOKEN = "/usr/libexec/meshbake/meshbake-fetch-token"
+#: Sourced by the runtime scripts from their own folder (so a checkout's scripts find
+#: theirs too); listed here for the bake and the README.
+LIB = "/usr/libexec/meshbake/meshbake-lib.sh"
 UNIT_DIR = "/etc/systemd/system"
 CLOUD_CFG_DROPIN = "/etc/cloud/cloud.cfg.d/90-meshbake.cfg"
 BASE_CLOUD_CFG_DROPIN = "/etc/cloud/cloud.cfg.d/50-meshbake-base.cfg"
@@ -76,6 +79,7 @@ TABLE: tuple[ImagePath, ...] = (
     ImagePath("MESHBAKE_CARRIER_FILE", CARRIER, "first-boot secrets from user data (tmpfs)"),
     ImagePath("MESHBAKE_LIBEXEC_DIR", LIBEXEC, "the runtime scripts"),
     ImagePath("MESHBAKE_FETCH_TOKEN", FETCH_TOKEN, "token fetcher (secret-store images only)"),
+    ImagePath("MESHBAKE_LIB", LIB, "the scripts' shared library (say, die, env files)"),
     ImagePath("MESHBAKE_UNIT_DIR", UNIT_DIR, "the rendered systemd units"),
     ImagePath("MESHBAKE_CLOUD_CFG", CLOUD_CFG_DROPIN, "cloud-init settings of every image"),
     ImagePath("MESHBAKE_BASE_CLOUD_CFG", BASE_CLOUD_CFG_DROPIN, "cloud-init settings of the base"),

@@ -10,11 +10,11 @@ the check. The documentation's compatibility table disagrees with these files fo
 1.21.x and 1.22.x (hashicorp/consul issue #23929); the binary is what counts, so the
 table below follows the files.
 
->>> accepted_range("1.22.1")
+>>> ConsulRelease.of("1.22.1").envoy
 EnvoyRange(low=(1, 33), high=(1, 36))
->>> print(check_pair("1.22.1", "1.38.3"))  # doctest: +ELLIPSIS
+>>> print(check_pair(ConsulRelease.of("1.22.1"), "1.38.3"))  # doctest: +ELLIPSIS
 Consul 1.22.1 refuses Envoy 1.38.3: ... 1.33.0 up to but not including 1.36.0 (1.33-1.35); ...
->>> check_pair("2.1.0", "1.38.3") is None
+>>> check_pair(ConsulRelease.of("2.1.0"), "1.38.3") is None
 True
 """
 
@@ -61,21 +61,36 @@ CONSUL_LINES: dict[str, ConsulLine] = {
     ),
 }
 
-#: The first Consul release with transparent proxy on VMs (``redirect-traffic``).
-MIN_CONSUL = (1, 11, 1)
 
-#: The first Consul release whose ``redirect-traffic`` uses nftables (``sdk/nftables``;
-#: CHANGELOG 2.1.0: "Migrated the consul connect redirect-traffic command ... to nftables").
-NFTABLES_SINCE = (2, 1, 0)
+class Feature(StrEnum):
+    """What the image uses of Consul that depends on its release (see ``SINCE``)."""
 
-#: The first Consul release whose service registrations from config files use their own
-#: token (``acl.tokens.config_file_service_registration``); before it, the default token.
-REGISTRATION_TOKEN_SINCE = (1, 15, 0)
+    #: Transparent proxy on VMs (``consul connect redirect-traffic``): meshbake's floor.
+    TRANSPARENT_PROXY = "transparent proxy"
+    #: ``tls { defaults, internal_rpc }`` instead of the flat ``ca_file``/``verify_*`` keys.
+    TLS_STANZA = "tls stanza"
+    #: ``ports.grpc_tls``: the agent serves xDS over TLS on its own port.
+    GRPC_TLS = "ports.grpc_tls"
+    #: ``acl.tokens.config_file_service_registration``: service registrations from config
+    #: files use their own token; before it, the default token.
+    REGISTRATION_TOKEN = "acl.tokens.config_file_service_registration"
+    #: ``acl.tokens.dns``: the token DNS queries are answered with (CHANGELOG 1.17.0: "acl:
+    #: Add new `acl.tokens.dns` config field", GH-17936). Before it, the default token.
+    DNS_TOKEN = "acl.tokens.dns"
+    #: ``redirect-traffic`` drives nftables (``sdk/nftables``; CHANGELOG 2.1.0: "Migrated
+    #: the consul connect redirect-traffic command ... to nftables"); before it, iptables.
+    NFTABLES = "nftables redirect"
 
-#: The first Consul release with ``acl.tokens.dns``, the token DNS queries are answered
-#: with (CHANGELOG 1.17.0: "acl: Add new `acl.tokens.dns` config field", GH-17936).
-#: Before it, DNS uses the default token.
-DNS_TOKEN_SINCE = (1, 17, 0)
+
+#: The one place each threshold is written: the first Consul release with the feature.
+SINCE: dict[Feature, tuple[int, int, int]] = {
+    Feature.TRANSPARENT_PROXY: (1, 11, 1),
+    Feature.TLS_STANZA: (1, 12, 0),
+    Feature.GRPC_TLS: (1, 14, 0),
+    Feature.REGISTRATION_TOKEN: (1, 15, 0),
+    Feature.DNS_TOKEN: (1, 17, 0),
+    Feature.NFTABLES: (2, 1, 0),
+}
 
 VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
@@ -127,56 +142,98 @@ def parse_version(text: str) -> tuple[int, int, int]:
     return major, minor, patch
 
 
-def minor_of(version: str) -> str:
-    """``1.38.3`` -> ``1.38``."""
-    major, minor, _ = parse_version(version)
-    return f"{major}.{minor}"
-
-
-def accepted_range(consul_version: str) -> EnvoyRange | None:
-    """What ``consul connect envoy`` of this version accepts, or None when unknown.
+def _envoy_range(line: str) -> EnvoyRange | None:
+    """What ``consul connect envoy`` of this line accepts, or None when unknown.
 
     The lowest listed minor is the floor; the highest listed minor + 1 is the
     exclusive ceiling (``checkEnvoyVersionCompatibility``).
     """
-    line = CONSUL_LINES.get(minor_of(consul_version))
-    if line is None:
+    known = CONSUL_LINES.get(line)
+    if known is None:
         return None
-    minors = [parse_version(v)[:2] for v in line.envoy_versions]
+    minors = [parse_version(v)[:2] for v in known.envoy_versions]
     top = max(minors)
     return EnvoyRange(low=min(minors), high=(top[0], top[1] + 1))
 
 
-def check_pair(consul_version: str, envoy_version: str) -> str | None:
+@dataclass(frozen=True)
+class ConsulRelease:
+    """The Consul release an image bakes, with every fact meshbake derives from it.
+
+    Computed once when the spec loads (``Consul.release``); everything else asks it and
+    nobody re-parses the version string.
+
+    >>> r = ConsulRelease.of("1.16.2")
+    >>> r.line, r.backend.value, r.registration_token_key, r.dns_token_key
+    ('1.16', 'iptables', 'config_file_service_registration', 'default')
+    >>> ConsulRelease.of("2.1.0").backend
+    <RedirectBackend.NFTABLES: 'nftables'>
+    """
+
+    version: str
+    number: tuple[int, int, int]
+    #: The release line, ``major.minor``.
+    line: str
+    #: The packet filter ``redirect-traffic`` drives.
+    backend: RedirectBackend
+    #: The Envoy releases ``connect envoy`` accepts; None when the line is not tabulated.
+    envoy: EnvoyRange | None
+    features: frozenset[Feature]
+
+    @classmethod
+    def of(cls, version: str) -> ConsulRelease:
+        """Parse ``X.Y.Z``; raise ``ValueError`` otherwise."""
+        number = parse_version(version)
+        line = f"{number[0]}.{number[1]}"
+        features = frozenset(f for f, since in SINCE.items() if number >= since)
+        backend = (
+            RedirectBackend.NFTABLES if Feature.NFTABLES in features else RedirectBackend.IPTABLES
+        )
+        return cls(version, number, line, backend, _envoy_range(line), features)
+
+    def has(self, feature: Feature) -> bool:
+        return feature in self.features
+
+    @property
+    def registration_token_key(self) -> str:
+        """The ``acl.tokens`` key of the token that registers the service from its
+        config file: its own key from 1.15, the default token before."""
+        if self.has(Feature.REGISTRATION_TOKEN):
+            return "config_file_service_registration"
+        return "default"
+
+    @property
+    def dns_token_key(self) -> str:
+        """The ``acl.tokens`` key whose token answers DNS: ``dns`` from 1.17, else the
+        default token. Before 1.15 that is also the registration token, so there is no
+        separate DNS token (``registration_token_key == dns_token_key``)."""
+        return "dns" if self.has(Feature.DNS_TOKEN) else "default"
+
+    @property
+    def separate_dns_token(self) -> bool:
+        """Whether DNS can be answered by a token other than the registering one."""
+        return self.dns_token_key != self.registration_token_key
+
+
+def check_pair(release: ConsulRelease, envoy_version: str) -> str | None:
     """Return one plain line when real Consul would refuse the pair, else None."""
-    accepted = accepted_range(consul_version)
+    accepted = release.envoy
     if accepted is None:
         known = ", ".join(sorted(CONSUL_LINES, key=lambda v: parse_version(v + ".0")))
         return (
-            f"Consul {minor_of(consul_version)}.x is not in meshbake's compatibility table"
+            f"Consul {release.line}.x is not in meshbake's compatibility table"
             f" (known lines: {known}); set envoy.allow_unsupported: true to bake it anyway"
         )
     if envoy_version not in accepted:
         return (
-            f"Consul {consul_version} refuses Envoy {envoy_version}: its connect envoy accepts"
+            f"Consul {release.version} refuses Envoy {envoy_version}: its connect envoy accepts"
             f" Envoy {accepted.describe()}; pick an Envoy in that range or set"
             " envoy.allow_unsupported: true"
         )
     return None
 
 
-def redirect_backend(consul_version: str) -> RedirectBackend:
-    """iptables before Consul 2.1, nftables from 2.1 on.
-
-    >>> redirect_backend("2.0.0"), redirect_backend("2.1.0")
-    (<RedirectBackend.IPTABLES: 'iptables'>, <RedirectBackend.NFTABLES: 'nftables'>)
-    """
-    if parse_version(consul_version) >= NFTABLES_SINCE:
-        return RedirectBackend.NFTABLES
-    return RedirectBackend.IPTABLES
-
-
-def outbound_cidr_problem(consul_version: str, cidr: str) -> str | None:
+def outbound_cidr_problem(release: ConsulRelease, cidr: str) -> str | None:
     """Why this Consul's ``redirect-traffic`` refuses (or misreads) an outbound CIDR
     exclusion that the spec's own check accepted, or None.
 
@@ -190,15 +247,16 @@ def outbound_cidr_problem(consul_version: str, cidr: str) -> str | None:
       (IPv6 rules are ip6tables', written only for a dual-stack agent), and iptables
       refuses an IPv6 address there, so the redirect fails.
 
-    >>> outbound_cidr_problem("2.0.0", "10.0.0.0/8") is None
+    >>> outbound_cidr_problem(ConsulRelease.of("2.0.0"), "10.0.0.0/8") is None
     True
-    >>> print(outbound_cidr_problem("2.1.0", "::ffff:10.0.0.1/120"))  # doctest: +ELLIPSIS
+    >>> nft = ConsulRelease.of("2.1.0")
+    >>> print(outbound_cidr_problem(nft, "::ffff:10.0.0.1/120"))  # doctest: +ELLIPSIS
     Consul 2.1 refuses it: ... at most 32 ...
     """
-    line = minor_of(consul_version)
+    line = release.line
     address, _, prefix = cidr.partition("/")
     ip = ipaddress.ip_address(address)
-    if redirect_backend(consul_version) is RedirectBackend.IPTABLES:
+    if release.backend is RedirectBackend.IPTABLES:
         if ip.version == 6:
             return (
                 f"Consul {line} refuses it: before 2.1 redirect-traffic passes each exclusion"

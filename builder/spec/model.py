@@ -30,6 +30,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -448,15 +449,26 @@ class Consul(Model):
     dns: Dns = Dns()
     log_level: Literal["trace", "debug", "info", "warn", "error"] = "info"
     source: ConsulSource = ConsulSource()
+    #: The release with its line, backend, Envoy range and features: computed once here.
+    _release: compat.ConsulRelease = PrivateAttr()
 
     @field_validator("version")
     @classmethod
     def _has_tproxy(cls, version: str) -> str:
-        if compat.parse_version(version) < compat.MIN_CONSUL:
+        if not compat.ConsulRelease.of(version).has(compat.Feature.TRANSPARENT_PROXY):
+            first = ".".join(map(str, compat.SINCE[compat.Feature.TRANSPARENT_PROXY]))
             raise ValueError(
-                f"{version} is older than 1.11.1, the first release with transparent proxy on VMs"
+                f"{version} is older than {first}, the first release with transparent proxy on VMs"
             )
         return version
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._release = compat.ConsulRelease.of(self.version)
+
+    @property
+    def release(self) -> compat.ConsulRelease:
+        """What every other module asks about this Consul (never ``version`` itself)."""
+        return self._release
 
 
 class Tokens(Model):
@@ -837,7 +849,7 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
     errors: Found = []
     warnings: Found = []
 
-    message = compat.check_pair(spec.consul.version, spec.envoy.version)
+    message = compat.check_pair(spec.consul.release, spec.envoy.version)
     if message is not None and not spec.envoy.allow_unsupported:
         errors.append(("envoy.version", message))
     elif message is not None:
@@ -884,7 +896,7 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
         )
 
     for i, cidr in enumerate(tproxy.exclude_outbound_cidrs):
-        problem = compat.outbound_cidr_problem(spec.consul.version, cidr)
+        problem = compat.outbound_cidr_problem(spec.consul.release, cidr)
         if problem is not None:
             errors.append((f"service.transparent_proxy.exclude_outbound_cidrs[{i}]", problem))
 

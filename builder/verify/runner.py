@@ -40,7 +40,7 @@ from builder import proc
 from builder.errors import UserError
 from builder.progress import Progress, to_stderr
 from builder.render import baked, cloudconfig, paths
-from builder.spec import boundary, compat
+from builder.spec import boundary
 from builder.spec.model import Accelerator, LoadedSpec, load_spec
 from builder.tools.qemu import choose_accelerator
 from builder.verify.imagetests import helpers
@@ -242,7 +242,8 @@ def expectations(
         "dns_forward": spec.consul.dns.forward,
         "token": token,
         "fixture": fixture,
-        "redirect_backend": compat.redirect_backend(spec.consul.version).value,
+        "redirect_backend": spec.consul.release.backend.value,
+        "dns_token_key": spec.consul.release.dns_token_key,
         "fail_closed": tproxy.fail_closed,
         "imds_restricted": spec.imds_restricted,
         "imds_allow_users": list(spec.imds_users),

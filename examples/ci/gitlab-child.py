@@ -9,14 +9,14 @@ Usage: gitlab-child.py plan.json > child-pipeline.yml
 import json
 import shlex
 import sys
+from pathlib import Path
 
 #: The job runs as root in a Debian 12 container: the Debian packages, then .venv.
 SETUP = ["tools/setup", 'export PATH="$PWD/.venv/bin:$PATH"']
 
 
 def main(plan_file: str) -> int:
-    with open(plan_file, encoding="utf-8") as f:
-        plan = json.load(f)
+    plan = json.loads(Path(plan_file).read_text(encoding="utf-8"))
     pipeline: dict[str, object] = {"stages": ["build", "collect", "promote"]}
     builds = []
     for job in plan:
@@ -52,9 +52,9 @@ def main(plan_file: str) -> int:
         "environment": {"name": "dev"},
         "script": [
             "pip install .",
-            "python3 -c 'import json; [print(b[\"image\"], b[\"manifest\"])"
-            " for b in json.load(open(\"release/release.json\"))[\"builds\"]"
-            " if b[\"target\"] == \"aws\"]' | while read -r image manifest; do"
+            'python3 -c \'import json; [print(b["image"], b["manifest"])'
+            ' for b in json.load(open("release/release.json"))["builds"]'
+            ' if b["target"] == "aws"]\' | while read -r image manifest; do'
             ' meshbake promote "$image" --channel dev --build "release/$manifest"; done',
         ],
     }

@@ -196,7 +196,7 @@ def test_double_carries_the_same_envoy_versions_as_compat() -> None:
     } == double.ENVOY_VERSIONS
     for line in double.ENVOY_VERSIONS:
         low, high = double.envoy_range(f"{line}.0")
-        expected = compat.accepted_range(f"{line}.0")
+        expected = compat.ConsulRelease.of(f"{line}.0").envoy
         assert expected is not None, line
         assert (low, high) == (expected.low, expected.high), line
 

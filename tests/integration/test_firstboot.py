@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.render import paths
+from builder.render import baked, paths
+from builder.spec.compat import ConsulRelease
 from tests.paths import REPO
 
 FIRSTBOOT = REPO / "builder" / "image" / "scripts" / "meshbake-firstboot"
@@ -116,7 +117,7 @@ class Image:
             "MESHBAKE_GOSSIP": "false",
             "MESHBAKE_TLS": "false",
             "MESHBAKE_TLS_CLIENT_CERT": "false",
-            "MESHBAKE_CONSUL_VERSION": "2.1.0",
+            **on_consul("2.1.0"),
         }
         return env | settings
 
@@ -134,6 +135,14 @@ class Image:
 
     def check(self, unit: str, **settings: str) -> subprocess.CompletedProcess[str]:
         return run(CHECK, unit, env=self.env(**settings))
+
+
+def on_consul(version: str) -> dict[str, str]:
+    """mesh.env's facts about this Consul release, as the render writes them, without the
+    version itself: first boot must decide from the facts alone (issue 17)."""
+    facts = baked.release_env(ConsulRelease.of(version))
+    del facts["MESHBAKE_CONSUL_VERSION"]
+    return facts
 
 
 def run(*argv: str | os.PathLike[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -223,7 +232,7 @@ REGISTRATION = "config_file_service_registration"
 
 def test_before_consul_1_15_the_default_token_registers_the_service(image: Image) -> None:
     image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, MESHBAKE_SERVICE_TOKEN=SERVICE_TOKEN)
-    assert_ok(image.firstboot(MESHBAKE_TOKENS="separate", MESHBAKE_CONSUL_VERSION="1.14.9"))
+    assert_ok(image.firstboot(MESHBAKE_TOKENS="separate", **on_consul("1.14.9")))
     tokens = json.loads(image.secrets_file.read_text())["acl"]["tokens"]
     assert tokens == {"agent": AGENT_TOKEN, "default": SERVICE_TOKEN}
 
@@ -279,7 +288,7 @@ def test_the_dns_token_answers_dns_per_consul_line(
     image: Image, version: str, tokens: str, carrier: dict[str, str], expected: dict[str, str]
 ) -> None:
     image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, **carrier)
-    result = image.firstboot(MESHBAKE_TOKENS=tokens, MESHBAKE_CONSUL_VERSION=version)
+    result = image.firstboot(MESHBAKE_TOKENS=tokens, **on_consul(version))
     assert_ok(result)
     assert_no_secret_in(result)
     secrets = json.loads(image.secrets_file.read_text())
@@ -293,7 +302,7 @@ def test_before_consul_1_15_a_separate_dns_token_is_refused(image: Image) -> Non
         MESHBAKE_SERVICE_TOKEN=SERVICE_TOKEN,
         MESHBAKE_DNS_TOKEN=DNS_TOKEN,
     )
-    result = image.firstboot(MESHBAKE_TOKENS="separate", MESHBAKE_CONSUL_VERSION="1.14.9")
+    result = image.firstboot(MESHBAKE_TOKENS="separate", **on_consul("1.14.9"))
     assert result.returncode == 1
     assert "MESHBAKE_DNS_TOKEN" in result.stderr
     assert_no_secret_in(result)

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import pytest
 
+from builder.build import gates
+from builder.render import baked
+from builder.spec.compat import ConsulRelease
 from tests.paths import REPO
 
 SCRIPTS = REPO / "builder" / "image" / "scripts"
@@ -234,7 +237,7 @@ def write_mesh(
         "MESHBAKE_TLS": "false",
         "MESHBAKE_TLS_CLIENT_CERT": "false",
         "MESHBAKE_CONSUL_BIN": str(consul_bin),
-        "MESHBAKE_CONSUL_VERSION": consul_version,
+        **baked.release_env(ConsulRelease.of(consul_version)),
         "MESHBAKE_SERVICE_PORT": str(SERVICE_PORT),
         "MESHBAKE_FAIL_CLOSED": "false",
     }
@@ -372,7 +375,7 @@ def test_cleanup_removes_only_consul_chains(
     add_rules(reference_netns, UNRELATED_BEFORE + UNRELATED_AFTER)
     reference_netns.iptables("nat", "-A POSTROUTING -o lo -j MASQUERADE", binary="ip6tables")
 
-    netns.ok(CLEANUP, env=clean_env())
+    netns.ok(CLEANUP, env=clean_env(MESHBAKE_REDIRECT_BACKEND="iptables"))
 
     after = netns.all_rules()
     for table in ("nat", "ip6 nat"):
@@ -386,11 +389,27 @@ def test_cleanup_removes_only_consul_chains(
 
 @pytest.mark.root
 @needs_root
+def test_cleanup_takes_the_backend_from_mesh_env_and_never_from_the_version(
+    netns: Netns,
+) -> None:
+    """mesh.env states the backend; the version alone decides nothing (issue 17)."""
+    add_rules(netns, UNRELATED_BEFORE)
+    before = netns.all_rules()
+    result = netns.run(CLEANUP, env=clean_env(MESHBAKE_CONSUL_VERSION=NFT_CONSUL))
+    assert result.returncode == 1
+    assert result.stderr == (
+        "meshbake-cleanup: MESHBAKE_REDIRECT_BACKEND is not set; is mesh.env loaded?\n"
+    )
+    assert netns.all_rules() == before
+
+
+@pytest.mark.root
+@needs_root
 def test_cleanup_with_nothing_there_is_a_noop(netns: Netns) -> None:
     add_rules(netns, UNRELATED_BEFORE)
     before = netns.all_rules()
     for _ in range(2):
-        result = netns.ok(CLEANUP, env=clean_env())
+        result = netns.ok(CLEANUP, env=clean_env(MESHBAKE_REDIRECT_BACKEND="iptables"))
         assert "nothing to remove" in result.stderr
     assert netns.all_rules() == before
 
@@ -444,7 +463,7 @@ def test_redirect_recovers_from_a_half_applied_crash(
     mesh = with_agent(netns, write_mesh(tmp_path))
     netns.ok(REDIRECT, env=mesh.env())
     expected = netns.rules("nat")
-    netns.ok(CLEANUP, env=clean_env())
+    netns.ok(CLEANUP, env=clean_env(MESHBAKE_REDIRECT_BACKEND="iptables"))
     # What a crash in the middle of redirect-traffic leaves behind.
     netns.iptables("nat", "-N CONSUL_PROXY_INBOUND")
     netns.iptables("nat", "-N CONSUL_PROXY_OUTPUT")
@@ -1064,10 +1083,8 @@ def test_shellcheck() -> None:
     assert shellcheck, "shellcheck is part of the test toolchain: apt-get install shellcheck"
     files = shebang_scripts()
     assert REDIRECT in files and CLEANUP in files
-    result = subprocess.run(
-        [shellcheck, *map(os.fspath, files)], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    findings = gates.shellcheck(files)  # as the bake's gate runs it: following the library
+    assert findings == [], "\n".join(findings)
 
 
 # --- the redirect's token and real redirect-traffic's ACL checks ----------------------

@@ -37,7 +37,8 @@ def wheel(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_carries_the_shipped_files(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    for script in ("meshbake-bake", "meshbake-firstboot", "meshbake-redirect", "meshbake-cleanup"):
+    scripts = ("meshbake-bake", "meshbake-firstboot", "meshbake-redirect", "meshbake-cleanup")
+    for script in (*scripts, "meshbake-lib.sh"):
         assert f"builder/image/scripts/{script}" in names
     assert "builder/image/cloud.cfg.d/90-meshbake.cfg" in names
     assert "builder/build/keys/hashicorp.asc" in names

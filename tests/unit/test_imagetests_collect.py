@@ -51,6 +51,7 @@ EXPECT = {
     "token": "4d3c2b1a-0000-4000-8000-000000000000",
     "fixture": True,
     "redirect_backend": "nftables",
+    "dns_token_key": "dns",
     "fail_closed": False,
     "imds_restricted": True,
     "imds_allow_users": [],

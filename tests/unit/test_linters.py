@@ -1,5 +1,5 @@
-"""Linters as tests: ruff on builder/ and tests/, mypy --strict on builder/ and the
-Consul double's package (tests/fixtures/consul_double), the
+"""Linters as tests: ruff on builder/, tests/, bench/ and examples/, mypy --strict on
+builder/ and the Consul double's package (tests/fixtures/consul_double), the
 import-linter layering contract, and shellcheck on every shipped script."""
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ def run_module(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+#: What ruff checks: the package, the tests, the benchmarks and the example pipelines.
+RUFF_PATHS = ("builder", "tests", "bench", "examples")
+
+
 def test_ruff_check() -> None:
-    done = run_module("ruff", "check", "--no-cache", "builder", "tests")
+    done = run_module("ruff", "check", "--no-cache", *RUFF_PATHS)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_ruff_format() -> None:
-    done = run_module("ruff", "format", "--check", "--no-cache", "builder", "tests")
+    done = run_module("ruff", "format", "--check", "--no-cache", *RUFF_PATHS)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

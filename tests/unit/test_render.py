@@ -653,7 +653,9 @@ def test_render_context_layout(example: LoadedSpec, tmp_path: Path) -> None:
     assert summary["packer"] == "1.6.6"
     assert [u.name for u in ctx.units()] == sorted(bake.units(example.spec))
     for script in ctx.scripts():
-        assert script.stat().st_mode & 0o111, script
+        # The shared library is sourced, never run.
+        runnable = script.name != bake.SCRIPT_LIB
+        assert bool(script.stat().st_mode & 0o111) is runnable, script
     for doc in ctx.cloud_configs():
         assert doc.read_text().startswith("#cloud-config"), doc
     tsv = (ctx.stage_dir / "files.tsv").read_text().splitlines()

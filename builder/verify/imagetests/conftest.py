@@ -62,6 +62,7 @@ EXPECT_KEYS = frozenset(
         "token",
         "fixture",
         "redirect_backend",
+        "dns_token_key",
         "fail_closed",
         "imds_restricted",
         "imds_allow_users",
