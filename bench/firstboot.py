@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from install_at_boot import prepare  # noqa: E402
 
-from builder.build import base  # noqa: E402
-from builder.build.run import BuildOptions, build_image  # noqa: E402
+from builder.bake import base  # noqa: E402
+from builder.bake.run import BuildOptions, build_image  # noqa: E402
 from builder.render import cloudconfig  # noqa: E402
 from builder.spec.model import Accelerator, LoadedSpec, load_spec  # noqa: E402
 from builder.tools.qemu import choose_accelerator  # noqa: E402

@@ -33,7 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from builder.build import artifacts, base  # noqa: E402
+from builder.bake import artifacts, base  # noqa: E402
 from builder.render import cloudconfig  # noqa: E402
 from builder.render.context import render_context  # noqa: E402
 from builder.spec.model import Accelerator, LoadedSpec, load_spec  # noqa: E402

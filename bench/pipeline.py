@@ -23,9 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from builder.build import base  # noqa: E402
-from builder.build.gates import validate_spec  # noqa: E402
-from builder.build.run import BuildOptions, build_image  # noqa: E402
+from builder.bake import base  # noqa: E402
+from builder.bake.gates import validate_spec  # noqa: E402
+from builder.bake.run import BuildOptions, build_image  # noqa: E402
 from builder.render import cloudconfig  # noqa: E402
 from builder.render.context import render_context  # noqa: E402
 from builder.spec.model import Accelerator, load_spec  # noqa: E402

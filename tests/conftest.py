@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import base
-from builder.build.base import BaseImage
+from builder.bake import base
+from builder.bake.base import BaseImage
 from tests.paths import REPO
 
 pytest_plugins = ["tests.fixtures.plugin"]

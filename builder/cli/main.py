@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from builder import __version__, proc
-from builder.build import artifacts, base
-from builder.build import run as build
-from builder.build.gates import validate_spec
-from builder.build.run import TARGETS
+from builder.bake import artifacts, base
+from builder.bake import run as build
+from builder.bake.gates import validate_spec
+from builder.bake.run import TARGETS
 from builder.cli import aws as cli_aws
 from builder.cli import release as cli_release
 from builder.cli.common import (

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from builder.build.arch import DEFAULT, target_arches
+from builder.bake.arch import DEFAULT, target_arches
 from builder.errors import UserError
 from builder.spec.model import load_spec
 

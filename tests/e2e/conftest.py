@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build.base import BaseImage
-from builder.build.run import BuildOptions, BuildResult, build_image
+from builder.bake.base import BaseImage
+from builder.bake.run import BuildOptions, BuildResult, build_image
 from tests.fixtures.plugin import CONSUL_ZIP_ENV, ZIP_NAME_RE, ReleaseFor
 from tests.paths import REPO
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build.run import BuildResult, build_image
+from builder.bake.run import BuildResult, build_image
 from builder.digest import sha256_file
 from builder.verify.runner import VerifyReport, verify_image
 from tests.fixtures.release import MeshTokens

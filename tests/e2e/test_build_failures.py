@@ -35,8 +35,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build.base import BaseImage
-from builder.build.run import BuildOptions, build_image
+from builder.bake.base import BaseImage
+from builder.bake.run import BuildOptions, build_image
 from builder.errors import UserError
 from builder.proc import processes_naming
 from tests.fixtures.signals import dispositions

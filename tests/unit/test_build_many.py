@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build import run as build
-from builder.build.run import BuildOptions, BuildResult, BuildRun, build_many, summary_table
+from builder.bake import run as build
+from builder.bake.run import BuildOptions, BuildResult, BuildRun, build_many, summary_table
 from builder.cli import main as cli
 from builder.errors import UserError
 

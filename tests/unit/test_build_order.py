@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.build import artifacts
-from builder.build.run import BuildOptions, build_image
+from builder.bake import artifacts
+from builder.bake.run import BuildOptions, build_image
 from builder.errors import SpecError
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import gates
+from builder.bake import gates
 from builder.cli import main as cli
 from builder.errors import UserError
 from builder.render import baked as bake
@@ -367,7 +367,7 @@ TAMPERED: list[tuple[str, str]] = [
 def test_build_refuses_a_tampered_build_folder(
     example: LoadedSpec, tmp_path: Path, kind: str, where: str, target: str
 ) -> None:
-    from builder.build import run as build
+    from builder.bake import run as build
 
     victim = tmp_path / "victim"
     victim.mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.build.gates import shellcheck, shipped_scripts
+from builder.bake.gates import shellcheck, shipped_scripts
 from tests.paths import REPO
 
 
@@ -69,7 +69,7 @@ def test_layers_hold() -> None:
     [
         ("builder/spec/model.py", "from builder.render import hcl"),  # down reaches up
         ("builder/verify/runner.py", "from builder.aws import client"),  # siblings
-        ("builder/render/hcl.py", "from builder.build import run"),
+        ("builder/render/hcl.py", "from builder.bake import run"),
         ("builder/cli/common.py", "from builder.cli import main"),  # a cycle
     ],
 )

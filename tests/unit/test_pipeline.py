@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from builder.build import gates
-from builder.build import run as build
+from builder.bake import gates
+from builder.bake import run as build
 from builder.cli.main import main
 from builder.errors import UserError
 from builder.render.context import BakeFolder

@@ -313,7 +313,7 @@ env_values = st.one_of(
 @FUZZ
 @given(env_values)
 def test_the_cache_variable_gives_a_folder_or_one_line(value: str) -> None:
-    from builder.build import base
+    from builder.bake import base
 
     with scratch():
         os.environ["MESHBAKE_CACHE"] = value
@@ -346,7 +346,7 @@ entry_kinds = st.sampled_from(["file", "folder", "link", "fifo", "missing"])
 def test_a_tampered_build_folder_never_ends_in_a_traceback_or_a_write_outside(
     entries: dict[str, str], manifest: str
 ) -> None:
-    from builder.build import run as build
+    from builder.bake import run as build
     from builder.spec import boundary
     from builder.verify import runner
 

@@ -359,7 +359,7 @@ def test_arches_come_from_the_spec_and_may_be_a_list() -> None:
     from types import SimpleNamespace
     from typing import cast
 
-    from builder.build.arch import target_arches
+    from builder.bake.arch import target_arches
     from builder.spec.model import ImageSpec
 
     def spec(qemu: object, aws: object) -> ImageSpec:

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Protocol
 
 from builder import __version__, proc
-from builder.build import artifacts, base, gates
-from builder.build.arch import target_arches
+from builder.bake import artifacts, base, gates
+from builder.bake.arch import target_arches
 from builder.digest import sha256_file
 from builder.errors import CommandError, MeshbakeError, UserError, reason
 from builder.progress import Progress, to_stderr

@@ -106,7 +106,7 @@ def hashicorp_key() -> TrustedKey:
     >>> hashicorp_key().fingerprint
     'C874011F0AB405110D02105534365D9472D7468F'
     """
-    resource = resources.files("builder.build") / "keys" / "hashicorp.asc"
+    resource = resources.files("builder.bake") / "keys" / "hashicorp.asc"
     if not resource.is_file():
         raise UserError(
             "HashiCorp's release key (builder/keys/hashicorp.asc) is missing from this "
