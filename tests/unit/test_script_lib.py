@@ -15,7 +15,8 @@ from tests.paths import REPO
 
 SCRIPTS = REPO / "builder" / "image" / "scripts"
 LIB = SCRIPTS / "meshbake-lib.sh"
-SHELLS = ("sh", "bash")  # the scripts are dash (/bin/sh) and bash
+#: The scripts are dash (/bin/sh) and bash; meshbake-firstboot runs bash with pipefail.
+SHELLS = ("sh", "bash", "bash -o pipefail")
 
 #: Values that must come back exactly, never run: what escape.shell_env_file quotes.
 HOSTILE_VALUES = {
@@ -43,7 +44,7 @@ def run(shell: str, body: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Source the library in ``shell`` as a script does, then run ``body``."""
     script = f'set -eu\nprog=meshbake-test\n. "{LIB}"\n{body}\n'
     return subprocess.run(
-        [shell, "-c", script],
+        [*shell.split(), "-c", script],
         env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,

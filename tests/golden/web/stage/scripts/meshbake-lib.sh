@@ -41,10 +41,14 @@ source_env() {
     if [ ! -f "$1" ] || [ ! -r "$1" ]; then
         die "cannot read $2"
     fi
-    _meshbake_bad=$(LC_ALL=C grep -anEv -e "$_meshbake_env_line" -- "$1" | head -n 1) ||
-        die "cannot read $2"
-    [ -z "$_meshbake_bad" ] ||
+    # grep exits 0 when it found a line that is not an assignment, 1 when every line
+    # is one, 2 when it could not read the file. No pipe: under bash's pipefail (which
+    # meshbake-firstboot sets) a "head" after it would turn a clean file into an error.
+    if _meshbake_bad=$(LC_ALL=C grep -anEv -m 1 -e "$_meshbake_env_line" -- "$1"); then
         die "$1:${_meshbake_bad%%:*}: not a MESHBAKE_NAME=value assignment; refusing to source it"
+    elif [ "$?" -ne 1 ]; then
+        die "cannot read $2"
+    fi
     # shellcheck source=/dev/null
     . "$1"
 }
