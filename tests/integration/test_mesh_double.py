@@ -33,7 +33,8 @@ from tests.fixtures.consul_double import xds
 from tests.fixtures.consul_double.ca import Leaf, MeshCA, sni
 from tests.fixtures.consul_double.intentions import Action, Intention
 from tests.fixtures.consul_double.vip import VirtualIPTable
-from tests.integration.test_netns import ENVOY_USER, Netns, envoy_binary, wait_for_port
+from tests.integration.test_netns import ENVOY_USER, Netns, envoy_binary
+from tests.integration.test_netns import server as netns_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -81,15 +82,9 @@ APP = (
 )
 
 
-@contextlib.contextmanager
-def server(ns: Netns, addr: str, port: int, answer: str) -> Iterator[None]:
-    process = subprocess.Popen(ns.argv("/usr/bin/python3", "-c", APP, addr, str(port), answer))
-    try:
-        wait_for_port(ns, port)
-        yield
-    finally:
-        process.terminate()
-        process.wait(10)
+def server(ns: Netns, addr: str, port: int, answer: str) -> contextlib.AbstractContextManager[None]:
+    """The namespace tests' server, running an app that waits for the client first."""
+    return netns_server(ns, addr, port, answer, program=APP)
 
 
 def _netns(name: str) -> Netns:

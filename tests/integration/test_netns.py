@@ -904,8 +904,9 @@ ASK = (
 
 
 @contextlib.contextmanager
-def server(ns: Netns, addr: str, port: int, answer: str) -> Iterator[None]:
-    process = subprocess.Popen(ns.argv("/usr/bin/python3", "-c", ANSWER, addr, str(port), answer))
+def server(ns: Netns, addr: str, port: int, answer: str, program: str = ANSWER) -> Iterator[None]:
+    """Run ``program`` (argv: addr, port, answer) in ``ns`` until the block ends."""
+    process = subprocess.Popen(ns.argv("/usr/bin/python3", "-c", program, addr, str(port), answer))
     try:
         wait_for_port(ns, port)
         yield
