@@ -39,6 +39,7 @@ from builder.aws import client as aws
 from builder.digest import sha256_file
 from builder.errors import UserError
 from builder.render import tags as tag
+from builder.spec import boundary
 
 #: Image and channel names: what an SSM parameter path and a tag key can carry.
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -172,14 +173,7 @@ class Build:
 
 def load_build(path: Path) -> Build:
     """A build from its manifest (``build/<name>/manifest.json`` or a collected one)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such manifest") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable JSON manifest: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a manifest (a JSON object is expected)")
+    data = boundary.read_json_object(path, "build manifest")
 
     def text(key: str) -> str:
         value = data.get(key)
@@ -237,13 +231,10 @@ class LocalRegistry:
             os.close(fd)
 
     def _load(self) -> dict[str, object]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        if not self.path.exists() and not self.path.is_symlink():
             return {"version": 1, "images": {}}
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{self.path}: not a readable channel registry: {exc}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("images"), dict):
+        data = boundary.read_json_object(self.path, "channel registry")
+        if not isinstance(data.get("images"), dict):
             raise UserError(f"{self.path}: images: missing (not a channel registry)")
         return data
 

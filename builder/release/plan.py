@@ -20,6 +20,7 @@ from pathlib import Path
 
 from builder.bake.arch import DEFAULT, target_arches
 from builder.errors import UserError
+from builder.spec import boundary
 from builder.spec.model import load_spec
 
 #: The targets in the order jobs are listed.
@@ -98,14 +99,9 @@ RECORD = "release.json"
 
 def _read_manifest(folder: Path) -> dict[str, object]:
     path = folder / "manifest.json" if folder.is_dir() else folder
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no manifest here (did this job's build finish?)") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable JSON manifest: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a manifest (a JSON object is expected)")
+    if not path.exists() and not path.is_symlink():
+        raise UserError(f"{path}: no manifest here (did this job's build finish?)")
+    data = boundary.read_json_object(path, "build manifest")
     for field in ("image", "target", "spec_hash"):
         if not isinstance(data.get(field), str) or not data[field]:
             raise UserError(f"{path}: {field}: missing or not a string")

@@ -163,7 +163,8 @@ def test_collect_refuses_mismatched_spec_hashes(
 @pytest.mark.parametrize(
     ("content", "field"),
     [
-        ("{not json", "not a readable JSON manifest"),
+        ("{not json", "the build manifest is not JSON"),
+        ("[]", "the build manifest is a JSON list, not an object"),
         ('{"target": "qemu", "spec_hash": "x"}', "image: missing"),
         ('{"image": "web", "target": "aws", "spec_hash": "x"}', "amis: missing"),
     ],
