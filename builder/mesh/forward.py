@@ -30,7 +30,7 @@ CONNECT_TIMEOUT = 10.0
 _CLONE_NEWNET = 0x40000000
 
 
-def _setns(path: Path) -> None:
+def enter_netns(path: Path) -> None:
     """Move the calling thread into the network namespace at ``path``."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -129,7 +129,7 @@ class Forward:
 
     def _run(self, netns: Path) -> None:
         try:
-            _setns(netns)
+            enter_netns(netns)
         except OSError as exc:
             self._error = exc
             self._ready.set()

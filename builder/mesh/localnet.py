@@ -35,7 +35,9 @@ import logging
 import os
 import re
 import secrets
+import socket
 import subprocess
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,7 @@ import yaml
 
 from builder import proc
 from builder.errors import UserError, reason
-from builder.mesh.forward import Forward
+from builder.mesh.forward import Forward, enter_netns
 
 log = logging.getLogger(__name__)
 
@@ -376,3 +378,33 @@ class LocalNetwork:
         forward = Forward(self.netns_path, (str(address), guest_port))
         self._forwards.append(forward)
         return forward.port
+
+    def listen(self, port: int = 0) -> socket.socket:
+        """A TCP listener on the bridge's address, made inside the namespace, for a
+        host-side end that the guests must reach (a socket keeps the namespace it was
+        made in, so the caller's own thread stays where it is). Close it when done."""
+        self._live()
+        made: list[socket.socket] = []
+        failed: list[OSError] = []
+
+        def make() -> None:
+            try:
+                enter_netns(self.netns_path)
+                sock = socket.socket()
+                try:
+                    sock.bind((str(self.server_address.ip), port))
+                    sock.listen(16)
+                except OSError:
+                    sock.close()
+                    raise
+                made.append(sock)
+            except OSError as exc:
+                failed.append(exc)
+
+        # A thread of its own: setns moves only the calling thread, which then ends.
+        worker = threading.Thread(target=make, name=f"listen-{self.name}")
+        worker.start()
+        worker.join()
+        if failed:
+            raise UserError(f"{self.name}: cannot listen on port {port}: {reason(failed[0])}")
+        return made[0]

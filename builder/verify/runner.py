@@ -38,6 +38,7 @@ import paramiko
 
 from builder import proc
 from builder.errors import UserError
+from builder.mesh.localnet import LocalNetwork
 from builder.progress import Progress, to_stderr
 from builder.render import baked, cloudconfig, paths
 from builder.spec import boundary
@@ -260,6 +261,8 @@ class Vm:
     key_file: Path
     started: float
     serial_log: Path
+    #: The guest's address on the local mesh network (None on qemu's user-mode network).
+    address: str | None = None
 
     @property
     def uri(self) -> str:
@@ -273,13 +276,16 @@ def _free_port() -> int:
         return port
 
 
-def _seed_iso(work: Path, user_data: str, instance: str) -> Path:
+def _seed_iso(work: Path, user_data: str, instance: str, network_config: str | None) -> Path:
     seed = work / "seed"
     seed.mkdir()
     (seed / "user-data").write_text(user_data)
     (seed / "meta-data").write_text(f"instance-id: {instance}\nlocal-hostname: {instance}\n")
     iso = work / "seed.iso"
     files = [seed / "user-data", seed / "meta-data"]
+    if network_config is not None:
+        (seed / "network-config").write_text(network_config)
+        files.append(seed / "network-config")
     if shutil.which("genisoimage"):
         argv: list[str | Path] = ["genisoimage", "-quiet", "-output", iso]
     else:
@@ -397,11 +403,17 @@ def boot_vm(
     memory: int = 1024,
     timeout: float = 420.0,
     forwards: Mapping[int, int] | None = None,
+    network: LocalNetwork | None = None,
+    instance: str | None = None,
 ) -> Iterator[Vm]:
     """Boot ``image`` on an overlay in ``work`` and yield once SSH answers.
 
     ``user_data`` receives the ephemeral public key and returns the seed's user data.
-    ``forwards`` maps more ports on the host's 127.0.0.1 to guest ports (TCP), as SSH's.
+    ``instance`` is the instance id and host name (thus Consul's node name), random by
+    default. On qemu's user-mode network (the default), ``forwards`` maps more ports on
+    the host's 127.0.0.1 to guest ports (TCP), as SSH's. On a ``network`` (the local
+    mesh), the VM gets a tap on its bridge and a static address (``Vm.address``); SSH
+    and any other port are reached through the network's forwards on 127.0.0.1.
     The VM is powered off (then killed, if it must be) on the way out.
     """
     key = work / "verify_ed25519"
@@ -410,8 +422,28 @@ def boot_vm(
     proc.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", image.resolve(), overlay]
     )
-    iso = _seed_iso(work, user_data(public.read_text()), f"verify-{uuid.uuid4().hex[:8]}")
-    port = _free_port()
+    instance = instance or f"verify-{uuid.uuid4().hex[:8]}"
+    tap = None if network is None else network.add_tap(instance)
+    iso = _seed_iso(
+        work,
+        user_data(public.read_text()),
+        instance,
+        None if tap is None else tap.network_config,
+    )
+    if tap is None or network is None:
+        port = _free_port()
+        nic = [
+            "-netdev",
+            f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22"
+            + "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in (forwards or {}).items()),
+            "-device",
+            "virtio-net,netdev=n0",
+        ]
+    else:
+        if forwards:
+            raise ValueError("on a local network, forward ports with LocalNetwork.forward")
+        port = network.forward(tap.lease.address.ip, 22)
+        nic = tap.qemu_args
     serial = work / "serial.log"
     accel = choose_accelerator(accelerator)
     argv: list[str | Path] = [
@@ -434,16 +466,16 @@ def boot_vm(
         f"file={overlay},if=virtio,format=qcow2",
         "-drive",
         f"file={iso},media=cdrom,readonly=on",
-        "-netdev",
-        f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22"
-        + "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in (forwards or {}).items()),
-        "-device",
-        "virtio-net,netdev=n0",
+        *nic,
     ]
     progress(f"verify: booting {image.name} ({accel.value}, SSH on 127.0.0.1:{port})")
     started = time.monotonic()
-    qemu = proc.spawn(argv, log_file=work / "qemu.log")
-    vm = Vm(port, key, started, serial)
+    if network is None:
+        qemu = proc.spawn(argv, log_file=work / "qemu.log")
+    else:
+        qemu = network.run_in(argv, log_file=work / "qemu.log")
+    address = None if tap is None else str(tap.lease.address.ip)
+    vm = Vm(port, key, started, serial, address)
     try:
         _wait_ssh(vm, qemu, started + timeout)
         yield vm
@@ -564,22 +596,29 @@ def _number(text: str) -> int | float | str:
 
 
 class HostListener:
-    """A TCP listener on the host's 127.0.0.1 for the outbound check.
+    """A TCP listener on the host side for the outbound check.
 
-    The VM reaches it as ``10.0.2.2`` (qemu's user-mode gateway maps to the host's
-    loopback). Each connection's first line goes into ``log``, one line each, and is
-    answered with ``banner`` and the line, so a check can tell that its connection
-    arrived here, and nowhere else.
+    By default it listens on the host's 127.0.0.1, which a VM on qemu's user-mode
+    network reaches as ``10.0.2.2``; a VM on the local mesh network reaches a listener
+    made in that network's namespace (``LocalNetwork.listen``) at the bridge's address,
+    given as ``sock`` and ``guest_address``. Each connection's first line goes into
+    ``log``, one line each, and is answered with ``banner`` and the line, so a check can
+    tell that its connection arrived here, and nowhere else.
     """
 
     GUEST_ADDRESS = "10.0.2.2"
 
-    def __init__(self, log: Path) -> None:
+    def __init__(
+        self, log: Path, sock: socket.socket | None = None, guest_address: str | None = None
+    ) -> None:
         self.log = log
         self.banner = f"meshbake-listener {uuid.uuid4().hex[:12]}"
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
+        self.guest_address = guest_address or self.GUEST_ADDRESS
+        if sock is None:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(16)
+        self._sock = sock
         self._sock.settimeout(0.5)
         self.port: int = self._sock.getsockname()[1]
         self._lock = threading.Lock()
@@ -599,7 +638,7 @@ class HostListener:
     def outbound(self) -> dict[str, Any]:
         """The ``traffic.outbound`` entry of expect.json."""
         return {
-            "address": self.GUEST_ADDRESS,
+            "address": self.guest_address,
             "port": self.port,
             "banner": self.banner,
             "log": str(self.log),

@@ -20,6 +20,7 @@ import json
 import re
 import shlex
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -181,6 +182,72 @@ def tcp_exchange(address: str, port: int, payload: bytes, timeout: float = 5.0) 
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc}"
     return Exchange(True, data.decode("utf-8", "replace"), error)
+
+
+@dataclass(frozen=True)
+class MeshIdentity:
+    """A mesh client's certificate: a leaf of the mesh CA (or of another CA) for a
+    service, and the CA that the client trusts for the server's certificate."""
+
+    service: str
+    cert: str
+    key: str
+    ca: str
+
+    @classmethod
+    def from_expect(cls, entry: Mapping[str, str]) -> MeshIdentity:
+        return cls(entry["service"], entry["cert"], entry["key"], entry["ca"])
+
+
+def spiffe_uris(peer: Mapping[str, Any] | None) -> list[str]:
+    """The URI SANs of a peer certificate as ``ssl`` decodes it.
+
+    >>> spiffe_uris({"subjectAltName": (("URI", "spiffe://t/ns/default/dc/dc1/svc/web"),)})
+    ['spiffe://t/ns/default/dc/dc1/svc/web']
+    """
+    return [value for kind, value in (peer or {}).get("subjectAltName", ()) if kind == "URI"]
+
+
+def tls_exchange(
+    address: str,
+    port: int,
+    payload: bytes,
+    identity: MeshIdentity,
+    server_name: str,
+    timeout: float = 5.0,
+) -> tuple[Exchange, list[str]]:
+    """Connect with mutual TLS as ``identity`` (SNI ``server_name``), send ``payload``,
+    read until the peer closes: (the exchange, the server certificate's URI SANs).
+
+    The server's certificate must chain to ``identity.ca``; its SPIFFE ID is returned
+    for the caller to compare (Python's ``ssl`` checks DNS names only). A refused
+    handshake is a connection without a reply, with the TLS error.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # Consul's leaves carry SPIFFE URIs, not host names
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(identity.ca)
+    context.load_cert_chain(identity.cert, identity.key)
+    try:
+        raw = socket.create_connection((address, port), timeout=timeout)
+    except OSError as exc:
+        return Exchange(False, error=f"{type(exc).__name__}: {exc}"), []
+    data = b""
+    uris: list[str] = []
+    with contextlib.closing(raw):
+        try:
+            with context.wrap_socket(raw, server_hostname=server_name) as sock:
+                uris = spiffe_uris(sock.getpeercert())
+                sock.sendall(payload)
+                while len(data) < 65536:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+        except (OSError, ssl.SSLError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            return Exchange(True, data.decode("utf-8", "replace"), error), uris
+    return Exchange(True, data.decode("utf-8", "replace")), uris
 
 
 #: Runs inside the VM (python3, which cloud-init needs anyway): the guest side of
