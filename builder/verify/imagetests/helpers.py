@@ -250,6 +250,57 @@ def tls_exchange(
     return Exchange(True, data.decode("utf-8", "replace")), uris
 
 
+def http_call(
+    sock: Any, method: str, host_port: str, path: str, token: str, body: Any = None
+) -> tuple[int, str]:
+    """One HTTP/1.0 request on a connected socket (or SSH channel) to Consul's API:
+    (status, body). The token goes in ``X-Consul-Token``, never in a URL or an argv."""
+    data = b"" if body is None else json.dumps(body).encode()
+    head = (
+        f"{method} {path} HTTP/1.0\r\nHost: {host_port}\r\nX-Consul-Token: {token}\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    )
+    sock.sendall(head.encode() + data)
+    reply = b""
+    while len(reply) < 4 * 1024 * 1024:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    header, _, payload = reply.partition(b"\r\n\r\n")
+    status = header.split(b" ", 2)[1:2]
+    return (int(status[0]) if status and status[0].isdigit() else 0), payload.decode(
+        "utf-8", "replace"
+    )
+
+
+def agent_call(
+    host: Host, method: str, path: str, token: str, body: Any = None, port: int = 8500
+) -> tuple[int, str]:
+    """Call the VM's own Consul agent (127.0.0.1:``port`` inside the VM) through an SSH
+    channel of the suite's connection, so that no token appears in a command line, a
+    process list or the VM's journal (sudo logs the commands it runs)."""
+    transport = host.backend.client.get_transport()
+    channel = transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0))
+    channel.settimeout(30)
+    try:
+        return http_call(channel, method, f"127.0.0.1:{port}", path, token, body)
+    finally:
+        channel.close()
+
+
+def api_call(url: str, method: str, path: str, token: str) -> tuple[int, Any]:
+    """Call a Consul server's HTTP API at ``url`` (``http://127.0.0.1:PORT``): (status,
+    the decoded JSON body, or its text when it is not JSON)."""
+    address, _, port = url.removeprefix("http://").partition(":")
+    with socket.create_connection((address, int(port)), timeout=30) as sock:
+        status, text = http_call(sock, method, f"{address}:{port}", path, token)
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
 #: Runs inside the VM (python3, which cloud-init needs anyway): the guest side of
 #: :func:`tcp_exchange`, printed as JSON with the guest's CLOCK_MONOTONIC at connect.
 _GUEST_EXCHANGE = """

@@ -31,6 +31,7 @@ counts) with ``record_property``; the runner reads them from the JUnit file.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
@@ -53,6 +54,9 @@ from .helpers import (
     OUTBOUND_CX,
     CheckFailed,
     Exchange,
+    MeshIdentity,
+    agent_call,
+    api_call,
     consul_rules,
     deltas,
     down_for_good,
@@ -66,12 +70,17 @@ from .helpers import (
     run_with_deadline,
     short,
     tcp_exchange,
+    tls_exchange,
     unit_state_command,
     unliteral,
     wait_for,
 )
 
 Record = Callable[[str, object], None]
+
+#: The request line the guest sends to an upstream (the guest adds the final newline,
+#: which ends the headers of this HTTP/1.0 request).
+HTTP_LINE = "GET / HTTP/1.0\r\nHost: meshbake-verify\r\n\r"
 
 SECRETS = "/etc/consul.d/zz-meshbake-secrets.json"
 SIDECAR_TOKEN = "/etc/envoy/token"
@@ -82,8 +91,6 @@ MARKER = "/var/lib/meshbake/firstboot.done"
 MESH_ENV = "/etc/meshbake/mesh.env"
 FIRSTBOOT = "/usr/libexec/meshbake/meshbake-firstboot"
 FIXTURE_ROOT_LOG = "/var/tmp/consul-fixture/calls-root.log"
-#: Where the fixture consul's agent (user consul) logs each DNS question it gets.
-FIXTURE_DNS_LOG = "/var/tmp/consul-fixture/dns-consul.log"
 SIDECAR = "envoy-sidecar.service"
 
 #: Where a leaked secret could sit; searched like the baked phase does.
@@ -353,16 +360,43 @@ def inbound_exchange(expect: dict[str, Any]) -> Exchange:
     return tcp_exchange(target["address"], int(target["port"]), HTTP_PROBE)
 
 
+def mesh_target(expect: dict[str, Any]) -> dict[str, Any]:
+    """The control plane's side of the mesh checks (clients, upstreams, its API)."""
+    mesh = expect.get("mesh")
+    if mesh is None:
+        pytest.skip("no control plane reachable from here (verify --host): mesh not checked")
+    return dict(mesh)
+
+
+def mesh_exchange(expect: dict[str, Any], client: str) -> tuple[Exchange, list[str]]:
+    """One mutual-TLS connection from outside the VM to the service port, as the mesh
+    client ``client`` (``allowed``, ``denied`` or ``foreign``): (exchange, the server
+    certificate's SPIFFE IDs)."""
+    mesh = mesh_target(expect)
+    target = traffic_target(expect, "inbound")
+    identity = MeshIdentity.from_expect(mesh["clients"][client])
+    return tls_exchange(
+        target["address"], int(target["port"]), HTTP_PROBE, identity, mesh["server_name"]
+    )
+
+
 def check_inbound(host: Host, expect: dict[str, Any]) -> dict[str, int]:
-    """A connection from outside reaches the app through Envoy's public listener."""
+    """A mesh client that an intention allows reaches the app from outside the VM,
+    through Envoy's public listener, which shows the service's own SPIFFE ID."""
+    mesh = mesh_target(expect)
+    client = mesh["clients"]["allowed"]["service"]
     before = envoy_counters(host)
-    exchange = inbound_exchange(expect)
+    exchange, uris = mesh_exchange(expect, "allowed")
     moved = deltas(before, envoy_counters(host))
     require(
-        exchange.answered and moved[INBOUND_CX] >= 1 and moved[APP_CONNECT_FAIL] == 0,
-        f"a connection from outside to port {expect['port']} is answered by the app"
-        f" through Envoy's public listener ({INBOUND_CX} +1, {APP_CONNECT_FAIL} +0)",
-        f"{exchange.describe()}; {short(moved)}",
+        exchange.answered
+        and uris == [mesh["spiffe_id"]]
+        and moved[INBOUND_CX] >= 1
+        and moved[APP_CONNECT_FAIL] == 0,
+        f"a mesh client ({client}, mutual TLS) from outside to port {expect['port']} is"
+        f" answered by the app through Envoy's public listener, which presents"
+        f" {mesh['spiffe_id']} ({INBOUND_CX} +1, {APP_CONNECT_FAIL} +0)",
+        f"{exchange.describe()}; server presented {uris or 'nothing'}; {short(moved)}",
     )
     return {"inbound_connections": moved[INBOUND_CX], "inbound_reply_bytes": len(exchange.reply)}
 
@@ -617,6 +651,86 @@ def test_inbound_crosses_the_sidecar(
     record_all(record_property, check_inbound(host, expect))
 
 
+def test_plain_inbound_per_mtls_mode(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    """No direct access: in strict mode a plain client from outside the VM does not
+    reach the app (the public listener wants mutual TLS); in permissive mode it does."""
+    mode = mesh_target(expect)["mtls_mode"]
+    require_sidecar(mesh_up, f"a plain connection to port {expect['port']} meets Envoy")
+    before = envoy_counters(host)
+    exchange = inbound_exchange(expect)
+    moved = deltas(before, envoy_counters(host))
+    if mode == "strict":
+        require(
+            exchange.connected and not exchange.answered and moved[INBOUND_CX] == 0,
+            f"strict mTLS: a plain client from outside to port {expect['port']} is taken"
+            f" by the sidecar and gets nothing from the app ({INBOUND_CX} +0)",
+            f"{exchange.describe()}; {short(moved)}",
+        )
+    else:
+        require(
+            exchange.answered,
+            f"permissive mTLS: a plain client from outside to port {expect['port']} is"
+            " answered by the app",
+            f"{exchange.describe()}; {short(moved)}",
+        )
+    record_property("plain_inbound_answered", int(exchange.answered))
+
+
+@pytest.mark.parametrize(
+    "client,why",
+    [
+        ("denied", "an intention denies its service"),
+        ("foreign", "its certificate is signed by another CA"),
+    ],
+)
+def test_mesh_client_refused(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], client: str, why: str
+) -> None:
+    """A mutual-TLS client that the mesh must refuse gets nothing from the app."""
+    mesh = mesh_target(expect)
+    service = mesh["clients"][client]["service"]
+    require_sidecar(mesh_up, f"the sidecar refuses {service}")
+    before = envoy_counters(host)
+    exchange, _ = mesh_exchange(expect, client)
+    moved = deltas(before, envoy_counters(host))
+    require(
+        not exchange.answered and moved[APP_CONNECT_FAIL] == 0,
+        f"a mesh client as {service} ({why}) gets nothing from the app",
+        f"{exchange.describe()}; {short(moved)}",
+    )
+
+
+def test_upstream_by_virtual_name(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    """The app's user reaches an upstream by ``<upstream>.virtual.consul`` through its
+    own sidecar when an intention allows, and not when one denies."""
+    mesh = mesh_target(expect)
+    user = expect["app_user"]
+    require_sidecar(mesh_up, f"a connection as {user} to an upstream crosses Envoy")
+    seen = {}
+    for which in ("allowed", "denied"):
+        upstream = mesh["upstreams"][which]
+        name = f"{upstream['service']}.virtual.consul"
+        exchange = guest_exchange(host, user, name, int(upstream["port"]), HTTP_LINE)
+        seen[which] = (upstream, name, exchange)
+    allowed, allowed_name, allowed_exchange = seen["allowed"]
+    denied, denied_name, denied_exchange = seen["denied"]
+    require(
+        allowed["banner"] in allowed_exchange.reply,
+        f"as {user}, {allowed_name} answers with {allowed['service']}'s banner",
+        allowed_exchange.describe(),
+    )
+    require(
+        denied["banner"] not in denied_exchange.reply,
+        f"as {user}, {denied_name} (an intention denies it) does not answer",
+        denied_exchange.describe(),
+    )
+    record_property("upstream_reply_bytes", len(allowed_exchange.reply))
+
+
 def test_consul_user_bypasses_the_sidecar(
     host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
 ) -> None:
@@ -641,33 +755,109 @@ def test_outbound_crosses_the_sidecar(
     record_all(record_property, check_outbound(host, expect))
 
 
-def dns_questions(host: Host) -> list[str]:
-    log = host.file(FIXTURE_DNS_LOG)
-    return log.content_string.splitlines() if log.exists else []
+def resolve(host: Host, name: str) -> tuple[list[str], str]:
+    """The IPv4 addresses resolved (systemd-resolved, no cache) gives for ``name``, and
+    what resolvectl said."""
+    result = host.run("resolvectl query -4 --cache=no --legend=no %s", name)
+    said = (result.stdout + result.stderr).strip()
+    if result.rc != 0:
+        return [], said
+    return re.findall(r"\b\d+\.\d+\.\d+\.\d+\b", result.stdout), said
 
 
-def test_dns_reaches_the_agent(
+def dns_answers(host: Host, expect: dict[str, Any]) -> dict[str, tuple[list[str], str]]:
+    mesh = mesh_target(expect)
+    names = [
+        f"{expect['service']}.service.consul",
+        f"{mesh['upstreams']['allowed']['service']}.virtual.consul",
+    ]
+    return {name: resolve(host, name) for name in names}
+
+
+def dns_problems(expect: dict[str, Any], answers: dict[str, tuple[list[str], str]]) -> list[str]:
+    """Why the answers are not the mesh's: the service's name must give the VM's own
+    address, the upstream's virtual name an address in 240.0.0.0/4."""
+    mesh = mesh_target(expect)
+    problems = []
+    for name, (addresses, said) in answers.items():
+        if name.endswith(".service.consul"):
+            good = mesh["vm_address"] in addresses
+        else:
+            good = bool(addresses) and all(
+                ipaddress.IPv4Address(a) in ipaddress.IPv4Network("240.0.0.0/4") for a in addresses
+            )
+        if not good:
+            problems.append(f"{name}: {said[:200]}")
+    return problems
+
+
+def set_dns_token(host: Host, expect: dict[str, Any], token: str) -> None:
+    """``PUT /v1/agent/token/dns`` on the VM's agent, as the operator (its management
+    token: the call needs agent:write)."""
+    mesh = mesh_target(expect)
+    status, body = agent_call(
+        host, "PUT", "/v1/agent/token/dns", read_secret(mesh["api"]["token_file"]),
+        {"Token": token},
+    )  # fmt: skip
+    require(status == 200, "the agent takes a new DNS token (PUT /v1/agent/token/dns)",
+            f"HTTP {status}: {body[:200]}")  # fmt: skip
+
+
+def read_secret(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8").strip()
+
+
+def test_dns_answers_under_the_dns_token(
     host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
 ) -> None:
+    """resolved asks the agent for ``<service>.service.consul`` and
+    ``<upstream>.virtual.consul`` and gets the mesh's answers, which the agent gives
+    under its DNS token: once that token is removed, neither name resolves; once it is
+    back, both do again."""
     if not expect["dns_forward"]:
         pytest.skip("the spec turns DNS forwarding off: resolved does not ask Consul")
-    name = f"{expect['service']}.service.consul"
-    asked_before = sum(name in line for line in dns_questions(host))
-    result = host.run("resolvectl query -4 --cache=no %s", name)
-    seen = (result.stdout + result.stderr).strip()
-    asked = sum(name in line for line in dns_questions(host)) - asked_before
-    answered = result.rc == 0 and re.search(r"\b\d+\.\d+\.\d+\.\d+\b", result.stdout) is not None
-    # With the double, its log shows that the question reached the agent's DNS port
-    # (and not some other resolver that happened to answer).
-    reached = asked >= 1 if expect["fixture"] else answered
-    require(
-        answered and reached,
-        f"resolved asks the agent (127.0.0.1:8600) for {name}, and the agent answers",
-        f"the agent logged {asked} question(s) for {name}; resolvectl: {seen[:300]}"
-        if expect["fixture"]
-        else f"resolvectl: {seen[:300]}",
-    )
-    record_property("dns_questions_at_agent", asked)
+    mesh = mesh_target(expect)
+    require_sidecar(mesh_up, "a running agent to answer DNS")
+    problems = dns_problems(expect, dns_answers(host, expect))
+    require(not problems, "both names resolve to the mesh's addresses", "; ".join(problems))
+    set_dns_token(host, expect, "")
+    try:
+        without = dns_answers(host, expect)
+    finally:
+        set_dns_token(host, expect, read_secret(mesh["dns_token_file"]))
+    resolved = [f"{name}: {said[:120]}" for name, (addresses, said) in without.items() if addresses]
+    require(not resolved, "with the agent's DNS token removed, neither name resolves",
+            "; ".join(resolved))  # fmt: skip
+    problems = dns_problems(expect, dns_answers(host, expect))
+    require(not problems, "with the DNS token back, both names resolve again",
+            "; ".join(problems))  # fmt: skip
+    record_property("dns_names_checked", len(without))
+
+
+def test_catalog_has_the_node_and_passing_instances(
+    expect: dict[str, Any], mesh_up: dict[str, bool]
+) -> None:
+    """The server's catalog holds this VM's node, its service and its sidecar, each
+    instance on this node with every health check passing."""
+    mesh = mesh_target(expect)
+    require_sidecar(mesh_up, "a running agent that registered with the server")
+    url, token = mesh["api"]["url"], read_secret(mesh["api"]["token_file"])
+    problems = []
+    status, nodes = api_call(url, "GET", "/v1/catalog/nodes", token)
+    names = [n.get("Node") for n in nodes] if status == 200 and isinstance(nodes, list) else []
+    if mesh["node"] not in names:
+        problems.append(f"node {mesh['node']} not in /v1/catalog/nodes (HTTP {status}: {names})")
+    for service in (expect["service"], expect["proxy_id"]):
+        status, entries = api_call(url, "GET", f"/v1/health/service/{service}", token)
+        mine = [
+            e for e in (entries if isinstance(entries, list) else [])
+            if e.get("Node", {}).get("Node") == mesh["node"]
+        ]  # fmt: skip
+        states = [c.get("Status") for e in mine for c in e.get("Checks", [])]
+        if not mine or not states or any(state != "passing" for state in states):
+            problems.append(f"{service} on {mesh['node']}: HTTP {status}, checks {states}")
+    require(not problems, "the node, the service and its sidecar in the catalog, passing",
+            "; ".join(problems))  # fmt: skip
 
 
 #: A stand-in for the instance metadata service: the check adds the metadata address
