@@ -346,6 +346,20 @@ class _Entry:
         return Artifact(self.name, self.version, path, self.sha256, self.origin)
 
 
+def cached(cache: Path, name: str, sha256: str) -> Path:
+    """The verified ``name`` artifact with digest ``sha256`` in ``cache``, re-hashed now
+    (a build manifest names its artifacts by digest). A ``UserError`` says what is
+    missing or damaged."""
+    if not _SHA256_RE.fullmatch(sha256):
+        raise UserError(f"{name}: {sha256!r} is not a sha256 digest")
+    blob = _Store(Path(cache)).blobs / sha256
+    if not blob.is_file():
+        raise UserError(f"{name}: the artifact {sha256[:12]} is not in the cache {cache}")
+    if sha256_file(blob) != sha256:
+        raise UserError(f"{name}: the cached copy {blob} is damaged (its digest changed)")
+    return blob
+
+
 class _Store:
     """``<cache>/artifacts``: blobs named by their sha256, and ``index.json``."""
 

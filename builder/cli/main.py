@@ -32,10 +32,12 @@ from builder.cli.common import (
     user_data_from_args,
     warn,
 )
-from builder.errors import Interrupted, UserError
+from builder.errors import Interrupted, UserError, reason
 from builder.render.context import render_context
+from builder.spec import boundary
 from builder.spec.model import Accelerator
 from builder.tools.packer import Packer
+from builder.verify.localmesh import MeshInputs
 
 # --- subcommands ---------------------------------------------------------------------
 
@@ -135,6 +137,42 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0 if all(r.status != "failed" for r in results) else 1
 
 
+def mesh_inputs(
+    image: Path, consul_zip: Path | None, envoy: Path | None, cache: Path | None
+) -> MeshInputs:
+    """The Consul zip and the Envoy binary of verify's local mesh: the ones given, else
+    the image's own, found by the digests in its manifest in the artifact cache."""
+    for given, what in ((consul_zip, "--consul-zip"), (envoy, "--envoy")):
+        if given is not None:
+            try:
+                boundary.regular_size(given, 1 << 30)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{given}: {what}: {reason(exc)}") from None
+    if consul_zip is not None and envoy is not None:
+        return MeshInputs(consul_zip, envoy)
+    manifest_path = image.parent / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(
+            f"{image}: no manifest.json beside it names its Consul and Envoy;"
+            " give --consul-zip and --envoy for verify's local mesh"
+        )
+    manifest = boundary.read_json_object(manifest_path, "build manifest")
+    digests = {
+        entry.get("name"): entry.get("sha256")
+        for entry in manifest.get("artifacts") or []
+        if isinstance(entry, dict)
+    }
+    root = cache or base.default_cache_dir()
+
+    def find(name: str) -> Path:
+        digest = digests.get(name)
+        if not isinstance(digest, str):
+            raise UserError(f"{manifest_path}: artifacts: no {name} entry with a sha256")
+        return artifacts.cached(root, name, digest)
+
+    return MeshInputs(consul_zip or find("consul"), envoy or find("envoy"))
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     # Imported here, not at the top: it brings paramiko, which no other command needs.
     from builder.verify import runner as verify
@@ -152,16 +190,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     elif args.image is None:
         raise UserError("verify needs an IMAGE to boot, or --host with --spec")
     else:
+        phases = args.phase or verify.PHASES
+        mesh = None
+        if "firstboot" in phases:
+            mesh = mesh_inputs(args.image, args.consul_zip, args.envoy, args.cache)
         report = verify.verify_image(
             args.image,
             spec=args.spec,
-            phases=args.phase or verify.PHASES,
+            phases=phases,
             accelerator=Accelerator(args.accelerator),
             progress=progress,
             allow_spec_drift=args.allow_spec_drift,
             token=token,
-            service_token=tokens.get("service"),
-            dns_token=tokens.get("dns"),
+            mesh_inputs=mesh,
         )
     if args.report is not None:
         args.report.write_text(json.dumps(report.to_json(), indent=2) + "\n")
@@ -236,9 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="[ROLE=]FILE",
-        help="the ACL token(s) to deliver (ROLE agent or service; default: random ones, "
-        "which an agent that checks ACLs refuses); with --host (required) the token it got",
+        help="with --host (required): the agent token the host was given; with an IMAGE"
+        " the local mesh mints the first boot's tokens, and this token is the one the baked"
+        " phase searches for (default: a random one)",
     )
+    p.add_argument(
+        "--consul-zip",
+        type=Path,
+        help="the Consul release zip of the local mesh's server (default: the image's own,"
+        " from the artifact cache)",
+    )
+    p.add_argument(
+        "--envoy",
+        type=Path,
+        help="the Envoy binary of the local mesh's upstreams (default: the image's own)",
+    )
+    p.add_argument("--cache", type=Path, help="cache folder (default: /var/cache/meshbake)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_verify)
 

@@ -55,6 +55,7 @@ from builder.verify.imagetests.helpers import (
     unit_state_command,
     unit_states,
 )
+from builder.verify.localmesh import MeshInputs, VerifyMesh
 
 PHASES = ("baked", "firstboot")
 VERIFY_USER = "meshbake-verify"
@@ -213,7 +214,8 @@ def expectations(
 
     ``traffic`` holds the outside ends of the first-boot traffic checks: ``inbound``
     (address and port reaching the service port) and ``outbound`` (see
-    :class:`HostListener`); either may be ``None`` where nothing can reach.
+    :class:`HostListener`), either ``None`` where nothing can reach, and ``mesh``, the
+    control plane's side (:meth:`VerifyMesh.expect`), ``None`` where there is none.
     """
     spec = loaded.spec
     tproxy = spec.service.transparent_proxy
@@ -248,7 +250,11 @@ def expectations(
         "fail_closed": tproxy.fail_closed,
         "imds_restricted": spec.imds_restricted,
         "imds_allow_users": list(spec.imds_users),
-        "traffic": traffic or {"inbound": None, "outbound": None},
+        "traffic": {
+            "inbound": (traffic or {}).get("inbound"),
+            "outbound": (traffic or {}).get("outbound"),
+        },
+        "mesh": (traffic or {}).get("mesh"),
     }
 
 
@@ -678,8 +684,16 @@ class ServiceProbe:
     first that crossed the sidecar (:meth:`first_proxied`).
     """
 
-    def __init__(self, port: int, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        port: int,
+        interval: float = 0.5,
+        exchange: Callable[[], helpers.Exchange] | None = None,
+    ) -> None:
         self.port = port
+        #: One probe connection; by default plain TCP. On the mesh it is a mesh client's
+        #: mutual-TLS exchange, which only the sidecar's public listener answers.
+        self.exchange = exchange or (lambda: tcp_exchange("127.0.0.1", port, HTTP_PROBE, timeout=2))
         self.interval = interval
         self.answered: list[float] = []
         self._stop = threading.Event()
@@ -701,7 +715,7 @@ class ServiceProbe:
     def _run(self) -> None:
         while not self._stop.is_set():
             sent = time.monotonic()
-            if tcp_exchange("127.0.0.1", self.port, HTTP_PROBE, timeout=2).answered:
+            if self.exchange().answered:
                 self.answered.append(sent)
             self._stop.wait(self.interval)
 
@@ -847,52 +861,84 @@ def _phase(
     progress: Progress,
     token: str | None,
     leave_out: Sequence[str] = (),
-    service_token: str | None = None,
-    dns_token: str | None = None,
+    mesh_inputs: MeshInputs | None = None,
 ) -> PhaseResult:
     token = token or str(uuid.uuid4())
-    extra: dict[str, Any] | None = None
-    if phase == "firstboot":
-        secrets = cloudconfig.Secrets(
-            agent_token=token,
-            service_token=None
-            if loaded.spec.tokens.shared
-            else (service_token or str(uuid.uuid4())),
-            dns_token=(dns_token or str(uuid.uuid4()))
-            if cloudconfig.takes_dns_token(loaded.spec)
-            else None,
+    if phase == "firstboot" and mesh_inputs is None:
+        raise UserError(
+            "verify's first boot joins a local mesh made of the image's own Consul and"
+            " Envoy: give --consul-zip and --envoy, or keep the build folder's manifest"
+            " and the artifact cache that made the image"
         )
-        values = cloudconfig.carrier_values(loaded.spec, secrets, where="verify")
-        extra = cloudconfig.first_boot_document(values)
     with tempfile.TemporaryDirectory(prefix="meshbake-verify-") as tmp, ExitStack() as ends:
         work = Path(tmp)
         boot_to_ssh = first_boot = None
         figures: dict[str, Any] = {}
         timeline: dict[str, float | None] = {}
         plot: Path | None = None
-        forwards: dict[int, int] = {}
         traffic: dict[str, Any] | None = None
         probe: ServiceProbe | None = None
-        if phase == "firstboot":
-            # The outside ends of the traffic checks: a forward from the host to the
-            # service port (probed from VM start on, for the first proxied connection),
-            # and a listener the VM reaches through qemu's gateway.
-            inbound = _free_port()
-            forwards[inbound] = loaded.spec.service.port
-            listener = ends.enter_context(HostListener(work / "listener.log"))
-            probe = ends.enter_context(ServiceProbe(inbound))
-            traffic = {
-                "inbound": {"address": "127.0.0.1", "port": inbound},
-                "outbound": listener.outbound(),
-            }
+        extra: dict[str, Any] | None = None
+        mesh: VerifyMesh | None = None
+        network: LocalNetwork | None = None
+        secret_values = [token]
         try:
+            if phase == "firstboot" and mesh_inputs is not None:
+                # The mesh first: the server, the upstreams, the tokens and the VM's
+                # address. Then the outside ends of the traffic checks: a forward to the
+                # service port (probed by a mesh client from VM start on, for the first
+                # proxied connection), and a listener the VM reaches on its network.
+                mesh = ends.enter_context(VerifyMesh(loaded, mesh_inputs, work, progress))
+                network = mesh.network
+                assert network is not None
+                token = mesh.secrets.agent_token
+                secret_values = [
+                    value
+                    for value in (
+                        token,
+                        mesh.secrets.service_token,
+                        mesh.secrets.dns_token,
+                        mesh.control.management_token if mesh.control else None,
+                    )
+                    if value
+                ]
+                values = cloudconfig.carrier_values(
+                    loaded.spec, mesh.secrets, where="verify", join=[mesh.server_address]
+                )
+                extra = cloudconfig.first_boot_document(values)
+                guest = network.lease(mesh.node).address.ip
+                inbound = network.forward(guest, loaded.spec.service.port)
+                listener = ends.enter_context(
+                    HostListener(work / "listener.log", network.listen(), mesh.server_address)
+                )
+                mesh_expect = mesh.expect(str(guest))
+                allowed = helpers.MeshIdentity.from_expect(mesh_expect["clients"]["allowed"])
+                probe = ends.enter_context(
+                    ServiceProbe(
+                        inbound,
+                        exchange=lambda: helpers.tls_exchange(
+                            "127.0.0.1",
+                            inbound,
+                            HTTP_PROBE,
+                            allowed,
+                            mesh_expect["server_name"],
+                            timeout=2,
+                        )[0],
+                    )
+                )
+                traffic = {
+                    "inbound": {"address": "127.0.0.1", "port": inbound},
+                    "outbound": listener.outbound(),
+                    "mesh": mesh_expect,
+                }
             with boot_vm(
                 image,
                 work,
                 lambda key: verify_user_data(key, extra),
                 accelerator,
                 progress,
-                forwards=forwards,
+                network=network,
+                instance=None if mesh is None else mesh.node,
             ) as vm:
                 boot_to_ssh = round(time.monotonic() - vm.started, 1)
                 progress(f"verify: {phase}: SSH answered after {boot_to_ssh:.0f}s")
@@ -923,7 +969,7 @@ def _phase(
                         expect["units"],
                         report_folder(image),
                         phase,
-                        secrets=[token],
+                        secrets=secret_values,
                     )
         except UserError as exc:
             return PhaseResult(
@@ -1078,17 +1124,15 @@ def verify_image(
     token: str | None = None,
     allow_spec_drift: bool = False,
     leave_out: Sequence[str] = (),
-    service_token: str | None = None,
-    dns_token: str | None = None,
+    mesh_inputs: MeshInputs | None = None,
 ) -> VerifyReport:
     """Boot ``image`` once per phase and run the checks; never raises for a failed check.
 
-    ``token`` is the agent token delivered in phase firstboot and searched for in phase
-    baked (a fresh random one by default), ``service_token`` the sidecar's and
-    ``dns_token`` the DNS role's when the spec's tokens are separate. A mesh whose agents
-    check ACLs must know them: give the tokens its cluster minted (``meshbake verify
-    --token-file [ROLE=]F``). ``leave_out`` names checks not to run (the broken-image
-    tests leave out the reboot, which the good images prove).
+    Phase firstboot boots the image into a local mesh (:class:`VerifyMesh`) made of
+    ``mesh_inputs``, the image's own Consul zip and Envoy, whose server mints the
+    tokens the first boot delivers. ``token`` is the token phase baked searches for
+    (a fresh random one by default). ``leave_out`` names checks not to run (the
+    broken-image tests leave out the reboot, which the good images prove).
     """
     if not image.is_file():
         raise UserError(f"{image}: no such image")
@@ -1099,9 +1143,7 @@ def verify_image(
     check_spec_drift(image, loaded, allow=allow_spec_drift)
     boundary.own_folder(report_folder(image), "folder of verify's logs")
     results = [
-        _phase(
-            image, loaded, phase, accelerator, progress, token, leave_out, service_token, dns_token
-        )
+        _phase(image, loaded, phase, accelerator, progress, token, leave_out, mesh_inputs)
         for phase in phases
     ]
     return VerifyReport(loaded.spec.name, tuple(results))
