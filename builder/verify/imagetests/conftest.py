@@ -60,13 +60,13 @@ EXPECT_KEYS = frozenset(
         "exclude_uids",
         "dns_forward",
         "token",
-        "fixture",
         "redirect_backend",
         "dns_token_key",
         "fail_closed",
         "imds_restricted",
         "imds_allow_users",
         "traffic",
+        "mesh",
     }
 )
 

@@ -17,9 +17,9 @@ mesh is proved by traffic, through Envoy's own counters (its admin, read in the 
 The redirect's argv and Consul's rule layout (iptables or nft, per ``redirect_backend``)
 are checked as well. The checks run in file order and change the host near the end: the
 sidecar is stopped and started, then the host reboots (the LAST check). Commands run as
-root (the suite turns testinfra's ``--sudo`` on). Where ``expect["fixture"]`` is true,
-consul is the fixture test double, whose argv log is read; with a real consul the
-journal of the sidecar unit (meshbake-redirect logs the argv it runs) stands in for it.
+root (the suite turns testinfra's ``--sudo`` on). The redirect's argv is read from the
+journal of the sidecar unit (meshbake-redirect logs the argv it runs), which exists
+with any Consul: nothing here asks whether Consul is the real one or the test double.
 
 ``expect["traffic"]`` says where the outside ends of the connections are: ``inbound``
 (an address and port on this machine that reaches the service port in the VM) and
@@ -90,7 +90,6 @@ CARRIER = "/run/meshbake/firstboot.env"
 MARKER = "/var/lib/meshbake/firstboot.done"
 MESH_ENV = "/etc/meshbake/mesh.env"
 FIRSTBOOT = "/usr/libexec/meshbake/meshbake-firstboot"
-FIXTURE_ROOT_LOG = "/var/tmp/consul-fixture/calls-root.log"
 SIDECAR = "envoy-sidecar.service"
 
 #: Where a leaked secret could sit; searched like the baked phase does.
@@ -239,20 +238,6 @@ def layout_problems(host: Host, expect: dict[str, Any]) -> list[str]:
 # --- the argv of the redirect ---------------------------------------------------------
 
 
-def fixture_redirect_calls(host: Host) -> list[list[str]]:
-    """argv of every ``connect redirect-traffic`` the fixture consul logged as root."""
-    log = host.file(FIXTURE_ROOT_LOG)
-    if not log.exists:
-        return []
-    calls = []
-    for line in log.content_string.splitlines():
-        _, _, quoted = line.partition("\t")
-        argv = shlex.split(quoted)
-        if argv[:2] == ["connect", "redirect-traffic"]:
-            calls.append(argv)
-    return calls
-
-
 def journal_redirect_calls(host: Host) -> list[list[str]]:
     """argv of every redirect this boot, from meshbake-redirect's lines in the journal."""
     journal = host.check_output("journalctl -b --no-pager -o cat -u %s", SIDECAR)
@@ -260,12 +245,8 @@ def journal_redirect_calls(host: Host) -> list[list[str]]:
     return [m.group(1).split() for m in map(pattern.search, journal.splitlines()) if m]
 
 
-def redirect_lines(host: Host, expect: dict[str, Any]) -> list[str]:
+def redirect_lines(host: Host) -> list[str]:
     """The raw lines that record redirect calls (to show that no token is on them)."""
-    if expect["fixture"]:
-        log = host.file(FIXTURE_ROOT_LOG)
-        text = log.content_string if log.exists else ""
-        return [line for line in text.splitlines() if "redirect-traffic" in line]
     journal = host.check_output("journalctl -b --no-pager -o cat -u %s", SIDECAR)
     return [line for line in journal.splitlines() if "redirect-traffic" in line]
 
@@ -607,18 +588,17 @@ def test_app_started_after_the_redirect(
 
 
 def test_redirect_argv(host: Host, expect: dict[str, Any], mesh_up: dict[str, bool]) -> None:
-    calls = fixture_redirect_calls(host) if expect["fixture"] else journal_redirect_calls(host)
+    calls = journal_redirect_calls(host)
     assert calls, "consul connect redirect-traffic never ran"
     argv = calls[-1]
-    if not expect["fixture"]:
-        assert argv[:2] == ["connect", "redirect-traffic"], argv
+    assert argv[:2] == ["connect", "redirect-traffic"], argv
     wanted = expected_redirect_argv(host, expect)
     require(
         sorted(argv[2:]) == sorted(wanted),
         f"redirect-traffic {' '.join(sorted(wanted))}",
         f"redirect-traffic {' '.join(sorted(argv[2:]))}",
     )
-    lines = redirect_lines(host, expect)
+    lines = redirect_lines(host)
     assert not [line for line in lines if expect["token"] in line], "the token is on the line"
     assert not [a for a in argv if a == "-token" or a.startswith("-token=")]
 
@@ -1109,7 +1089,6 @@ def test_reboot_keeps_the_mesh(
     """After a reboot the redirect is applied once and traffic crosses the sidecar again."""
     require_sidecar(mesh_up, "a mesh that came up, to come up again after a reboot")
     boot_id = host.check_output("cat /proc/sys/kernel/random/boot_id")
-    calls_before = len(fixture_redirect_calls(host)) if expect["fixture"] else 0
     secrets_before = digests(host)
     # A timer lets this command return before the connection drops.
     run_with_deadline(lambda: host.run("systemd-run --no-block --on-active=2 systemctl reboot"), 30)
@@ -1135,12 +1114,8 @@ def test_reboot_keeps_the_mesh(
     require_mesh(mesh_state(rebooted))
     problems = layout_problems(rebooted, expect)
     require(not problems, "after reboot, Consul's rules once", "; ".join(problems))
-    if expect["fixture"]:
-        calls = len(fixture_redirect_calls(rebooted)) - calls_before
-        require(calls == 1, "1 redirect call at reboot", f"{calls}")
-    else:
-        applied = applied_this_boot(rebooted)
-        require(applied == 1, "the redirect applied once this boot", f"{applied} times")
+    applied = applied_this_boot(rebooted)
+    require(applied == 1, "the redirect applied once this boot", f"{applied} times")
     require(digests(rebooted) == secrets_before, "secrets and marker unchanged", "they changed")
     figures: dict[str, int] = {}
     failures: list[str] = []
