@@ -49,7 +49,7 @@ EXPECT = {
     "exclude_uids": [],
     "dns_forward": True,
     "token": "4d3c2b1a-0000-4000-8000-000000000000",
-    "fixture": True,
+    "mesh": None,
     "redirect_backend": "nftables",
     "dns_token_key": "dns",
     "fail_closed": False,
@@ -337,7 +337,7 @@ def test_firstboot_imds_check_expects_the_consul_user_with_cloud_auto_join(
 ) -> None:
     """images/web.yaml joins with provider=aws: the firstboot IMDS check must let the
     consul user through (and still refuse the app's user and nobody)."""
-    expect = runner.expectations(load_spec(example_path), "firstboot", "t", fixture=True)
+    expect = runner.expectations(load_spec(example_path), "firstboot", "t")
     assert expect["imds_restricted"]
     assert "consul" in expect["imds_allow_users"]
     assert expect["app_user"] not in expect["imds_allow_users"]
