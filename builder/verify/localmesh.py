@@ -43,7 +43,7 @@ from builder.mesh.controlplane import ControlPlane, extract_consul, write_privat
 from builder.mesh.localnet import LocalNetwork
 from builder.mesh.upstream import Upstream
 from builder.progress import Progress
-from builder.render import cloudconfig
+from builder.render import baked, cloudconfig
 from builder.spec.model import LoadedSpec
 
 #: The mesh client an intention allows to reach the image's service, and the one an
@@ -193,8 +193,12 @@ class VerifyMesh:
             )
         )
         self.control = control
-        if spec.service.transparent_proxy.mtls_mode == "permissive":
+        # The service's mTLS mode is a service-defaults entry, which an operator
+        # writes on the server (permissive needs the mesh entry's consent first).
+        defaults = baked.service_defaults(spec)
+        if defaults["MutualTLSMode"] == "permissive":
             control.allow_permissive()
+        control.call("PUT", "/v1/config", defaults)
         # Intentions first: a sidecar's intentions are read when it starts.
         control.intention(service, UPSTREAM, allow=True)
         control.intention(service, UPSTREAM_DENIED, allow=False)
@@ -255,7 +259,7 @@ class VerifyMesh:
             }
 
         return {
-            "mtls_mode": spec.service.transparent_proxy.mtls_mode,
+            "mtls_mode": baked.service_defaults(spec)["MutualTLSMode"],
             "server_name": service_sni(self.trust_domain, datacenter, service),
             "spiffe_id": spiffe_id(self.trust_domain, datacenter, service),
             "node": self.node,

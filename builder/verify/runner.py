@@ -901,8 +901,8 @@ def _phase(
                     if value
                 ]
                 values = cloudconfig.carrier_values(
-                    loaded.spec, mesh.secrets, where="verify", join=[mesh.server_address]
-                )
+                    loaded.spec, mesh.secrets, where="verify"
+                ) | cloudconfig.join_values([mesh.server_address])
                 extra = cloudconfig.first_boot_document(values)
                 guest = network.lease(mesh.node).address.ip
                 inbound = network.forward(guest, loaded.spec.service.port)
