@@ -212,6 +212,47 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def up_image(value: Path) -> Path:
+    """An image for ``up``: a qcow2 as given, or the image a spec builds by default."""
+    if value.suffix == ".qcow2":
+        if not value.is_file():
+            raise UserError(f"{value}: no such image")
+        return value
+    loaded = load(value)
+    image = Path("build") / loaded.spec.name / f"{loaded.spec.name}.qcow2"
+    if not image.is_file():
+        raise UserError(f"{value}: no image at {image}; bake it first: meshbake build {value}")
+    return image
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from builder.verify import runner
+    from builder.verify import up as local_mesh
+
+    images = [up_image(value) for value in args.images]
+    loaded = []
+    for image in images:
+        spec = runner.spec_for(image)
+        one = load(spec)
+        runner.check_spec_drift(image, one)
+        loaded.append((image, one))
+    consul_zip = args.consul_zip or _env_path(CONSUL_ZIP_ENV)
+    if consul_zip is None:
+        consul_zip = mesh_inputs(images[0], None, None, args.cache).consul_zip
+    intentions = [local_mesh.Intention.parse(v, True) for v in args.intention]
+    intentions += [local_mesh.Intention.parse(v, False) for v in args.deny]
+    local_mesh.up(
+        loaded,
+        consul_zip,
+        intentions=intentions,
+        accelerator=Accelerator(args.accelerator),
+        progress=progress,
+        say=lambda line: print(line, flush=True),
+        as_json=args.json,
+    )
+    return 0
+
+
 # --- wiring -----------------------------------------------------------------------
 
 
@@ -295,6 +336,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="cache folder (default: /var/cache/meshbake)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("up", help="run images in a local mesh with a Consul server")
+    p.add_argument(
+        "images", type=Path, nargs="+", metavar="IMAGE_OR_SPEC", help="qcow2 files or specs"
+    )
+    p.add_argument(
+        "--consul-zip",
+        type=Path,
+        help=f"the server's Consul release zip (default: ${CONSUL_ZIP_ENV}, else the first"
+        " image's own, from the artifact cache)",
+    )
+    p.add_argument(
+        "--intention",
+        action="append",
+        default=[],
+        metavar="SRC=DST",
+        help="allow SRC to reach DST (default: every image may reach every other)",
+    )
+    p.add_argument("--deny", action="append", default=[], metavar="SRC=DST", help="deny SRC -> DST")
+    p.add_argument("--accelerator", choices=[a.value for a in Accelerator], default="auto")
+    p.add_argument("--cache", type=Path, help="cache folder (default: /var/cache/meshbake)")
+    p.add_argument("--json", action="store_true", help="one JSON line once every VM is up")
+    p.set_defaults(handler=cmd_up)
 
     for add in (*AWS_COMMANDS, *RELEASE_COMMANDS):
         add(sub)

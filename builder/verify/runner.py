@@ -377,7 +377,7 @@ def _poll(vm: Vm, command: str, want: str, deadline: float) -> bool:
     return False
 
 
-def _wait_sidecar(vm: Vm, deadline: float) -> list[str]:
+def wait_sidecar(vm: Vm, deadline: float) -> list[str]:
     """Wait for the sidecar to become active; why it is down ([] once it is active).
 
     Gives up before ``deadline`` once consul or the sidecar is down for good
@@ -947,7 +947,7 @@ def _phase(
                     time.monotonic() + 300,
                 )
                 if probe is not None:
-                    down = _wait_sidecar(vm, time.monotonic() + 240)
+                    down = wait_sidecar(vm, time.monotonic() + 240)
                     ready = not down
                     first_boot = round(time.monotonic() - vm.started, 1) if ready else None
                     progress(
