@@ -20,6 +20,8 @@ import yaml
 
 from builder.bake.base import BaseImage
 from builder.bake.run import BuildOptions, BuildResult, build_image
+from builder.cli.main import mesh_inputs
+from builder.verify.localmesh import MeshInputs
 from tests.fixtures.plugin import CONSUL_ZIP_ENV, ZIP_NAME_RE, ReleaseFor
 from tests.paths import REPO
 
@@ -105,3 +107,9 @@ def built(bake: Callable[[str], Example]) -> BuildResult:
 def golden_image(built: BuildResult) -> Path:
     assert built.output is not None and built.output.is_file()
     return built.output
+
+
+def mesh_for(image: Path, options: BuildOptions) -> MeshInputs:
+    """Verify's local mesh for ``image``: its own Consul zip and Envoy, found by its
+    manifest's digests in the cache it was baked with, as ``meshbake verify`` finds them."""
+    return mesh_inputs(image, None, None, options.cache)

@@ -19,9 +19,8 @@ import yaml
 from builder.bake.run import BuildResult, build_image
 from builder.digest import sha256_file
 from builder.verify.runner import VerifyReport, verify_image
-from tests.fixtures.release import MeshTokens
 
-from .conftest import EXAMPLES, Example
+from .conftest import EXAMPLES, Example, mesh_for
 
 
 @pytest.fixture(scope="module", params=EXAMPLES)
@@ -71,15 +70,14 @@ def test_second_build_is_a_noop(built: BuildResult, example: Example) -> None:
 
 
 @pytest.fixture(scope="module")
-def report(example: Example, verify_tokens: MeshTokens) -> VerifyReport:
+def report(example: Example) -> VerifyReport:
     assert example.built.output is not None
-    # The tokens the fixture release's agents know (its token table), as a cluster's
-    # operator hands verify the tokens the cluster minted.
+    # First boot joins a local mesh whose server, from the image's own Consul zip,
+    # mints the tokens the first boot delivers.
     return verify_image(
         example.built.output,
         spec=example.spec,
-        token=verify_tokens.agent,
-        service_token=verify_tokens.service,
+        mesh_inputs=mesh_for(example.built.output, example.options),
     )
 
 

@@ -43,9 +43,11 @@ from pathlib import Path
 
 import pytest
 
+from builder.bake.run import BuildOptions
 from builder.verify import runner as verify
-from tests.fixtures.release import MeshTokens
 from tests.paths import REPO
+
+from .conftest import mesh_for
 
 pytestmark = [pytest.mark.image, pytest.mark.root]
 
@@ -78,10 +80,9 @@ MUST_PASS = {
 
 @pytest.fixture(scope="session")
 def good_image(request: pytest.FixtureRequest) -> Path:
-    """A good golden web image: ``MESHBAKE_E2E_IMAGE``, else the session's bake.
-
-    The firstboot breaks deliver this session's ``verify_tokens``, which only an image
-    baked in this session (its double's token table) knows."""
+    """A good golden web image: ``MESHBAKE_E2E_IMAGE``, else the session's bake (its
+    manifest's Consul zip and Envoy must be in the session's artifact cache: verify's
+    mesh is made of them)."""
     given = os.environ.get("MESHBAKE_E2E_IMAGE")
     if given:
         path = Path(given)
@@ -322,14 +323,14 @@ FIRSTBOOT_MUST_PASS = {
     "test_carrier_removed",
     "test_first_boot_marker",
     "test_redirect_argv",
-    "test_dns_reaches_the_agent",
+    "test_dns_answers_under_the_dns_token",
     "test_firstboot_rerun_is_noop",
 }
 
 
 @pytest.mark.parametrize("name", sorted(FIRSTBOOT_BREAKS))
 def test_firstboot_break_fails_exactly_its_checks(
-    name: str, good_raw: Path, tmp_path: Path, verify_tokens: MeshTokens
+    name: str, good_raw: Path, tmp_path: Path, good_image: Path, e2e_options: BuildOptions
 ) -> None:
     edit, must_fail, words = FIRSTBOOT_BREAKS[name]
     image = edited_copy(good_raw, tmp_path, edit)
@@ -339,8 +340,7 @@ def test_firstboot_break_fails_exactly_its_checks(
         phases=("firstboot",),
         progress=lambda message: None,
         leave_out=LEFT_OUT,
-        token=verify_tokens.agent,
-        service_token=verify_tokens.service,
+        mesh_inputs=mesh_for(good_image, e2e_options),
     )
     (phase,) = report.phases
     assert phase.error is None, phase.error
