@@ -34,10 +34,12 @@ removes the work folder with every token file in it.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -76,6 +78,7 @@ MAX_CONSUL_BYTES = 512 * 1024 * 1024
 FIRST_LOCAL_PORT = 20000
 
 _POLL = 0.2
+_UNNAMEABLE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 class ConsulAPIError(UserError):
@@ -373,7 +376,7 @@ class ControlPlane:
             raise ConsulAPIError(
                 f"Consul {method} {path}: {exc.code} {' '.join(detail.split())}", exc.code
             ) from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             raise ConsulAPIError(f"Consul {method} {path}: no answer: {reason(exc)}", 0) from None
         if not text.strip():
             return None
@@ -408,9 +411,11 @@ class ControlPlane:
         redirect (``GET /v1/agent/self``).
         """
         datacenter = dc or self.datacenter
-        redirect = self._policy(f"meshbake-redirect-{node}", {"agent": {node: {"policy": "read"}}})
+        # A policy name is [A-Za-z0-9-_]{1,128} (agent/consul/acl_endpoint.go validPolicyName).
+        name = _UNNAMEABLE.sub("-", f"meshbake-redirect-{node}")[:128]
+        redirect = self._policy(name, {"agent": {node: {"policy": "read"}}})
         return self._mint(
-            f"node {node} in {datacenter}",
+            f"node {node} in {datacenter} for {service}",
             {
                 "NodeIdentities": [{"NodeName": node, "Datacenter": datacenter}],
                 "ServiceIdentities": [{"ServiceName": service}],
