@@ -267,6 +267,104 @@ def app_listens_nowhere(root: Path) -> None:
     dropin.write_text("[Service]\nExecStart=\nExecStart=/bin/sleep infinity\n")
 
 
+#: A hand-rolled sidecar: Envoy relays plain TCP from the public port to the app, as the
+#: double's Envoy did before verify had a mesh. Outbound passes through.
+RELAY = {
+    "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 19000}}},
+    "static_resources": {
+        "listeners": [
+            {
+                "name": "public_listener",
+                "address": {"socket_address": {"address": "0.0.0.0", "port_value": 21000}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                        ".tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "public_listener",
+                        "cluster": "local_app",
+                    },
+                }]}],
+            },
+            {
+                "name": "outbound_listener",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+                "listener_filters": [{
+                    "name": "envoy.filters.listener.original_dst",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.listener"
+                        ".original_dst.v3.OriginalDst"
+                    },
+                }],
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                        ".tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "upstream.original-destination",
+                        "cluster": "original-destination",
+                    },
+                }]}],
+            },
+        ],
+        "clusters": [
+            {
+                "name": "local_app",
+                "type": "STATIC",
+                "connect_timeout": "5s",
+                "load_assignment": {"cluster_name": "local_app", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {
+                        "address": "127.0.0.1", "port_value": 8080}}}}
+                ]}]},
+            },
+            {
+                "name": "original-destination",
+                "type": "ORIGINAL_DST",
+                "lb_policy": "CLUSTER_PROVIDED",
+                "connect_timeout": "5s",
+            },
+        ],
+    },
+}  # fmt: skip
+
+
+def relay_sidecar(root: Path) -> None:
+    """The sidecar runs Envoy with the plain relay above instead of what Consul gives it
+    (the redirect still runs first, from the unit's own ExecStartPre)."""
+    config = root / "etc/envoy/relay.json"
+    config.write_text(json.dumps(RELAY))
+    config.chmod(0o644)
+    dropin = root / SIDECAR_DROPIN.lstrip("/")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(
+        "[Service]\nExecStart=\n"
+        "ExecStart=/usr/bin/envoy --config-path /etc/envoy/relay.json --disable-hot-restart\n"
+    )
+
+
+DROP_DNS_TOKEN = r"""#!/usr/bin/python3
+# Deliberately broken by tests/e2e/test_broken_image.py: the agent loses its DNS token.
+import json
+path = "/etc/consul.d/zz-meshbake-secrets.json"
+with open(path) as f:
+    config = json.load(f)
+config.get("acl", {}).get("tokens", {}).pop("dns", None)
+with open(path, "w") as f:
+    json.dump(config, f)
+"""
+
+
+def drop_dns_token(root: Path) -> None:
+    """Each time consul starts, the DNS token is gone from its secrets file first."""
+    script = root / "usr/local/sbin/meshbake-broken-dns"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(DROP_DNS_TOKEN)
+    script.chmod(0o755)
+    dropin = root / "etc/systemd/system/consul.service.d/zz-meshbake-broken.conf"
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nExecStartPre=+/usr/local/sbin/meshbake-broken-dns\n")
+
+
 #: The check every traffic break must also fail: after a restart the traffic checks run
 #: again. The reboot (which repeats them once more) is left out here: it costs two
 #: minutes a copy, and the good images prove it (tests/e2e/test_bake_and_verify.py).
@@ -310,6 +408,25 @@ FIRSTBOOT_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, st
             "test_ssh_bypasses_the_sidecar": "not tried: the sidecar is down",
             "test_sidecar_down": "not tried: the sidecar is down",
         },
+    ),
+    "relay": (
+        relay_sidecar,
+        {
+            "test_plain_inbound_per_mtls_mode",
+            "test_inbound_crosses_the_sidecar",
+            "test_mesh_client_refused",
+            "test_upstream_by_virtual_name",
+            *AGAIN,
+        },
+        {
+            "test_plain_inbound_per_mtls_mode": "strict mTLS: a plain client",
+            "test_mesh_client_refused": "gets nothing from the app",
+        },
+    ),
+    "dns_token_missing": (
+        drop_dns_token,
+        {"test_dns_answers_under_the_dns_token", "test_upstream_by_virtual_name"},
+        {"test_dns_answers_under_the_dns_token": "both names resolve"},
     ),
     "app_not_listening": (
         app_listens_nowhere,
