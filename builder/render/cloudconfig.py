@@ -336,7 +336,9 @@ def join_values(addresses: Sequence[str], where: str = "--join") -> dict[str, st
     for raw in addresses:
         address = boundary.join_address(raw, where)
         if address in seen:
-            raise UserError(f"{where} {raw}: the address is already given ({where} {seen[address]})")
+            raise UserError(
+                f"{where} {raw}: the address is already given ({where} {seen[address]})"
+            )
         seen[address] = raw
     return {JOIN_KEY: " ".join(seen)} if seen else {}
 

@@ -612,9 +612,7 @@ HOSTILE_JOINS = {
 
 @pytest.mark.parametrize("value", HOSTILE_JOINS.values(), ids=HOSTILE_JOINS.keys())
 def test_a_hostile_join_value_is_refused_and_nothing_written(image: Image, value: str) -> None:
-    image.deliver(
-        MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, MESHBAKE_RETRY_JOIN=f"198.18.0.1 {value}"
-    )
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, MESHBAKE_RETRY_JOIN=f"198.18.0.1 {value}")
     result = image.firstboot()
     assert result.returncode == 1, result.stderr
     assert "not an IP address or a DNS name; refusing the carrier" in result.stderr

@@ -1099,7 +1099,11 @@ def _join_argv(repo: Path, tmp_path: Path, *joins: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "value",
-    [*(PAYLOADS[p] for p in PAYLOADS), *("198.18.0.1" + PAYLOADS[p] for p in PAYLOADS), *JOIN_REFUSED],
+    [
+        *(PAYLOADS[p] for p in PAYLOADS),
+        *("198.18.0.1" + PAYLOADS[p] for p in PAYLOADS),
+        *JOIN_REFUSED,
+    ],
     ids=[*PAYLOADS, *(f"after-an-address-{p}" for p in PAYLOADS), *JOIN_REFUSED],
 )
 def test_every_hostile_join_value_is_one_line_naming_join(
