@@ -98,7 +98,6 @@ def user_data_from_args(
 ) -> str:
     """The minimal first-boot user data from ``add_secret_args`` options, size-checked;
     ``joins`` are server addresses the agent joins too (``userdata --join``)."""
-    join = cloudconfig.join_values(joins)
     tokens = token_args(args.token_file)
 
     def read(path: Path | None, what: str) -> str | None:
@@ -117,10 +116,10 @@ def user_data_from_args(
         tls_cert=pem(args.tls_cert_file, "TLS certificate"),
         tls_key=pem(args.tls_key_file, "TLS key"),
     )
-    values = cloudconfig.carrier_values(loaded.spec, secrets, where=str(loaded.path)) | join
-    user_data = cloudconfig.first_boot_user_data(values)
     notes: list[str] = []
-    cloudconfig.check_size(user_data, notes)
+    user_data = cloudconfig.user_data_for(
+        loaded.spec, secrets, joins=joins, where=str(loaded.path), notes=notes
+    )
     for note in notes:
         warn(note)
     return user_data

@@ -358,6 +358,23 @@ def first_boot_user_data(values: Mapping[str, str]) -> str:
     return dump(first_boot_document(values))
 
 
+def user_data_for(
+    spec: ImageSpec,
+    secrets: Secrets,
+    *,
+    joins: Sequence[str] = (),
+    where: str = "userdata",
+    notes: list[str] | None = None,
+) -> str:
+    """The minimal first-boot user data ``meshbake userdata`` prints, for any caller (the
+    CLI, ``meshbake up``): the checked secrets, the ``--join`` addresses, the size limit
+    (anything over 1 KiB noted in ``notes``)."""
+    values = carrier_values(spec, secrets, where=where) | join_values(joins)
+    user_data = first_boot_user_data(values)
+    check_size(user_data, [] if notes is None else notes)
+    return user_data
+
+
 def check_size(user_data: str, warn: list[str]) -> None:
     """Refuse user data over EC2's 16 KiB limit; note anything over 1 KiB in ``warn``."""
     size = len(user_data.encode())
