@@ -81,8 +81,10 @@ class Feature(StrEnum):
     #: the consul connect redirect-traffic command ... to nftables"); before it, iptables.
     NFTABLES = "nftables redirect"
     #: ``MutualTLSMode: permissive`` (agent/structs/config_entry.go, ``MutualTLSModePermissive``:
-    #: plain inbound traffic reaches the app beside mTLS), in service-defaults and
-    #: proxy-defaults config entries; CHANGELOG 1.16.0 adds it. Before it, strict only.
+    #: plain inbound traffic reaches the app beside mTLS). CHANGELOG 1.16.0: "mesh: Add new
+    #: permissive mTLS mode ... adds AllowEnablingPermissiveMutualTLS setting to the mesh
+    #: config entry and the MutualTLSMode setting to proxy-defaults and service-defaults".
+    #: Before it, strict only.
     PERMISSIVE_MTLS = "permissive mTLS"
 
 
