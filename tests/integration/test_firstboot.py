@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from builder.errors import UserError
 from builder.render import baked, cloudconfig, paths
+from builder.spec import boundary
 from builder.spec.compat import ConsulRelease
 from tests.paths import REPO
 
@@ -620,3 +622,37 @@ def test_a_hostile_join_value_is_refused_and_nothing_written(image: Image, value
     assert_no_secret_in(result)
     assert image.outputs() == []
     assert not Path("/tmp/meshbake-specjoin-sourced").exists()
+
+
+#: Addresses at the edges of the grammar that userdata and first boot share.
+JOIN_EDGES = [
+    "198.18.0.1", "0.0.0.0", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3",
+    "1.2.3.4.5", "::", "::1", "1::", "2001:DB8::1", "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7::",
+    "1:2:3:4:5:6:7:8::", "1:2:3:4:5:6:7", "1:2", "1::2::3", "12345::1", "::ffff:1.2.3.4",
+    "fe80::1%eth0", "localhost", "consul-1.mesh.example", "a" * 63 + ".example",
+    "a" * 64 + ".example", ".".join(["a" * 63] * 4)[:253], ".".join(["a" * 63] * 4),
+    "-a.example", "a-.example", "a.1", "1a.example", "a_b.example", "xn--bcher-kva.example",
+]  # fmt: skip
+
+
+def _userdata_takes(value: str) -> bool:
+    try:
+        boundary.join_address(value)
+    except UserError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("value", JOIN_EDGES)
+def test_userdata_and_firstboot_take_the_same_join_addresses(image: Image, value: str) -> None:
+    """What ``userdata --join`` takes, first boot takes as it is; what it refuses, first
+    boot refuses too (a forged carrier)."""
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, MESHBAKE_RETRY_JOIN=value)
+    result = image.firstboot()
+    if _userdata_takes(value):
+        assert_ok(result)
+        assert json.loads(image.join_file.read_text()) == {"retry_join": [value]}
+    else:
+        assert result.returncode == 1, result.stderr
+        assert "not an IP address or a DNS name" in result.stderr
+        assert image.outputs() == []
