@@ -93,8 +93,11 @@ def add_secret_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key-file", type=Path)
 
 
-def user_data_from_args(loaded: LoadedSpec, args: argparse.Namespace) -> str:
-    """The minimal first-boot user data from ``add_secret_args`` options, size-checked."""
+def user_data_from_args(
+    loaded: LoadedSpec, args: argparse.Namespace, joins: Sequence[str] = ()
+) -> str:
+    """The minimal first-boot user data from ``add_secret_args`` options, size-checked;
+    ``joins`` are server addresses the agent joins too (``userdata --join``)."""
     tokens = token_args(args.token_file)
 
     def read(path: Path | None, what: str) -> str | None:
@@ -113,10 +116,10 @@ def user_data_from_args(loaded: LoadedSpec, args: argparse.Namespace) -> str:
         tls_cert=pem(args.tls_cert_file, "TLS certificate"),
         tls_key=pem(args.tls_key_file, "TLS key"),
     )
-    values = cloudconfig.carrier_values(loaded.spec, secrets, where=str(loaded.path))
-    user_data = cloudconfig.first_boot_user_data(values)
     notes: list[str] = []
-    cloudconfig.check_size(user_data, notes)
+    user_data = cloudconfig.user_data_for(
+        loaded.spec, secrets, joins=joins, where=str(loaded.path), notes=notes
+    )
     for note in notes:
         warn(note)
     return user_data

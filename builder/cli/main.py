@@ -82,7 +82,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_userdata(args: argparse.Namespace) -> int:
-    sys.stdout.write(user_data_from_args(load(args.spec), args))
+    sys.stdout.write(user_data_from_args(load(args.spec), args, joins=args.join))
     return 0
 
 
@@ -278,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("userdata", help="print the minimal first-boot user data")
     p.add_argument("spec", type=Path)
     add_secret_args(p)
+    p.add_argument(
+        "--join",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="a server address (IPv4, IPv6 or DNS name) the agent joins besides the baked"
+        " consul.retry_join; repeatable",
+    )
     p.set_defaults(handler=cmd_userdata)
 
     p = sub.add_parser("base", help="build (or reuse) the cached Debian 12 base qcow2")

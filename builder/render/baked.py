@@ -196,6 +196,29 @@ def service_definition(spec: ImageSpec) -> dict[str, Any]:
     return {"service": service}
 
 
+def service_defaults(spec: ImageSpec) -> dict[str, Any]:
+    """The service-defaults config entry that gives the service its MutualTLSMode
+    (``service.transparent_proxy.mtls_mode``), for the operator to write on the server
+    (``PUT /v1/config``; ``meshbake up`` does).
+
+    It is not baked into the service definition: Consul takes MutualTLSMode only from
+    service-defaults and proxy-defaults entries (``MutualTLSMode`` with alias
+    ``mutual_tls_mode`` in agent/structs/config_entry.go), and merges it into the proxy
+    from there (agent/configentry/merge_service_config.go). The proxy's own field is
+    ``json:"-"`` (agent/structs/connect_proxy_config.go), agent/config/config.go's
+    ``ServiceProxy`` has no such key, and agent/config/builder.go refuses an unknown key in
+    a config file ("invalid config key"), so the agent would not start. Writing
+    ``permissive`` also needs the mesh entry's ``AllowEnablingPermissiveMutualTLS``
+    (agent/consul/state/config_entry.go, ``checkMutualTLSMode``).
+
+    >>> from builder.spec.model import load_spec
+    >>> service_defaults(load_spec("images/web.yaml").spec)
+    {'Kind': 'service-defaults', 'Name': 'web', 'MutualTLSMode': 'strict'}
+    """
+    mode = spec.service.transparent_proxy.mtls_mode
+    return {"Kind": "service-defaults", "Name": spec.service.name, "MutualTLSMode": mode.value}
+
+
 def resolved_dropin(spec: ImageSpec) -> str:
     return (
         "# Rendered by meshbake: send *.consul lookups to the local Consul agent.\n"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -318,9 +318,34 @@ def _gossip(raw: str, problems: list[str]) -> str:
     return key
 
 
+#: The carrier key of the ``--join`` addresses, separated by spaces; first boot writes
+#: them as ``retry_join`` into ``paths.CONSUL_JOIN`` (``MESHBAKE_JOIN_FILE``).
+JOIN_KEY = "MESHBAKE_RETRY_JOIN"
+
+
+def join_values(addresses: Sequence[str], where: str = "--join") -> dict[str, str]:
+    """The carrier entry for the server addresses the agent joins besides the baked
+    ``consul.retry_join`` (Consul appends list values across config files,
+    agent/config/merge.go), or nothing. Each address passes ``boundary.join_address``;
+    one given twice is an error, never a silent choice.
+
+    >>> join_values(["198.18.0.1", "consul.example"])
+    {'MESHBAKE_RETRY_JOIN': '198.18.0.1 consul.example'}
+    """
+    seen: dict[str, str] = {}
+    for raw in addresses:
+        address = boundary.join_address(raw, where)
+        if address in seen:
+            raise UserError(
+                f"{where} {raw}: the address is already given ({where} {seen[address]})"
+            )
+        seen[address] = raw
+    return {JOIN_KEY: " ".join(seen)} if seen else {}
+
+
 def first_boot_document(values: Mapping[str, str]) -> dict[str, Any]:
     """The first-boot cloud-config as a dict: one tmpfs file, readable by root only."""
-    content = "".join(f"{k}={v}\n" for k, v in values.items())
+    content = escape.carrier_file(values)
     return {
         "write_files": [
             {"path": CARRIER, "permissions": "0600", "owner": "root:root", "content": content}
@@ -331,6 +356,23 @@ def first_boot_document(values: Mapping[str, str]) -> dict[str, Any]:
 def first_boot_user_data(values: Mapping[str, str]) -> str:
     """The minimal first-boot user data, ready to hand to a VM or an instance."""
     return dump(first_boot_document(values))
+
+
+def user_data_for(
+    spec: ImageSpec,
+    secrets: Secrets,
+    *,
+    joins: Sequence[str] = (),
+    where: str = "userdata",
+    notes: list[str] | None = None,
+) -> str:
+    """The minimal first-boot user data ``meshbake userdata`` prints, for any caller (the
+    CLI, ``meshbake up``): the checked secrets, the ``--join`` addresses, the size limit
+    (anything over 1 KiB noted in ``notes``)."""
+    values = carrier_values(spec, secrets, where=where) | join_values(joins)
+    user_data = first_boot_user_data(values)
+    check_size(user_data, [] if notes is None else notes)
+    return user_data
 
 
 def check_size(user_data: str, warn: list[str]) -> None:

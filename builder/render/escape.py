@@ -7,6 +7,7 @@ that its reader gets back exactly the original value and nothing more:
 - systemd unit values: ``%`` specifiers, quoting and ``$`` expansion (``unit_*``);
 - files a shell sources (``bake.env``, ``mesh.env``): ``shlex.quote`` (``shell_*``);
 - the line records the bake script reads (``record``);
+- the first-boot carrier, which ``meshbake-firstboot`` parses (``carrier_file``);
 - HCL strings (``hcl_string``, ``hcl_literal``);
 - YAML documents (``yaml_document``);
 - paths inside the image and inside an output folder (``image_rel``, ``inside``), and
@@ -161,6 +162,30 @@ def record(fields: Iterable[str], separator: str) -> str:
         if separator in field:
             raise Unrepresentable(f"{field!r} holds the separator {separator!r}")
     return separator.join(out) + "\n"
+
+
+# --- the first-boot carrier ------------------------------------------------------------
+
+
+def carrier_file(values: Mapping[str, str]) -> str:
+    """The carrier's ``KEY=VALUE`` lines as ``meshbake-firstboot`` parses them (never
+    sources them): the value is the rest of the line, one layer of matching quotes
+    around it is dropped, a CR at its end too. So a value must be printable, without
+    surrounding spaces and not wrapped in quotes, to come back exactly.
+
+    >>> carrier_file({"MESHBAKE_RETRY_JOIN": "198.18.0.1 consul.example"})
+    'MESHBAKE_RETRY_JOIN=198.18.0.1 consul.example\\n'
+    """
+    lines = []
+    for key, value in values.items():
+        if not re.match(r"^MESHBAKE_[A-Z0-9_]+$", key):
+            raise Unrepresentable(f"carrier: {key!r} is not a MESHBAKE_ name")
+        _printable(value, key)
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'"
+        if value != value.strip() or quoted:
+            raise Unrepresentable(f"{key}: {value!r} would not come back exactly from the carrier")
+        lines.append(f"{key}={value}\n")
+    return "".join(lines)
 
 
 # --- HCL ---------------------------------------------------------------------------------

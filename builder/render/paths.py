@@ -20,6 +20,9 @@ CONSUL_BIN = "/usr/bin/consul"
 ENVOY_BIN = "/usr/bin/envoy"
 CONSUL_CONFIG_DIR = "/etc/consul.d"
 CONSUL_SECRETS = "/etc/consul.d/zz-meshbake-secrets.json"
+#: ``retry_join`` from ``meshbake userdata --join``, written at first boot (root:consul
+#: 0640, as the baked Consul config files are).
+CONSUL_JOIN = "/etc/consul.d/50-join.json"
 CONSUL_TLS_DIR = "/etc/consul.d/tls"
 CONSUL_DATA_DIR = "/var/lib/consul"
 ENVOY_CONFIG_DIR = "/etc/envoy"
@@ -66,6 +69,7 @@ TABLE: tuple[ImagePath, ...] = (
     ImagePath("MESHBAKE_ENVOY_BIN", ENVOY_BIN, "Envoy binary"),
     ImagePath("MESHBAKE_CONSUL_CONFIG_DIR", CONSUL_CONFIG_DIR, "Consul client config, no secret"),
     ImagePath("MESHBAKE_SECRETS_FILE", CONSUL_SECRETS, "ACL tokens and gossip key (first boot)"),
+    ImagePath("MESHBAKE_JOIN_FILE", CONSUL_JOIN, "retry_join from userdata --join (first boot)"),
     ImagePath("MESHBAKE_TLS_DIR", CONSUL_TLS_DIR, "TLS CA, cert and key (first boot)"),
     ImagePath("MESHBAKE_CONSUL_DATA_DIR", CONSUL_DATA_DIR, "Consul data dir, empty in the image"),
     ImagePath("MESHBAKE_ENVOY_CONFIG_DIR", ENVOY_CONFIG_DIR, "the sidecar's own folder"),

@@ -13,6 +13,7 @@ output (systemd, shell, HCL, YAML, paths on disk) lives in ``builder.render.esca
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import os
 import posixpath
@@ -291,6 +292,53 @@ def aws_region(value: str, where: str = "--region") -> str:
     """``value`` when it is an AWS region name, else a one-line ``UserError``."""
     if not re.match(AWS_REGION, value):
         raise UserError(f"{where} {value!r}: not an AWS region like us-east-1")
+    return value
+
+
+#: One DNS label (RFC 1123 2.1): letters, digits and inner hyphens, at most 63.
+_DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"^({_DNS_LABEL}\.)*{_DNS_LABEL}$")
+#: RFC 1035 2.3.4: 255 octets on the wire, so 253 characters written.
+MAX_DNS_NAME = 253
+
+
+def join_address(value: str, where: str = "--join") -> str:
+    """``value`` when it is an IPv4 or IPv6 address or a DNS name for Consul's
+    ``retry_join``; else a one-line ``UserError`` naming ``where``.
+
+    An address comes back in its canonical form. No port, no zone id, no brackets and no
+    cloud auto-join (``provider=...``): the grammar is the one ``meshbake-firstboot``
+    applies again in the image (``join_address()`` there), and nothing in it needs
+    escaping in JSON, YAML or the carrier.
+
+    >>> join_address("198.18.0.1"), join_address("2001:DB8::1"), join_address("consul.example")
+    ('198.18.0.1', '2001:db8::1', 'consul.example')
+    """
+    shown = f"{where} {value[:100]!r}"
+    problem = printable_problem(value)
+    if problem is not None:
+        raise UserError(f"{shown}: {problem}")
+    if ":" in value:
+        try:
+            if "%" in value or "." in value.rpartition(":")[2]:
+                raise ValueError  # a zone id, or an IPv4 tail (::ffff:1.2.3.4)
+            return str(ipaddress.IPv6Address(value))
+        except ValueError:
+            raise UserError(
+                f"{shown}: not an IPv6 address (give the address alone: no port, brackets"
+                " or zone id)"
+            ) from None
+    labels = value.split(".")
+    if labels[-1].isdigit():
+        try:
+            return str(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise UserError(f"{shown}: not an IPv4 address such as 198.18.0.1") from None
+    if len(value) > MAX_DNS_NAME or not _DNS_NAME.match(value):
+        raise UserError(
+            f"{shown}: not an IP address or a DNS name (letters, digits, '-' and '.',"
+            f" at most {MAX_DNS_NAME} characters; no port or provider=)"
+        )
     return value
 
 

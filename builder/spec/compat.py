@@ -80,6 +80,12 @@ class Feature(StrEnum):
     #: ``redirect-traffic`` drives nftables (``sdk/nftables``; CHANGELOG 2.1.0: "Migrated
     #: the consul connect redirect-traffic command ... to nftables"); before it, iptables.
     NFTABLES = "nftables redirect"
+    #: ``MutualTLSMode: permissive`` (agent/structs/config_entry.go, ``MutualTLSModePermissive``:
+    #: plain inbound traffic reaches the app beside mTLS). CHANGELOG 1.16.0: "mesh: Add new
+    #: permissive mTLS mode ... adds AllowEnablingPermissiveMutualTLS setting to the mesh
+    #: config entry and the MutualTLSMode setting to proxy-defaults and service-defaults".
+    #: Before it, strict only.
+    PERMISSIVE_MTLS = "permissive mTLS"
 
 
 #: The one place each threshold is written: the first Consul release with the feature.
@@ -90,6 +96,7 @@ SINCE: dict[Feature, tuple[int, int, int]] = {
     Feature.REGISTRATION_TOKEN: (1, 15, 0),
     Feature.DNS_TOKEN: (1, 17, 0),
     Feature.NFTABLES: (2, 1, 0),
+    Feature.PERMISSIVE_MTLS: (1, 16, 0),
 }
 
 VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")

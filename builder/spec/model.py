@@ -225,6 +225,15 @@ class AclPolicy(StrEnum):
     DENY = "deny"
 
 
+class MtlsMode(StrEnum):
+    """Consul's ``MutualTLSMode`` (agent/structs/config_entry.go): ``strict`` takes only
+    mTLS from the mesh on the public listener; ``permissive`` also lets plain traffic
+    sent to the service port through to the app."""
+
+    STRICT = "strict"
+    PERMISSIVE = "permissive"
+
+
 # --- image contents ---------------------------------------------------------------
 
 
@@ -536,6 +545,10 @@ class TransparentProxy(Model):
     #: When Envoy is down, refuse inbound connections to the service instead of letting
     #: them reach the app around the mesh (the default, fail-open, removes the rules).
     fail_closed: bool = False
+    #: Consul's MutualTLSMode for the service. Consul takes it only from a service-defaults
+    #: (or proxy-defaults) config entry, never from a service definition: see
+    #: ``builder.render.baked.service_defaults``.
+    mtls_mode: MtlsMode = MtlsMode.STRICT
 
     @property
     def inbound_exclusions(self) -> tuple[int, ...]:
@@ -892,6 +905,17 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
             (
                 "service.transparent_proxy.exclude_inbound_ports",
                 f"excludes the service port {spec.service.port}, which would bypass the mesh",
+            )
+        )
+
+    release = spec.consul.release
+    if tproxy.mtls_mode is MtlsMode.PERMISSIVE and not release.has(compat.Feature.PERMISSIVE_MTLS):
+        first = ".".join(map(str, compat.SINCE[compat.Feature.PERMISSIVE_MTLS]))
+        errors.append(
+            (
+                "service.transparent_proxy.mtls_mode",
+                f"permissive needs Consul {first} or later (MutualTLSMode); consul.version is"
+                f" {release.version}, which is strict only",
             )
         )
 

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.render import baked, paths
+from builder.errors import UserError
+from builder.render import baked, cloudconfig, paths
+from builder.spec import boundary
 from builder.spec.compat import ConsulRelease
 from tests.paths import REPO
 
@@ -99,9 +101,14 @@ class Image:
     def marker(self) -> Path:
         return self.at(paths.FIRSTBOOT_MARKER)
 
+    @property
+    def join_file(self) -> Path:
+        return self.at(paths.CONSUL_JOIN)
+
     def outputs(self) -> list[Path]:
         """Every file first boot may write that exists now."""
         candidates = [self.secrets_file, self.token_file, self.redirect_token_file, self.marker]
+        candidates.append(self.join_file)
         candidates += [self.tls_dir / name for name in ("ca.pem", "cert.pem", "key.pem")]
         return [path for path in candidates if path.exists()]
 
@@ -555,3 +562,97 @@ def test_without_the_table_the_scripts_refuse_clearly(image: Image, tmp_path: Pa
     # 255, a failure: the unit must not be skipped as if the secrets were merely missing.
     check = image.check("consul", MESHBAKE_PATHS_ENV=missing)
     assert check.returncode == 255 and message in check.stderr
+
+
+# --- userdata --join: retry_join for Consul, written before it starts --------------------
+
+
+def test_join_addresses_from_userdata_become_consuls_retry_join(image: Image) -> None:
+    """The carrier ``meshbake userdata --join`` makes (the same code renders it) gives
+    /etc/consul.d/50-join.json: JSON with the list, root:consul 0640 like the baked
+    Consul config; a second run changes nothing."""
+    carrier = cloudconfig.join_values(["198.18.0.1", "2001:DB8::1", "consul.mesh.example"])
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, **carrier)
+    result = image.firstboot()
+    assert_ok(result)
+    info = image.join_file.lstat()
+    assert stat.S_ISREG(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o640, oct(info.st_mode)
+    assert info.st_uid == 0
+    assert info.st_gid == pwd.getpwnam(image.consul_user).pw_gid
+    assert json.loads(image.join_file.read_text()) == {
+        "retry_join": ["198.18.0.1", "2001:db8::1", "consul.mesh.example"]
+    }
+    before = image.join_file.read_bytes(), info.st_mtime_ns
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, MESHBAKE_RETRY_JOIN="203.0.113.9")
+    again = image.firstboot()
+    assert_ok(again)
+    assert "already ran" in again.stderr
+    assert (image.join_file.read_bytes(), image.join_file.stat().st_mtime_ns) == before
+
+
+def test_without_join_addresses_no_join_file_is_written(image: Image) -> None:
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN)
+    assert_ok(image.firstboot())
+    assert not image.join_file.exists()
+
+
+#: Values userdata refuses (boundary.join_address), as a forged carrier would bring them.
+HOSTILE_JOINS = {
+    "json break-out": '198.18.0.1"],"acl":{"enabled":false},"x":["',
+    "command": "$(touch /tmp/meshbake-specjoin-sourced)",
+    "cloud auto-join": "provider=aws",
+    "port": "198.18.0.1:8301",
+    "brackets": "[2001:db8::1]",
+    "zone id": "fe80::1%eth0",
+    "octet over 255": "1.2.3.999",
+    "empty label": "a..example",
+    "backslash": "consul\\.example",
+    "glob": "*",
+}
+
+
+@pytest.mark.parametrize("value", HOSTILE_JOINS.values(), ids=HOSTILE_JOINS.keys())
+def test_a_hostile_join_value_is_refused_and_nothing_written(image: Image, value: str) -> None:
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, MESHBAKE_RETRY_JOIN=f"198.18.0.1 {value}")
+    result = image.firstboot()
+    assert result.returncode == 1, result.stderr
+    assert "not an IP address or a DNS name; refusing the carrier" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert_no_secret_in(result)
+    assert image.outputs() == []
+    assert not Path("/tmp/meshbake-specjoin-sourced").exists()
+
+
+#: Addresses at the edges of the grammar that userdata and first boot share.
+JOIN_EDGES = [
+    "198.18.0.1", "0.0.0.0", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3",
+    "1.2.3.4.5", "::", "::1", "1::", "2001:DB8::1", "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7::",
+    "1:2:3:4:5:6:7:8::", "1:2:3:4:5:6:7", "1:2", "1::2::3", "12345::1", "::ffff:1.2.3.4",
+    "fe80::1%eth0", "localhost", "consul-1.mesh.example", "a" * 63 + ".example",
+    "a" * 64 + ".example", ".".join(["a" * 63] * 4)[:253], ".".join(["a" * 63] * 4),
+    "-a.example", "a-.example", "a.1", "1a.example", "a_b.example", "xn--bcher-kva.example",
+]  # fmt: skip
+
+
+def _userdata_takes(value: str) -> bool:
+    try:
+        boundary.join_address(value)
+    except UserError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("value", JOIN_EDGES)
+def test_userdata_and_firstboot_take_the_same_join_addresses(image: Image, value: str) -> None:
+    """What ``userdata --join`` takes, first boot takes as it is; what it refuses, first
+    boot refuses too (a forged carrier)."""
+    image.deliver(MESHBAKE_AGENT_TOKEN=AGENT_TOKEN, MESHBAKE_RETRY_JOIN=value)
+    result = image.firstboot()
+    if _userdata_takes(value):
+        assert_ok(result)
+        assert json.loads(image.join_file.read_text()) == {"retry_join": [value]}
+    else:
+        assert result.returncode == 1, result.stderr
+        assert "not an IP address or a DNS name" in result.stderr
+        assert image.outputs() == []

@@ -1068,3 +1068,85 @@ def test_two_values_for_one_role_is_one_line(
     ):
         line = one_line_error(["userdata", web, *argv], capsys)
         assert "already given" in line, line
+
+
+# --- userdata --join: the server addresses first boot writes as retry_join ---------------
+
+#: What ``--join`` refuses besides the hostile payloads: ports, brackets, zone ids, cloud
+#: auto-join (the baked ``consul.retry_join`` carries that), and malformed names.
+JOIN_REFUSED = [
+    "provider=aws tag_key=consul-role",
+    "198.18.0.1:8301",
+    "[2001:db8::1]",
+    "fe80::1%eth0",
+    "::ffff:198.18.0.1",
+    "1.2.3.999",
+    "198.018.0.1",
+    "a..example",
+    "-a.example",
+    "a" * 64 + ".example",
+    "consul.example.",
+    "",
+]
+
+
+def _join_argv(repo: Path, tmp_path: Path, *joins: str) -> list[str]:
+    token = tmp_path / "token"
+    token.write_text(AGENT + "\n")
+    argv = ["userdata", str(repo / "images" / "web.yaml"), "--token-file", str(token)]
+    return argv + [f"--join={join}" for join in joins]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        *(PAYLOADS[p] for p in PAYLOADS),
+        *("198.18.0.1" + PAYLOADS[p] for p in PAYLOADS),
+        *JOIN_REFUSED,
+    ],
+    ids=[*PAYLOADS, *(f"after-an-address-{p}" for p in PAYLOADS), *JOIN_REFUSED],
+)
+def test_every_hostile_join_value_is_one_line_naming_join(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    code = cli.main(_join_argv(repo, tmp_path, "198.18.0.2", value))
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("meshbake: error: --join "), line
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("given", "carried"),
+    [
+        ("198.18.0.1", "198.18.0.1"),
+        ("2001:DB8:0:0::1", "2001:db8::1"),
+        ("consul-server.mesh.example", "consul-server.mesh.example"),
+        ("server1", "server1"),
+    ],
+)
+def test_a_join_address_reaches_the_carrier_as_itself(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str, carried: str
+) -> None:
+    assert cli.main(_join_argv(repo, tmp_path, given)) == 0
+    (entry,) = yaml.safe_load(capsys.readouterr().out)["write_files"]
+    assert f"\nMESHBAKE_RETRY_JOIN={carried}\n" in entry["content"]
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+def test_the_carrier_gives_back_each_value_or_refuses_it(payload: str) -> None:
+    """Read the line as meshbake-firstboot does: the rest of the line, a CR and one
+    layer of matching quotes dropped."""
+    value = "x" + PAYLOADS[payload]
+    for candidate in (value, f'"{value}"', f" {value}"):
+        try:
+            text = escape.carrier_file({"MESHBAKE_X": candidate})
+        except escape.Unrepresentable:
+            continue
+        (line,) = text.splitlines()
+        got = line.partition("=")[2].removesuffix("\r")
+        if len(got) >= 2 and got[0] == got[-1] and got[0] in "\"'":
+            got = got[1:-1]
+        assert got == candidate

@@ -329,3 +329,19 @@ def test_lazy_imports_of_the_cli_are_not_loaded_by_its_start() -> None:
     # and builder.aws.client (the module that must not be loaded yet).
     modules = {name for name in lazy if name.count(".") >= 2 or name not in loaded}
     assert sorted(modules & set(loaded)) == []
+
+
+@pytest.mark.integration
+def test_userdata_with_join_passes_cloud_init_schema(
+    web: Path, token_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["userdata", str(web), "--token-file", str(token_file)]
+    assert cli.main([*argv, "--join", "198.18.0.1", "--join", "consul.mesh.example"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    (entry,) = yaml.safe_load(out)["write_files"]
+    assert entry["content"].endswith("\nMESHBAKE_RETRY_JOIN=198.18.0.1 consul.mesh.example\n")
+    user_data = tmp_path / "user-data"
+    user_data.write_text(out)
+    done = proc.run(["cloud-init", "schema", "--config-file", user_data], check=False)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -12,7 +12,7 @@ import pytest
 from builder.errors import SpecError
 from builder.render import baked
 from builder.spec import compat
-from builder.spec.model import ImageSpec, LoadedSpec
+from builder.spec.model import ImageSpec, LoadedSpec, MtlsMode
 from tests.unit.conftest import Data, Variant
 
 #: Consul line -> (lowest accepted Envoy, highest accepted, first refused above, last
@@ -229,3 +229,40 @@ def test_mesh_env_names_both_metadata_addresses_and_the_admin_port(variant: Vari
     )
     assert env["MESHBAKE_IMDS_ADDRESS6"] == "fd00:ec2::254"
     assert env["MESHBAKE_ENVOY_ADMIN_PORT"] == baked.ENVOY_ADMIN.rpartition(":")[2] == "19000"
+
+
+# --- service.transparent_proxy.mtls_mode (Consul's MutualTLSMode, 1.16+) -----------------
+
+
+def _mtls(mode: str, version: str) -> Callable[[Data], None]:
+    def mutate(d: Data) -> None:
+        d["consul"]["version"] = version
+        d["envoy"] = {"version": "1.20.0", "allow_unsupported": True}
+        d["service"]["transparent_proxy"] = {"mtls_mode": mode}
+
+    return mutate
+
+
+def test_mtls_mode_is_strict_unless_the_spec_says_permissive(
+    example: LoadedSpec, variant: Variant
+) -> None:
+    assert example.spec.service.transparent_proxy.mtls_mode is MtlsMode.STRICT
+    loaded = variant(_mtls("permissive", "1.16.0"))
+    assert loaded.spec.service.transparent_proxy.mtls_mode is MtlsMode.PERMISSIVE
+    assert compat.SINCE[compat.Feature.PERMISSIVE_MTLS] == (1, 16, 0)
+
+
+def test_permissive_before_consul_1_16_is_one_error_naming_the_field(variant: Variant) -> None:
+    with pytest.raises(SpecError) as caught:
+        variant(_mtls("permissive", "1.15.4"))
+    (problem,) = caught.value.problems
+    assert problem.path == "service.transparent_proxy.mtls_mode"
+    assert "1.16.0" in problem.message and "1.15.4" in problem.message
+    assert "\n" not in str(problem)
+    # strict is every Consul's behaviour, so an older Consul takes it
+    assert variant(_mtls("strict", "1.15.4")).spec.consul.version == "1.15.4"
+
+
+def test_mtls_mode_takes_only_consuls_two_modes(variant: Variant) -> None:
+    with pytest.raises(SpecError, match=r"service\.transparent_proxy\.mtls_mode"):
+        variant(_mtls("disabled", "2.1.0"))

@@ -715,3 +715,60 @@ def test_failed_render_leaves_nothing_behind(
     with pytest.raises(OSError, match="simulated"):
         render_context(example, fresh, packer_version=PACKER_16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx"]
+
+
+# --- mtls_mode: a service-defaults entry, never a key of the service definition -----------
+
+#: The keys agent/config/config.go's ServiceProxy takes in a config file's proxy block;
+#: anything else stops the agent (agent/config/builder.go: "invalid config key").
+SERVICE_PROXY_KEYS = {
+    "destination_service_name", "destination_service_id", "local_service_address",
+    "local_service_port", "local_service_socket_path", "transparent_proxy", "mode", "config",
+    "upstreams", "mesh_gateway", "expose",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["strict", "permissive"])
+def test_mtls_mode_is_the_service_defaults_entry(variant: Variant, mode: str) -> None:
+    spec = variant(lambda d: d["service"].update(transparent_proxy={"mtls_mode": mode})).spec
+    assert bake.service_defaults(spec) == {
+        "Kind": "service-defaults",
+        "Name": "web",
+        "MutualTLSMode": mode,
+    }
+    proxy = bake.service_definition(spec)["service"]["connect"]["sidecar_service"]["proxy"]
+    assert set(proxy) <= SERVICE_PROXY_KEYS, "Consul would refuse to start on this key"
+    assert mode not in json.dumps(bake.service_definition(spec))
+
+
+# --- --join: server addresses in the carrier ----------------------------------------------
+
+
+def test_join_addresses_travel_in_the_carrier(example: LoadedSpec) -> None:
+    values = cloudconfig.carrier_values(example.spec, Secrets(agent_token=AGENT))
+    join = cloudconfig.join_values(["198.18.0.1", "2001:DB8::1", "consul.example"])
+    (entry,) = yaml.safe_load(cloudconfig.first_boot_user_data(values | join))["write_files"]
+    assert entry["content"].splitlines() == [
+        f"MESHBAKE_AGENT_TOKEN={AGENT}",
+        "MESHBAKE_RETRY_JOIN=198.18.0.1 2001:db8::1 consul.example",
+    ]
+    assert cloudconfig.join_values([]) == {}
+
+
+def test_a_join_address_given_twice_is_refused() -> None:
+    with pytest.raises(UserError, match=r"^--join 198\.18\.0\.1: .*already given"):
+        cloudconfig.join_values(["198.18.0.1", "198.18.0.1"])
+    # the same address spelled two ways is the same address
+    with pytest.raises(UserError, match=r"--join 2001:db8::1: .*\(--join 2001:DB8::1\)"):
+        cloudconfig.join_values(["2001:DB8::1", "2001:db8::1"])
+
+
+@pytest.mark.parametrize("version", ["2.1.0", "1.16.3"])
+def test_user_data_sizes_with_join(variant: Variant, version: str) -> None:
+    """One token and two server addresses: still under 512 bytes."""
+    one = variant(_on_consul(version, shared=True)).spec
+    values = cloudconfig.carrier_values(one, Secrets(agent_token=AGENT))
+    join = cloudconfig.join_values(["198.18.0.1", "fd00:6d65:7368::1"])
+    data = cloudconfig.first_boot_user_data(values | join)
+    assert "MESHBAKE_RETRY_JOIN=198.18.0.1 fd00:6d65:7368::1\n" in data
+    assert len(data.encode()) < 512, data

@@ -27,7 +27,7 @@ build {
     output      = var.manifest
     strip_path  = true
     custom_data = {
-      "spec_hash" = "16cba2966b8110f8b9f174eccc39bec2ff65903a9fff1a74db32712e3136c751",
+      "spec_hash" = "580eb9a0b139e853d0b07351ed0ba213350e1c6d34977e26d370550786c75928",
       "consul"    = "2.0.0",
       "envoy"     = "1.37.0",
       "meshbake"  = "0.1.0",

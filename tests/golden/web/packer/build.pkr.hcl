@@ -28,7 +28,7 @@ build {
     output      = var.manifest
     strip_path  = true
     custom_data = {
-      "spec_hash" = "20ca7fc6eba36e0e76236485745a74df313c5b672f0afb52b2fc22e5c5602bc8",
+      "spec_hash" = "dc77c20dad401e91656efb2bd83c4eb557df0e8d51fd929b45a0028bb5e7f273",
       "consul"    = "2.1.0",
       "envoy"     = "1.38.3",
       "meshbake"  = "0.1.0",
