@@ -258,7 +258,7 @@ def outbound_cidr_problem(release: ConsulRelease, cidr: str) -> str | None:
     True
     >>> nft = ConsulRelease.of("2.1.0")
     >>> print(outbound_cidr_problem(nft, "::ffff:10.0.0.1/120"))  # doctest: +ELLIPSIS
-    Consul 2.1 refuses it: ... at most 32 ...
+    Consul 2.1 refuses it: ... at most 32, not 120; ...
     """
     line = release.line
     address, _, prefix = cidr.partition("/")
