@@ -889,7 +889,7 @@ def _phase(
                 mesh = ends.enter_context(VerifyMesh(loaded, mesh_inputs, work, progress))
                 network = mesh.network
                 assert network is not None
-                token = mesh.secrets.agent_token
+                token = mesh.secrets.agent_token or token
                 secret_values = [
                     value
                     for value in (

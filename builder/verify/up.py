@@ -18,6 +18,7 @@ the token file.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import tempfile
@@ -156,7 +157,7 @@ def up(
                 runner.boot_vm(
                     image,
                     folder,
-                    lambda key, doc=document: runner.verify_user_data(key, doc),
+                    functools.partial(_user_data, document=document),
                     accelerator,
                     progress,
                     network=network,
@@ -197,6 +198,10 @@ def up(
         stop = until or threading.Event()
         while not stop.wait(1.0):
             pass  # a signal arrives as Interrupted and unwinds everything above
+
+
+def _user_data(public_key: str, *, document: dict[str, Any]) -> str:
+    return runner.verify_user_data(public_key, document)
 
 
 def _describe(summary: dict[str, Any]) -> str:
