@@ -664,6 +664,7 @@ def test_plain_inbound_per_mtls_mode(
         ("denied", "an intention denies its service"),
         ("foreign", "its certificate is signed by another CA"),
     ],
+    ids=["denied", "foreign"],
 )
 def test_mesh_client_refused(
     host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], client: str, why: str
