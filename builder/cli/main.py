@@ -193,6 +193,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         phases = args.phase or verify.PHASES
         mesh = None
         if "firstboot" in phases:
+            # A drifted spec is the first thing to say, before what the mesh needs.
+            loaded = load(args.spec or verify.spec_for(args.image))
+            verify.check_spec_drift(args.image, loaded, allow=args.allow_spec_drift)
             mesh = mesh_inputs(args.image, args.consul_zip, args.envoy, args.cache)
         report = verify.verify_image(
             args.image,

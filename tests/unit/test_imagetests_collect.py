@@ -142,9 +142,9 @@ def test_phase_selects_its_module(suite: Path, phase: str, module: str, other: s
     # Each check (each parameter of one) runs once, against the one host.
     lines = [line for line in result.stdout.splitlines() if "::" in line]
     assert len(lines) == len(set(lines))
-    assert all(
-        re.search(r"\[(\w+-)?paramiko://127\.0\.0\.1(-\w+)?\]", line) for line in lines
-    ), lines
+    assert all(re.search(r"\[(\w+-)?paramiko://127\.0\.0\.1(-\w+)?\]", line) for line in lines), (
+        lines
+    )
 
 
 @pytest.mark.parametrize(

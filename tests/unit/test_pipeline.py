@@ -245,5 +245,12 @@ def test_cli_verify_spec_drift_is_one_line_and_the_flag_overrides_it(
     err = capsys.readouterr().err
     assert err.startswith(f"meshbake: error: {built_image}: built from a spec with hash ")
     assert err.count("\n") == 1
-    assert main(["verify", str(built_image), "--allow-spec-drift"]) == 0
+    # The local mesh's Consul and Envoy: the manifest names none, so they are given.
+    consul, envoy = built_image.parent / "consul.zip", built_image.parent / "envoy"
+    consul.write_bytes(b"PK")
+    envoy.write_bytes(b"\x7fELF")
+    assert main(["verify", str(built_image), "--allow-spec-drift"]) == 1
+    assert "no consul entry" in capsys.readouterr().err
+    given = ["--consul-zip", str(consul), "--envoy", str(envoy)]
+    assert main(["verify", str(built_image), "--allow-spec-drift", *given]) == 0
     assert no_boot == list(verify.PHASES)

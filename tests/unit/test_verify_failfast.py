@@ -216,7 +216,7 @@ def test_the_runner_stops_waiting_for_a_sidecar_that_is_down_for_good(
     monkeypatch.setattr(runner.time, "sleep", lambda seconds: None)
     vm = runner.Vm(22, Path("/nonexistent"), 0.0, Path("/nonexistent"))
     deadline = runner.time.monotonic() + 3600
-    causes = runner._wait_sidecar(vm, deadline)
+    causes = runner.wait_sidecar(vm, deadline)
     assert causes == [
         "envoy-sidecar.service restarted 3 times without becoming active (last: exit-code)"
     ]
@@ -227,7 +227,7 @@ def test_the_runner_sees_an_active_sidecar_at_once(monkeypatch: pytest.MonkeyPat
     up = show(consul=CONSUL_UP, envoy_sidecar=CONSUL_UP)
     monkeypatch.setattr(runner, "ssh_run", lambda vm, command, timeout=30.0: (0, up))
     vm = runner.Vm(22, Path("/nonexistent"), 0.0, Path("/nonexistent"))
-    assert runner._wait_sidecar(vm, runner.time.monotonic() + 3600) == []
+    assert runner.wait_sidecar(vm, runner.time.monotonic() + 3600) == []
 
 
 # --- a failure's evidence ------------------------------------------------------------
