@@ -38,9 +38,12 @@ import yaml
 from builder.bake.base import BaseImage
 from builder.bake.run import BuildOptions, build_image
 from builder.errors import UserError
+from builder.mesh.localnet import namespaces
 from builder.proc import processes_naming
 from tests.fixtures.signals import dispositions
 from tests.paths import REPO
+
+from .conftest import mesh_for
 
 #: What meshbake exits with after each signal (128 + signal).
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -439,25 +442,43 @@ def _image(tmp_path: Path, cached_base: Path) -> Path:
     return image
 
 
+def _mesh_args(golden_image: Path, options: BuildOptions) -> list[str]:
+    """verify's local mesh for a stand-in image: the web bake's own Consul and Envoy."""
+    mesh = mesh_for(golden_image, options)
+    return ["--consul-zip", str(mesh.consul_zip), "--envoy", str(mesh.envoy)]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 @pytest.mark.parametrize("phase", ["baked", "firstboot"])
 def test_signal_during_verify(
-    tmp_path: Path, cached_base: Path, phase: str, sig: signal.Signals
+    tmp_path: Path,
+    cached_base: Path,
+    golden_image: Path,
+    e2e_options: BuildOptions,
+    phase: str,
+    sig: signal.Signals,
 ) -> None:
+    """Phase firstboot is interrupted once its VM started, with its mesh (a server, two
+    upstreams with their Envoys, a network namespace) up: all of it must go."""
     image = _image(tmp_path, cached_base)
     tmpdir = short_tmp(tmp_path)
     argv = ["verify", str(image), "--spec", str(SPEC), "--phase", phase]
+    argv += _mesh_args(golden_image, e2e_options)
+    before = set(namespaces())
     run = Meshbake(argv, tmpdir)
     run.wait_for("verify: booting")
     run.wait_until(lambda: _qemus_naming(tmpdir), "the verify VM starting")
     run.interrupt(sig, image.parent)
+    assert set(namespaces()) - before == set(), "verify's network namespace is left"
 
 
-def test_timeout_sends_term_to_verify(tmp_path: Path, cached_base: Path) -> None:
+def test_timeout_sends_term_to_verify(
+    tmp_path: Path, cached_base: Path, golden_image: Path, e2e_options: BuildOptions
+) -> None:
     """``timeout -s TERM 30 meshbake verify IMAGE``, as a CI job step would run it."""
     image = _image(tmp_path, cached_base)
     tmpdir = short_tmp(tmp_path)
-    argv = ["verify", str(image), "--spec", str(SPEC)]
+    argv = ["verify", str(image), "--spec", str(SPEC), *_mesh_args(golden_image, e2e_options)]
     run = Meshbake(argv, tmpdir, wrap=["timeout", "-s", "TERM", "30"])
     try:
         code = run.child.wait(timeout=30 + CLEANUP_SECONDS)
