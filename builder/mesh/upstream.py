@@ -178,12 +178,14 @@ class Upstream:
         self._closed = True
         with proc.shielded():
             if self._registered:
-                with contextlib.suppress(ConsulAPIError, RuntimeError):
-                    self.control.call(
-                        "PUT",
-                        f"/v1/agent/service/deregister/{self.service}",
-                        token=self.control.service_token(self.service),
-                    )
+                # The sidecar first: an agent that keeps a parent's sidecar would keep it.
+                for service_id in (self.sidecar_id, self.service):
+                    with contextlib.suppress(ConsulAPIError, RuntimeError):
+                        self.control.call(
+                            "PUT",
+                            f"/v1/agent/service/deregister/{service_id}",
+                            token=self.control.service_token(self.service),
+                        )
             for child in (self._envoy, self._app):
                 if child is not None:
                     proc.terminate_group(child, grace=STOP_GRACE)

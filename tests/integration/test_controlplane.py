@@ -202,14 +202,15 @@ def tls_get(mesh: Mesh, leaf: Leaf, name: str) -> str:
             while data := conn.recv(65536):
                 got += data
     except (OSError, ssl.SSLError) as exc:
-        got += f"[{type(exc).__name__}]".encode()
+        got += f"[{type(exc).__name__}: {exc}]".encode()
     return got.decode("utf-8", "replace")
 
 
 @needs_root
 def test_the_upstreams_envoy_refuses_a_plain_client_its_app_would_answer(mesh: Mesh) -> None:
     app = plain(mesh, "127.0.0.1", mesh.upstream.app_port)
-    assert app.endswith(f"\r\n\r\n{UPSTREAM}\n\n")  # the client works: the app answers it
+    # The client works: the app answers it.
+    assert app.startswith("HTTP/1.0 200") and app.endswith(f"\n\n{UPSTREAM}\n\n"), app
     answer = plain(mesh, str(mesh.upstream.address), mesh.upstream.public_port)
     assert UPSTREAM not in answer
     assert "200 OK" not in answer
@@ -320,15 +321,16 @@ def test_after_the_context_no_process_forward_or_file_of_it_is_left(
     consul: Path, tmp_path: Path
 ) -> None:
     with network(tmp_path / "state") as net:
-        with ControlPlane(net, consul) as cp:
-            with Upstream(cp, envoy_binary(), service=UPSTREAM) as upstream:
-                running = in_namespace(net)
-                api, work = cp.api_port, cp.work
-                admin = upstream._admin
-                assert admin is not None
-                admin_port = admin.port
-                assert len(running) >= 3  # the server, the app, Envoy (under its consul)
-            assert cp.connect_health(UPSTREAM) == []  # deregistered
+        with (
+            ControlPlane(net, consul) as cp,
+            Upstream(cp, envoy_binary(), service=UPSTREAM) as upstream,
+        ):
+            running = in_namespace(net)
+            api, work = cp.api_port, cp.work
+            admin = upstream._admin
+            assert admin is not None
+            admin_port = admin.port
+            assert len(running) >= 3  # the server, the app, Envoy (under its consul)
         assert not [pid for pid in running if alive(pid)]
         assert in_namespace(net) == set()
         assert refused(api) and refused(admin_port)
