@@ -48,6 +48,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -214,6 +215,7 @@ class ControlPlane:
         self._policies: set[str] = set()
         self._intentions: dict[str, dict[str, str]] = {}  # dst -> src -> action
         self._next_port = FIRST_LOCAL_PORT
+        self._cleanups: list[Callable[[], None]] = []
         self._closed = False
 
     def __repr__(self) -> str:
@@ -291,6 +293,8 @@ class ControlPlane:
             return
         self._closed = True
         with proc.shielded():
+            while self._cleanups:  # what runs on it (upstreams), newest first
+                self._cleanups.pop()()
             if self._server is not None:
                 proc.terminate_group(self._server, grace=STOP_GRACE)
             if self._forward is not None:
@@ -299,6 +303,10 @@ class ControlPlane:
                 shutil.rmtree(self.work, ignore_errors=True)
             self._management = ""
             self._tokens.clear()
+
+    def on_close(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` first when the control plane closes (newest first)."""
+        self._cleanups.append(cleanup)
 
     def _wait_for_leader(self) -> None:
         deadline = time.monotonic() + LEADER_TIMEOUT

@@ -120,6 +120,7 @@ class Upstream:
             return
         self._opened = True
         control, network = self.control, self.control.network
+        control.on_close(self.close)
         try:
             self.app_port = control.local_port()
             self.admin_port = control.local_port()
@@ -178,26 +179,33 @@ class Upstream:
         self._closed = True
         with proc.shielded():
             if self._registered:
-                with contextlib.suppress(ConsulAPIError, RuntimeError):
-                    self.control.call(
-                        "PUT",
-                        f"/v1/agent/service/deregister/{self.service}",
-                        token=self.control.service_token(self.service),
-                    )
+                # The sidecar first: an agent that keeps a parent's sidecar would keep it.
+                for service_id in (self.sidecar_id, self.service):
+                    with contextlib.suppress(ConsulAPIError, RuntimeError):
+                        self.control.call(
+                            "PUT",
+                            f"/v1/agent/service/deregister/{service_id}",
+                            token=self.control.service_token(self.service),
+                        )
             for child in (self._envoy, self._app):
                 if child is not None:
                     proc.terminate_group(child, grace=STOP_GRACE)
             if self._admin is not None:
                 self._admin.stop()
 
+    @property
+    def admin_forward_port(self) -> int:
+        """The host's 127.0.0.1 port that forwards to the sidecar's Envoy admin."""
+        if self._admin is None:
+            raise RuntimeError(f"{self.service}'s Envoy is not started")
+        return self._admin.port
+
     # Readiness.
 
     def admin(self, path: str) -> str:
         """GET ``path`` from the sidecar's Envoy admin (inside the namespace)."""
-        if self._admin is None:
-            raise RuntimeError(f"{self.service}'s Envoy is not started")
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        url = f"http://127.0.0.1:{self._admin.port}{path}"
+        url = f"http://127.0.0.1:{self.admin_forward_port}{path}"
         with opener.open(url, timeout=HTTP_TIMEOUT) as response:
             return str(response.read().decode("utf-8", "replace"))
 

@@ -202,14 +202,15 @@ def tls_get(mesh: Mesh, leaf: Leaf, name: str) -> str:
             while data := conn.recv(65536):
                 got += data
     except (OSError, ssl.SSLError) as exc:
-        got += f"[{type(exc).__name__}]".encode()
+        got += f"[{type(exc).__name__}: {exc}]".encode()
     return got.decode("utf-8", "replace")
 
 
 @needs_root
 def test_the_upstreams_envoy_refuses_a_plain_client_its_app_would_answer(mesh: Mesh) -> None:
     app = plain(mesh, "127.0.0.1", mesh.upstream.app_port)
-    assert app.endswith(f"\r\n\r\n{UPSTREAM}\n\n")  # the client works: the app answers it
+    # The client works: the app answers it.
+    assert app.startswith("HTTP/1.0 200") and app.endswith(f"\n\n{UPSTREAM}\n\n"), app
     answer = plain(mesh, str(mesh.upstream.address), mesh.upstream.public_port)
     assert UPSTREAM not in answer
     assert "200 OK" not in answer
@@ -289,9 +290,9 @@ def test_the_upstream_is_in_the_catalog_with_its_sidecar_passing(mesh: Mesh) -> 
 # --- the life cycle ---------------------------------------------------------------------------
 
 
-def in_namespace(net: LocalNetwork) -> set[int]:
-    """The processes running in ``net``'s namespace now."""
-    inode = net.netns_path.stat().st_ino
+def in_namespace(net: LocalNetwork | Path) -> set[int]:
+    """The processes running in a network's namespace (or the one at a path) now."""
+    inode = (net if isinstance(net, Path) else net.netns_path).stat().st_ino
     found = set()
     for ns in Path("/proc").glob("[0-9]*/ns/net"):
         with contextlib.suppress(OSError):
@@ -320,15 +321,14 @@ def test_after_the_context_no_process_forward_or_file_of_it_is_left(
     consul: Path, tmp_path: Path
 ) -> None:
     with network(tmp_path / "state") as net:
-        with ControlPlane(net, consul) as cp:
-            with Upstream(cp, envoy_binary(), service=UPSTREAM) as upstream:
-                running = in_namespace(net)
-                api, work = cp.api_port, cp.work
-                admin = upstream._admin
-                assert admin is not None
-                admin_port = admin.port
-                assert len(running) >= 3  # the server, the app, Envoy (under its consul)
-            assert cp.connect_health(UPSTREAM) == []  # deregistered
+        with (
+            ControlPlane(net, consul) as cp,
+            Upstream(cp, envoy_binary(), service=UPSTREAM) as upstream,
+        ):
+            running = in_namespace(net)
+            api, work = cp.api_port, cp.work
+            admin_port = upstream.admin_forward_port
+            assert len(running) >= 3  # the server, the app, Envoy (under its consul)
         assert not [pid for pid in running if alive(pid)]
         assert in_namespace(net) == set()
         assert refused(api) and refused(admin_port)
@@ -344,7 +344,8 @@ from builder import proc
 from builder.errors import Interrupted
 from builder.mesh.controlplane import ControlPlane
 from builder.mesh.localnet import LocalNetwork
-state, consul = Path(sys.argv[1]), Path(sys.argv[2])
+from builder.mesh.upstream import Upstream
+state, consul, envoy = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 try:
     with (
         proc.handle_signals(),
@@ -352,8 +353,10 @@ try:
         ControlPlane(net, consul) as cp,
     ):
         cp.token_file("x.token", cp.dns_token())
-        print(json.dumps({"netns": net.name, "port": cp.api_port, "work": str(cp.work)}),
-              flush=True)
+        upstream = Upstream(cp, envoy)  # left to the control plane to close
+        upstream.open()
+        print(json.dumps({"netns": net.name, "port": cp.api_port, "work": str(cp.work),
+                          "admin": upstream.admin_forward_port}), flush=True)
         while True:
             signal.pause()
 except Interrupted as exc:
@@ -369,7 +372,7 @@ def test_a_signal_to_the_owner_leaves_nothing(
     state = tmp_path / "state"
     state.mkdir()
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(state), str(consul)],
+        [sys.executable, "-c", CHILD, str(state), str(consul), str(envoy_binary())],
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
@@ -382,11 +385,14 @@ def test_a_signal_to_the_owner_leaves_nothing(
         info = json.loads(child.stdout.readline())
         work = Path(str(info["work"]))
         assert (work / "tokens" / "x.token").exists()
+        running = in_namespace(Path("/run/netns") / str(info["netns"]))
+        assert len(running) >= 3  # the server, the app, Envoy (under its consul)
         child.send_signal(sig)
         assert child.wait(timeout=60) == 128 + sig
         assert info["netns"] not in localnet.namespaces()
+        assert not [pid for pid in running if alive(pid)]
         assert not work.exists()
-        assert refused(int(str(info["port"])))
+        assert refused(int(str(info["port"]))) and refused(int(str(info["admin"])))
     finally:
         if child.poll() is None:
             child.kill()
