@@ -980,7 +980,7 @@ def _phase(
                 plot=None if plot is None else str(plot),
             )
         finally:
-            _keep_logs(work, image, phase)
+            _keep_logs(work, image, phase, secret_values)
     return PhaseResult(
         phase,
         tuple(checks),
@@ -1057,13 +1057,15 @@ def report_folder(image: Path) -> Path:
     return image.parent / "logs"
 
 
-def _keep_logs(work: Path, image: Path, phase: str) -> None:
-    """Keep the serial console and pytest logs next to the image for a post-mortem."""
+def _keep_logs(work: Path, image: Path, phase: str, secrets: Sequence[str] = ()) -> None:
+    """Keep the serial console, the pytest log and the local mesh's logs (the server's,
+    the upstreams' apps and Envoys') next to the image for a post-mortem, redacted."""
     logs = report_folder(image)
     try:
-        for name in ("serial.log", f"pytest-{phase}.log"):
-            if (work / name).is_file():
-                boundary.write_output(logs / f"verify-{phase}-{name}", (work / name).read_bytes())
+        for path in sorted(work.glob("*.log")):
+            if path.is_file() and not path.is_symlink():
+                text = redact(path.read_text(errors="replace"), secrets)
+                boundary.write_output(logs / f"verify-{phase}-{path.name}", text)
     except (OSError, UserError):
         pass  # a post-mortem aid: never written through a link, never fatal
 
