@@ -294,7 +294,7 @@ def test_a_client_agent_is_ready_only_after_joining_and_asks_the_server(tmp_path
                            "dns": dns_token}},
         "service": {"name": "web", "port": app, "check": {"tcp": f"127.0.0.1:{app}",
                                                           "interval": "1s"},
-                    "connect": {"sidecar_service": {}}},
+                    "connect": {"sidecar_service": {"proxy": {"mode": "transparent"}}}},
     }))  # fmt: skip
     # Consul appends list values across files: the second entry names the server.
     (config_dir / "50-join.json").write_text(
@@ -366,6 +366,43 @@ def test_a_client_agent_is_ready_only_after_joining_and_asks_the_server(tmp_path
             # agent:read on web-1 for the agent token; none for the service token.
             assert local.call("GET", "/v1/agent/self", token=agent_token)[0] == 200
             assert local.call("GET", "/v1/agent/self", token=web_token)[0] == 403
+            # connect envoy through the joined agent: its leaf signed by the server, and
+            # the upstream an intention allows (registered on the server's own agent,
+            # its sidecar listening) as an outbound chain on the upstream's VIP.
+            upstream_sidecar = socket.socket()
+            upstream_sidecar.bind(("127.0.0.1", 0))
+            upstream_sidecar.listen()
+            side_port = upstream_sidecar.getsockname()[1]
+            body = {"Name": "meshbake-upstream", "Port": 9, "Address": "127.0.0.1",
+                    "Connect": {"SidecarService": {"Port": side_port}}}  # fmt: skip
+            server.ok("PUT", "/v1/agent/service/register", body, root)
+            for name, action in (("meshbake-upstream", "allow"), ("api", "deny")):
+                entry = {"Kind": "service-intentions", "Name": name,
+                         "Sources": [{"Name": "web", "Action": action}]}  # fmt: skip
+                server.ok("PUT", "/v1/config", entry, root)
+            for _ in range(600):
+                if server.ok("GET", "/v1/health/connect/meshbake-upstream?passing", token=root):
+                    break
+                time.sleep(0.1)
+            vip = server.ok("GET", "/v1/double/catalog/virtual-ip/meshbake-upstream",
+                            token=root)["VirtualIP"]  # fmt: skip
+            token_file = tmp_path / "web-token"
+            token_file.write_text(web_token)
+            printed = subprocess.run(
+                [consul, "connect", "envoy", "-sidecar-for=web", "-bootstrap",
+                 f"-http-addr=127.0.0.1:{agent_http}", f"-token-file={token_file}"],
+                capture_output=True, text=True, timeout=120,
+                env={"PATH": "/usr/bin:/bin", "CONSUL_FIXTURE_LOG_DIR": str(tmp_path / "log")},
+            )  # fmt: skip
+            upstream_sidecar.close()
+            assert printed.returncode == 0, printed.stderr
+            assert web_token not in printed.stdout
+            listeners = json.loads(printed.stdout)["static_resources"]["listeners"]
+            public = listeners[0]["filter_chains"][0]["transport_socket"]["typed_config"]
+            assert public["require_client_certificate"] is True
+            outbound = [chain["filter_chain_match"]["prefix_ranges"][0]["address_prefix"]
+                        for chain in listeners[1]["filter_chains"]]  # fmt: skip
+            assert outbound == [vip]
             # DNS under the DNS token; after the token is removed, anonymous reads nothing.
             assert dns_a(agent_dns, "web.service.consul") == (0, ["127.0.0.1"])
             local.ok("PUT", "/v1/agent/token/dns", {"Token": ""}, root)
