@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.release import zipapp_bytes
+from tests.fixtures.release import double_server, mesh_tokens, zipapp_bytes
 from tests.integration.test_netns import envoy_binary
 
 pytestmark = pytest.mark.integration
@@ -430,3 +430,50 @@ def dns_a(port: int, name: str) -> tuple[int, list[str]]:
         found.append(socket.inet_ntoa(reply[at + 12 : at + 16]))
         at += 16
     return flags & 0xF, found
+
+
+def test_verify_tokens_minted_through_the_server_serve_a_joined_agent(tmp_path: Path) -> None:
+    """release.py's double_server + MeshTokens.mint: the tokens verify hands a VM exist in
+    the server, so the VM's agent (joined, no baked table) registers with them."""
+    tokens = mesh_tokens(["web"])
+    with double_server(tmp_path / "server") as server:
+        tokens.mint(server)
+        agent_http, app = free_port(), free_port()
+        config_dir = tmp_path / "consul.d"
+        config_dir.mkdir()
+        (config_dir / "agent.json").write_text(json.dumps({
+            "node_name": "verify-abc123", "datacenter": DC, "bind_addr": "127.0.0.1",
+            "retry_join": [server.join], "retry_interval": "1s",
+            "ports": {"http": agent_http, "dns": -1},
+            "acl": {"enabled": True, "default_policy": "deny",
+                    "tokens": {"agent": tokens.agent, "default": tokens.service}},
+            "service": {"name": "web", "port": app},
+        }))  # fmt: skip
+        agent = subprocess.Popen(
+            [server_zipapp(tmp_path), "agent", f"-config-dir={config_dir}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            env={"PATH": "/usr/bin:/bin", "CONSUL_FIXTURE_LOG_DIR": str(tmp_path / "log")},
+        )  # fmt: skip
+        try:
+            for _ in range(600):
+                found = server.call("GET", "/v1/catalog/service/web", token=server.root)
+                if found:
+                    break
+                assert agent.poll() is None
+                time.sleep(0.1)
+            assert [(s["Node"], s["ServicePort"]) for s in found] == [("verify-abc123", app)]
+            local = Server(server_zipapp(tmp_path), agent, agent_http, tmp_path)
+            assert local.call("GET", "/v1/agent/self", token=tokens.agent)[0] == 200
+            status, text = local.call("GET", "/v1/agent/self", token=tokens.service)
+            assert status == 403 and "lacks permission 'agent:read'" in text
+            # An unknown token is refused by the server, as real Consul refuses it.
+            assert local.call("GET", "/v1/agent/self", token=str(uuid.uuid4())) == (
+                403, "ACL not found",
+            )  # fmt: skip
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=30)
+
+
+def server_zipapp(folder: Path) -> Path:
+    return folder / "server" / "consul"
