@@ -327,6 +327,15 @@ def test_a_client_agent_is_ready_only_after_joining_and_asks_the_server(tmp_path
         notify.setblocking(False)
         with pytest.raises(BlockingIOError):
             notify.recv(100)
+        # Without a server the sidecar cannot start: no leaf, no roots.
+        unjoined = subprocess.run(
+            [consul, "connect", "envoy", "-sidecar-for=web", "-bootstrap",
+             f"-http-addr=127.0.0.1:{agent_http}", f"-token={web_token}"],
+            capture_output=True, text=True, timeout=120,
+            env={"PATH": "/usr/bin:/bin", "CONSUL_FIXTURE_LOG_DIR": str(tmp_path / "log")},
+        )  # fmt: skip
+        assert unjoined.returncode == 1
+        assert "Unexpected response code: 500 (No known Consul servers)" in unjoined.stderr
         notify.setblocking(True)
         notify.settimeout(120)
         with run_server(tmp_path, server_http) as server:
