@@ -446,7 +446,6 @@ def test_verify_tokens_minted_through_the_server_serve_a_joined_agent(tmp_path: 
     the server, so the VM's agent (joined, no baked table) registers with them."""
     tokens = mesh_tokens(["web"])
     with double_server(tmp_path / "server") as server:
-        tokens.mint(server)
         agent_http, app = free_port(), free_port()
         config_dir = tmp_path / "consul.d"
         config_dir.mkdir()
@@ -458,12 +457,22 @@ def test_verify_tokens_minted_through_the_server_serve_a_joined_agent(tmp_path: 
                     "tokens": {"agent": tokens.agent, "default": tokens.service}},
             "service": {"name": "web", "port": app},
         }))  # fmt: skip
+        agent_log = tmp_path / "agent.log"
         agent = subprocess.Popen(
             [server_zipapp(tmp_path), "agent", f"-config-dir={config_dir}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            stdout=agent_log.open("w"), stderr=subprocess.STDOUT,
             env={"PATH": "/usr/bin:/bin", "CONSUL_FIXTURE_LOG_DIR": str(tmp_path / "log")},
         )  # fmt: skip
         try:
+            # Joined before the tokens exist: the sync is refused, logged, and retried
+            # (agent/ae) until the operator has minted them.
+            for _ in range(600):
+                if "blocked by ACLs" in agent_log.read_text():
+                    break
+                assert agent.poll() is None
+                time.sleep(0.1)
+            assert server.call("GET", "/v1/catalog/service/web", token=server.root) == []
+            tokens.mint(server)
             for _ in range(600):
                 found = server.call("GET", "/v1/catalog/service/web", token=server.root)
                 if found:
