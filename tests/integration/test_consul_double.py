@@ -8,8 +8,6 @@ redirect rules are tested in network namespaces in test_netns.py.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import shlex
@@ -20,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,13 +32,11 @@ TOKEN = "5d1c0f7e-0b4e-4a57-8f0c-2f7b0a4c9e11"
 pytestmark = pytest.mark.integration
 
 
-def load_double() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("fixture_consul", os.fspath(FIXTURE_CONSUL))
-    spec = importlib.util.spec_from_loader("fixture_consul", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+def load_double() -> SimpleNamespace:
+    """The double's names, from the modules of its package that the tests read."""
+    from tests.fixtures.consul_double import common, envoy, legacy_agent
+
+    return SimpleNamespace(**{**vars(common), **vars(envoy), **vars(legacy_agent)})
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

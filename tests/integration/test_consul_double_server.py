@@ -300,7 +300,8 @@ def test_catalog_reads_are_filtered_by_read_rights(mesh: Mesh) -> None:
     assert register_node(mesh).status == 200
     assert register_service(mesh, mesh.web, service("web", 8080)).status == 200
     root_nodes = server.ok("GET", "/v1/catalog/nodes", token=mesh.root)
-    assert [n["Node"] for n in root_nodes] == ["web-1"]
+    # The server's own node is in the catalog too (agent/consul/leader.go reconcileMember).
+    assert [n["Node"] for n in root_nodes] == ["server-1", "web-1"]
     # The DNS and service tokens read every node and service.
     for who in (mesh.dns, mesh.web):
         found = server.ok("GET", "/v1/catalog/service/web", token=who["SecretID"])
@@ -334,7 +335,8 @@ def test_a_service_instance_needs_node_read_and_service_read(mesh: Mesh) -> None
     rules = json.dumps({"node_prefix": {"": {"policy": "read"}}})
     server.ok("PUT", "/v1/acl/policy", {"Name": "nodes", "Rules": rules}, mesh.root)
     nodes_only = server.token(mesh.root, Policies=[{"Name": "nodes"}])["SecretID"]
-    assert len(server.ok("GET", "/v1/catalog/nodes", token=nodes_only)) == 2
+    # web-1, web-2 and the server's own node (agent/consul/leader.go reconcileMember).
+    assert len(server.ok("GET", "/v1/catalog/nodes", token=nodes_only)) == 3
     assert server.ok("GET", "/v1/catalog/service/web", token=nodes_only) == []
 
 
