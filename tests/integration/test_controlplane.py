@@ -280,11 +280,18 @@ def test_a_mesh_client_with_a_certificate_from_another_ca_is_refused(mesh: Mesh)
 
 
 @needs_root
-def test_the_upstream_is_in_the_catalog_with_its_sidecar_passing(mesh: Mesh) -> None:
-    (instance,) = mesh.cp.health(UPSTREAM)
-    assert instance["Service"]["Address"] == str(mesh.upstream.address)
-    (sidecar,) = mesh.cp.connect_health(UPSTREAM)
-    assert sidecar["Service"]["Port"] == mesh.upstream.public_port
+def test_the_upstream_and_its_sidecar_are_in_the_catalog_passing(mesh: Mesh) -> None:
+    def checked(entries: list[dict[str, object]]) -> set[object]:
+        return {
+            check["ServiceID"]
+            for entry in entries
+            for check in entry["Checks"]  # type: ignore[attr-defined]
+            if check["ServiceID"]
+        }
+
+    assert checked(mesh.cp.health(UPSTREAM)) <= {UPSTREAM}
+    assert len(mesh.cp.health(UPSTREAM)) == 1
+    assert checked(mesh.cp.connect_health(UPSTREAM)) == {mesh.upstream.sidecar_id}
 
 
 # --- the life cycle ---------------------------------------------------------------------------
