@@ -169,6 +169,16 @@ def test_tokens_and_leaves_stay_out_of_files_reprs_and_errors(mesh: Mesh) -> Non
         assert path.stat().st_mode & 0o777 == 0o600
 
 
+@needs_root
+def test_allow_permissive_writes_the_mesh_entry(mesh: Mesh) -> None:
+    with pytest.raises(ConsulAPIError) as missing:
+        mesh.cp.call("GET", "/v1/config/mesh/mesh")
+    assert missing.value.status == 404
+    mesh.cp.allow_permissive()
+    entry = mesh.cp.call("GET", "/v1/config/mesh/mesh")
+    assert entry["AllowEnablingPermissiveMutualTLS"] is True
+
+
 # --- the upstream's sidecar ----------------------------------------------------------------
 
 
