@@ -149,6 +149,10 @@ def test_the_dns_token_reads_the_catalog_but_cannot_write_it(mesh: Mesh) -> None
     with pytest.raises(ConsulAPIError) as refused:
         register(mesh.cp, controlplane.SERVER_NODE, token)
     assert refused.value.status == 403
+    # And nothing but the DNS template: no identity's service:write or node:write.
+    itself = mesh.cp.call("GET", "/v1/acl/token/self", token=token)
+    assert [t["TemplateName"] for t in itself["TemplatedPolicies"]] == ["builtin/dns"]
+    assert not any(itself.get(k) for k in ("NodeIdentities", "ServiceIdentities", "Policies"))
 
 
 @needs_root
