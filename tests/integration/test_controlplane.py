@@ -132,8 +132,26 @@ def test_a_node_token_registers_its_own_node_and_no_other(mesh: Mesh) -> None:
         register(mesh.cp, "vm-b", token)
     assert refused.value.status == 403
     assert "vm-b" not in [n["Node"] for n in mesh.cp.catalog_nodes()]
-    # The redirect's policy: agent:read on its own node, which the server's agent
-    # answers for its own node only; no token of a VM reads the server's agent.
+    # What the server's ACL decision says it may do (agent/acl_endpoint.go ACLAuthorize,
+    # the request's own token): its node, its service and the redirect's agent:read.
+    asked = [
+        ("node", "vm-a", "write", True),
+        ("node", "vm-b", "write", False),
+        ("service", "web", "write", True),
+        ("service", "web-sidecar-proxy", "write", True),
+        ("service", "api", "write", False),
+        ("agent", "vm-a", "read", True),
+        ("agent", "vm-b", "read", False),
+        ("agent", "vm-a", "write", False),
+    ]
+    answers = mesh.cp.call(
+        "POST",
+        "/v1/internal/acl/authorize",
+        [{"Resource": r, "Segment": s, "Access": a} for r, s, a, _ in asked],
+        token=token,
+    )
+    assert [a["Allow"] for a in answers] == [allow for *_, allow in asked]
+    # No token of a VM reads the server's agent.
     with pytest.raises(ConsulAPIError) as self_refused:
         mesh.cp.call("GET", "/v1/agent/self", token=token)
     assert self_refused.value.status == 403
