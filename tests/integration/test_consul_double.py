@@ -8,6 +8,7 @@ redirect rules are tested in network namespaces in test_netns.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -15,6 +16,7 @@ import socket
 import struct
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 
 from builder.spec import compat
+from tests.fixtures.release import double_server
 from tests.paths import REPO
 
 FIXTURE_CONSUL = REPO / "tests" / "fixtures" / "consul"
@@ -90,21 +93,41 @@ class RunningAgent:
         return [line for path in logs for line in path.read_text().splitlines()]
 
 
-def start_agent(tmp_path: Path, services: list[dict[str, Any]], **env: str) -> RunningAgent:
+@pytest.fixture(autouse=True)
+def servers() -> Iterator[contextlib.ExitStack]:
+    """The double servers this module's agents join, stopped after each test."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+def start_agent(
+    tmp_path: Path, services: list[dict[str, Any]], servers: contextlib.ExitStack, **env: str
+) -> RunningAgent:
+    """A client agent joined to its own double server on loopback, with ACLs on: TOKEN is
+    the identity of each service in ``services``, minted through the server's ACL API, as
+    are the agent's node identity and its DNS token (``builtin/dns``)."""
+    server = servers.enter_context(double_server(tmp_path / "server"))
+    names = sorted({str(s["service"]["name"]) for s in services})
+    agent_token, dns_token = str(uuid.uuid4()), str(uuid.uuid4())
+    for fields in (
+        {"SecretID": TOKEN, "ServiceIdentities": [{"ServiceName": name} for name in names]},
+        {"SecretID": agent_token, "NodeIdentities": [{"NodeName": "web-1", "Datacenter": "dc1"}]},
+        {"SecretID": dns_token, "TemplatedPolicies": [{"TemplateName": "builtin/dns"}]},
+    ):
+        server.call("PUT", "/v1/acl/token", fields, server.root)
     config_dir = tmp_path / "consul.d"
     config_dir.mkdir(exist_ok=True)
     http, dns = free_port(), free_port(socket.SOCK_DGRAM)
-    (config_dir / "consul.json").write_text(
-        json.dumps({"ports": {"http": http, "dns": dns, "grpc": 8502}, "acl": {"enabled": True}})
-    )
+    config = {
+        "node_name": "web-1", "datacenter": "dc1", "bind_addr": "127.0.0.1",
+        "retry_join": [server.join], "retry_interval": "1s",
+        "ports": {"http": http, "dns": dns, "grpc": 8502},
+        "acl": {"enabled": True, "default_policy": "deny",
+                "tokens": {"agent": agent_token, "default": TOKEN, "dns": dns_token}},
+    }  # fmt: skip
+    (config_dir / "consul.json").write_text(json.dumps(config))
     for i, service in enumerate(services):
         (config_dir / f"service-{i}.json").write_text(json.dumps(service))
-    # ACLs are on: the agent knows TOKEN as the web service's identity.
-    table = tmp_path / "acl-tokens.json"
-    table.write_text(
-        json.dumps([{"SecretID": TOKEN, "ServiceIdentities": [{"ServiceName": "web"}]}])
-    )
-    env = {"CONSUL_FIXTURE_ACL_TOKENS": os.fspath(table), **env}
     process = subprocess.Popen(
         [FIXTURE_CONSUL, "agent", f"-config-dir={config_dir}"],
         env=base_env(tmp_path, **env),
@@ -118,17 +141,17 @@ def start_agent(tmp_path: Path, services: list[dict[str, Any]], **env: str) -> R
             raise AssertionError(
                 f"agent double exited: {process.stdout.read() if process.stdout else ''}"
             )
-        try:
-            with socket.create_connection(("127.0.0.1", http), timeout=1):
-                return agent
-        except OSError:
-            time.sleep(0.02)
-    raise AssertionError("agent double never listened")
+        # Ready when its node is in the server's catalog: joined and synced.
+        nodes = server.call("GET", "/v1/catalog/nodes", token=server.root)
+        if "web-1" in [n["Node"] for n in nodes]:
+            return agent
+        time.sleep(0.05)
+    raise AssertionError("agent double never joined its server")
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[RunningAgent]:
-    running = start_agent(tmp_path, [SERVICE])
+def agent(tmp_path: Path, servers: contextlib.ExitStack) -> Iterator[RunningAgent]:
+    running = start_agent(tmp_path, [SERVICE], servers)
     try:
         yield running
     finally:
@@ -279,11 +302,15 @@ def test_connect_envoy_execs_envoy_with_a_static_bootstrap(agent: RunningAgent) 
         "port_value": 19000,
     }
     listeners = {item["name"]: item for item in config["static_resources"]["listeners"]}
-    assert listeners["public_listener"]["address"]["socket_address"] == {
-        "address": "0.0.0.0",
-        "port_value": 21000,
-    }
-    assert listeners["outbound_listener"]["address"]["socket_address"] == {
+    public = listeners["public_listener:0.0.0.0:21000"]
+    assert public["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 21000}
+    # agent/xds/listeners.go: the public listener is mutual TLS with the leaf the agent
+    # had the server sign for web, then RBAC from the intentions (none: default deny).
+    tls = public["filter_chains"][0]["transport_socket"]["typed_config"]
+    assert tls["require_client_certificate"] is True
+    rbac = public["filter_chains"][0]["filters"][0]["typed_config"]["rules"]
+    assert rbac == {"action": "ALLOW", "policies": {}}
+    assert listeners["outbound_listener:127.0.0.1:15001"]["address"]["socket_address"] == {
         "address": "127.0.0.1",
         "port_value": 15001,
     }
@@ -324,7 +351,9 @@ def test_connect_envoy_without_an_agent_fails(tmp_path: Path) -> None:
     assert "connection refused" in result.stderr.lower()
 
 
-def test_a_sidecar_with_its_own_port_and_a_second_service(tmp_path: Path) -> None:
+def test_a_sidecar_with_its_own_port_and_a_second_service(
+    tmp_path: Path, servers: contextlib.ExitStack
+) -> None:
     # agent/sidecar_service.go: an explicit port wins; others take the lowest free one.
     pinned = {
         "service": {
@@ -333,7 +362,7 @@ def test_a_sidecar_with_its_own_port_and_a_second_service(tmp_path: Path) -> Non
             "connect": {"sidecar_service": {"port": 21005, "proxy": {"mode": "transparent"}}},
         }
     }
-    running = start_agent(tmp_path, [SERVICE, pinned])
+    running = start_agent(tmp_path, [SERVICE, pinned], servers)
     try:
         result = running.consul(
             "connect", "envoy", "-sidecar-for=api", "-bootstrap", CONSUL_HTTP_TOKEN=TOKEN
@@ -383,12 +412,12 @@ def test_the_call_log_never_holds_a_token(tmp_path: Path) -> None:
     assert text.count("<redacted>") == 3
 
 
-def test_agent_notifies_systemd_when_ready(tmp_path: Path) -> None:
+def test_agent_notifies_systemd_when_ready(tmp_path: Path, servers: contextlib.ExitStack) -> None:
     path = tmp_path / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(os.fspath(path))
         sock.settimeout(30)
-        running = start_agent(tmp_path, [SERVICE], NOTIFY_SOCKET=os.fspath(path))
+        running = start_agent(tmp_path, [SERVICE], servers, NOTIFY_SOCKET=os.fspath(path))
         try:
             message = sock.recv(4096).decode()
         finally:
