@@ -222,9 +222,13 @@ class Upstream:
         return False
 
     def _passing(self) -> bool:
+        """The sidecar is among the passing instances of ``/v1/health/connect/<svc>``:
+        an entry with a check of the sidecar's (a check names its service's ID)."""
         return any(
-            entry.get("Service", {}).get("ID") == self.sidecar_id
+            check.get("ServiceID") == self.sidecar_id
             for entry in self.control.connect_health(self.service)
+            for check in entry.get("Checks") or []
+            if isinstance(check, dict)
         )
 
     def _wait(

@@ -132,8 +132,26 @@ def test_a_node_token_registers_its_own_node_and_no_other(mesh: Mesh) -> None:
         register(mesh.cp, "vm-b", token)
     assert refused.value.status == 403
     assert "vm-b" not in [n["Node"] for n in mesh.cp.catalog_nodes()]
-    # The redirect's policy: agent:read on its own node, which the server's agent
-    # answers for its own node only; no token of a VM reads the server's agent.
+    # What the server's ACL decision says it may do (agent/acl_endpoint.go ACLAuthorize,
+    # the request's own token): its node, its service and the redirect's agent:read.
+    asked = [
+        ("node", "vm-a", "write", True),
+        ("node", "vm-b", "write", False),
+        ("service", "web", "write", True),
+        ("service", "web-sidecar-proxy", "write", True),
+        ("service", "api", "write", False),
+        ("agent", "vm-a", "read", True),
+        ("agent", "vm-b", "read", False),
+        ("agent", "vm-a", "write", False),
+    ]
+    answers = mesh.cp.call(
+        "POST",
+        "/v1/internal/acl/authorize",
+        [{"Resource": r, "Segment": s, "Access": a} for r, s, a, _ in asked],
+        token=token,
+    )
+    assert [a["Allow"] for a in answers] == [allow for *_, allow in asked]
+    # No token of a VM reads the server's agent.
     with pytest.raises(ConsulAPIError) as self_refused:
         mesh.cp.call("GET", "/v1/agent/self", token=token)
     assert self_refused.value.status == 403
@@ -149,6 +167,10 @@ def test_the_dns_token_reads_the_catalog_but_cannot_write_it(mesh: Mesh) -> None
     with pytest.raises(ConsulAPIError) as refused:
         register(mesh.cp, controlplane.SERVER_NODE, token)
     assert refused.value.status == 403
+    # And nothing but the DNS template: no identity's service:write or node:write.
+    itself = mesh.cp.call("GET", "/v1/acl/token/self", token=token)
+    assert [t["TemplateName"] for t in itself["TemplatedPolicies"]] == ["builtin/dns"]
+    assert not any(itself.get(k) for k in ("NodeIdentities", "ServiceIdentities", "Policies"))
 
 
 @needs_root
@@ -167,6 +189,16 @@ def test_tokens_and_leaves_stay_out_of_files_reprs_and_errors(mesh: Mesh) -> Non
     assert mesh.cp.work.stat().st_mode & 0o777 == 0o700
     for path in (mesh.cp.work / "tokens").iterdir():
         assert path.stat().st_mode & 0o777 == 0o600
+
+
+@needs_root
+def test_allow_permissive_writes_the_mesh_entry(mesh: Mesh) -> None:
+    with pytest.raises(ConsulAPIError) as missing:
+        mesh.cp.call("GET", "/v1/config/mesh/mesh")
+    assert missing.value.status == 404
+    mesh.cp.allow_permissive()
+    entry = mesh.cp.call("GET", "/v1/config/mesh/mesh")
+    assert entry["AllowEnablingPermissiveMutualTLS"] is True
 
 
 # --- the upstream's sidecar ----------------------------------------------------------------
@@ -280,11 +312,18 @@ def test_a_mesh_client_with_a_certificate_from_another_ca_is_refused(mesh: Mesh)
 
 
 @needs_root
-def test_the_upstream_is_in_the_catalog_with_its_sidecar_passing(mesh: Mesh) -> None:
-    (instance,) = mesh.cp.health(UPSTREAM)
-    assert instance["Service"]["Address"] == str(mesh.upstream.address)
-    (sidecar,) = mesh.cp.connect_health(UPSTREAM)
-    assert sidecar["Service"]["Port"] == mesh.upstream.public_port
+def test_the_upstream_and_its_sidecar_are_in_the_catalog_passing(mesh: Mesh) -> None:
+    def checked(entries: list[dict[str, object]]) -> set[object]:
+        return {
+            check["ServiceID"]
+            for entry in entries
+            for check in entry["Checks"]  # type: ignore[attr-defined]
+            if check["ServiceID"]
+        }
+
+    assert checked(mesh.cp.health(UPSTREAM)) <= {UPSTREAM}
+    assert len(mesh.cp.health(UPSTREAM)) == 1
+    assert checked(mesh.cp.connect_health(UPSTREAM)) == {mesh.upstream.sidecar_id}
 
 
 # --- the life cycle ---------------------------------------------------------------------------
