@@ -44,7 +44,7 @@ from builder.mesh.localnet import LocalNetwork
 from builder.mesh.upstream import Upstream
 from builder.progress import Progress
 from builder.render import baked, cloudconfig
-from builder.spec.model import LoadedSpec
+from builder.spec.model import ImageSpec, LoadedSpec, TokenSource
 
 #: The mesh client an intention allows to reach the image's service, and the one an
 #: intention denies.
@@ -125,6 +125,17 @@ def foreign_leaf(uri: str) -> tuple[str, str, str]:
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     return ca.public_bytes(pem).decode(), leaf.public_bytes(pem).decode(), key_pem
+
+
+def wants_dns_token(spec: ImageSpec) -> bool:
+    """Whether the operator gives the image a DNS token of its own (``builtin/dns``, the
+    least policy for the role): whenever its Consul answers DNS with a token other than
+    the registering one (``acl.tokens.dns``, 1.17+), also beside a shared token."""
+    return (
+        spec.consul.acl.enabled
+        and spec.tokens.source is TokenSource.USERDATA
+        and spec.consul.release.separate_dns_token
+    )
 
 
 class VerifyMesh:
@@ -220,10 +231,13 @@ class VerifyMesh:
         self.secrets = cloudconfig.Secrets(
             agent_token=control.node_token(self.node, service),
             service_token=None if spec.tokens.shared else control.service_token(service),
-            dns_token=control.dns_token() if cloudconfig.takes_dns_token(spec) else None,
+            dns_token=control.dns_token() if wants_dns_token(spec) else None,
         )
         self._files["management"] = str(control.token_file("management", control.management_token))
-        self._files["dns"] = str(control.token_file("dns", self.secrets.dns_token or ""))
+        # The token that answers DNS in the VM: its own, else the one first boot gives
+        # the DNS role (the shared token).
+        dns = self.secrets.dns_token or self.secrets.agent_token or ""
+        self._files["dns"] = str(control.token_file("dns", dns))
 
     def _certificates(self, control: ControlPlane, folder: Path) -> None:
         root = control.roots()[0]

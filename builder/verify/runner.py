@@ -47,7 +47,6 @@ from builder.tools.qemu import choose_accelerator
 from builder.verify.imagetests import helpers
 from builder.verify.imagetests.helpers import (
     HTTP_PROBE,
-    INBOUND_CX,
     down_for_good,
     parse_stats,
     stats_command,
@@ -677,9 +676,10 @@ class ServiceProbe:
     """Connects to the service port (through a forward) every ``interval`` s from VM
     start, and keeps the host's monotonic time of each connection the app answered.
 
-    Once the redirect is in place every answered connection is a proxied one, so with
-    Envoy's count of proxied connections (``n``) the n-th answer from the end is the
-    first that crossed the sidecar (:meth:`first_proxied`).
+    With a plain exchange, once the redirect is in place every answered connection is
+    a proxied one, so with Envoy's count of proxied connections (``n``) the n-th answer
+    from the end is the first that crossed the sidecar (:meth:`first_proxied`). With a
+    mesh client's exchange (verify's first boot) every answer crossed the sidecar.
     """
 
     def __init__(
@@ -817,17 +817,19 @@ def _keep_plot(vm: Vm, folder: Path, *, wait: bool = True) -> Path | None:
 def _first_boot_figures(
     vm: Vm, probe: ServiceProbe, ready: bool, progress: Progress
 ) -> tuple[dict[str, Any], dict[str, float | None]]:
-    """Stop ``probe`` once Envoy has proxied one of its connections; the figures and the
-    timeline of the first boot."""
-    # The probe connects every half second; once Envoy listens, one crosses it at once.
+    """Stop ``probe`` once one of its connections was answered; the figures and the
+    timeline of the first boot.
+
+    The probe is a mesh client (mutual TLS with a leaf of the mesh CA), which only the
+    sidecar's public listener answers: its first answered connection is the first that
+    crossed the sidecar. (Envoy's inbound counter would not tell: the agent's own TCP
+    check of the sidecar, every 10 s, connects to that listener too.)"""
     deadline = time.monotonic() + 60
-    while ready and time.monotonic() < deadline:
-        if (_envoy_counter(vm, INBOUND_CX) or 0) > 0:
-            break
-        time.sleep(2)
+    while ready and time.monotonic() < deadline and not probe.answered:
+        time.sleep(1)
     answered = probe.stop()
-    proxied = _envoy_counter(vm, INBOUND_CX) or 0
-    first = ServiceProbe.first_proxied(answered, proxied)
+    proxied = len(answered)
+    first = answered[0] if answered else None
     figures: dict[str, Any] = {
         "probe_connections_answered": len(answered),
         "probe_connections_proxied": proxied,
@@ -920,7 +922,7 @@ def _phase(
                             HTTP_PROBE,
                             allowed,
                             mesh_expect["server_name"],
-                            timeout=2,
+                            timeout=5,
                         )[0],
                     )
                 )

@@ -37,6 +37,7 @@ from builder.progress import Progress
 from builder.render import baked, cloudconfig
 from builder.spec.model import Accelerator, LoadedSpec
 from builder.verify import runner
+from builder.verify.localmesh import wants_dns_token
 
 #: Seconds each VM's sidecar has to become active once SSH answers.
 SIDECAR_TIMEOUT = 300.0
@@ -146,7 +147,7 @@ def up(
                 service_token=None
                 if spec.tokens.shared
                 else control.service_token(spec.service.name),
-                dns_token=control.dns_token() if cloudconfig.takes_dns_token(spec) else None,
+                dns_token=control.dns_token() if wants_dns_token(spec) else None,
             )
             values = cloudconfig.carrier_values(spec, tokens, where=str(loaded.path))
             values |= cloudconfig.join_values([str(network.server_address.ip)])

@@ -414,30 +414,37 @@ def check_outbound(host: Host, expect: dict[str, Any]) -> dict[str, int]:
 
 
 def check_consul_bypass(host: Host, expect: dict[str, Any]) -> dict[str, int]:
-    """The same connection as the consul user arrives without touching Envoy."""
+    """The same connection as the consul user arrives without touching Envoy's outbound
+    listener. (The inbound counter is not watched: the agent's TCP check of the sidecar,
+    every 10 s, connects to the public listener, as Consul's does.)"""
     before = envoy_counters(host)
     exchange, arrived = outbound_exchange(host, expect, "consul")
     moved = deltas(before, envoy_counters(host))
     require(
-        arrived and not any(moved.values()),
-        "a connection as consul arrives at the host listener, and no Envoy counter moves",
+        arrived and moved[OUTBOUND_CX] == 0 and moved[ORIGINAL_DST_CONNECT_FAIL] == 0,
+        f"a connection as consul arrives at the host listener, and Envoy's outbound"
+        f" listener does not see it ({OUTBOUND_CX} +0)",
         f"{'arrived' if arrived else 'did not arrive'}, {exchange.describe()}; {short(moved)}",
     )
-    return {"consul_connections_through_envoy": moved[OUTBOUND_CX] + moved[INBOUND_CX]}
+    return {"consul_connections_through_envoy": moved[OUTBOUND_CX]}
 
 
 def check_ssh_bypass(host: Host, connect: Callable[[], Host]) -> dict[str, int]:
-    """A new SSH connection works and leaves Envoy's counters alone."""
+    """A new SSH connection works, so port 22 is not redirected: the sidecar's public
+    listener would have wanted a TLS handshake (and only the app's port has a plain path
+    in permissive mode). Envoy's outbound counter does not move either. (The inbound
+    counter is not watched: the agent's TCP check of the sidecar moves it every 10 s.)"""
     before = envoy_counters(host)
     fresh = connect()
     ok = bool(fresh.run("true").succeeded)
     moved = deltas(before, envoy_counters(host))
     require(
-        ok and not any(moved.values()),
-        "a new SSH connection works, and no Envoy counter moves",
+        ok and moved[OUTBOUND_CX] == 0,
+        f"a new SSH connection works, and Envoy's outbound listener does not see it"
+        f" ({OUTBOUND_CX} +0)",
         f"SSH {'works' if ok else 'fails'}; {short(moved)}",
     )
-    return {"ssh_connections_through_envoy": moved[INBOUND_CX] + moved[OUTBOUND_CX]}
+    return {"ssh_connections_through_envoy": moved[OUTBOUND_CX]}
 
 
 def record_all(record_property: Record, figures: dict[str, int], prefix: str = "") -> None:
@@ -643,9 +650,9 @@ def test_plain_inbound_per_mtls_mode(
     moved = deltas(before, envoy_counters(host))
     if mode == "strict":
         require(
-            exchange.connected and not exchange.answered and moved[INBOUND_CX] == 0,
+            exchange.connected and not exchange.answered,
             f"strict mTLS: a plain client from outside to port {expect['port']} is taken"
-            f" by the sidecar and gets nothing from the app ({INBOUND_CX} +0)",
+            " by the sidecar and gets nothing from the app",
             f"{exchange.describe()}; {short(moved)}",
         )
     else:
