@@ -342,29 +342,6 @@ def relay_sidecar(root: Path) -> None:
     )
 
 
-DROP_DNS_TOKEN = r"""#!/usr/bin/python3
-# Deliberately broken by tests/e2e/test_broken_image.py: the agent loses its DNS token.
-import json
-path = "/etc/consul.d/zz-meshbake-secrets.json"
-with open(path) as f:
-    config = json.load(f)
-config.get("acl", {}).get("tokens", {}).pop("dns", None)
-with open(path, "w") as f:
-    json.dump(config, f)
-"""
-
-
-def drop_dns_token(root: Path) -> None:
-    """Each time consul starts, the DNS token is gone from its secrets file first."""
-    script = root / "usr/local/sbin/meshbake-broken-dns"
-    script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(DROP_DNS_TOKEN)
-    script.chmod(0o755)
-    dropin = root / "etc/systemd/system/consul.service.d/zz-meshbake-broken.conf"
-    dropin.parent.mkdir(parents=True, exist_ok=True)
-    dropin.write_text("[Service]\nExecStartPre=+/usr/local/sbin/meshbake-broken-dns\n")
-
-
 #: The check every traffic break must also fail: after a restart the traffic checks run
 #: again. The reboot (which repeats them once more) is left out here: it costs two
 #: minutes a copy, and the good images prove it (tests/e2e/test_bake_and_verify.py).
@@ -422,11 +399,6 @@ FIRSTBOOT_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, st
             "test_plain_inbound_per_mtls_mode": "strict mTLS: a plain client",
             "test_mesh_client_refused": "gets nothing from the app",
         },
-    ),
-    "dns_token_missing": (
-        drop_dns_token,
-        {"test_dns_answers_under_the_dns_token", "test_upstream_by_virtual_name"},
-        {"test_dns_answers_under_the_dns_token": "both names resolve"},
     ),
     "app_not_listening": (
         app_listens_nowhere,
