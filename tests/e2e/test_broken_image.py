@@ -18,7 +18,11 @@ Phase firstboot, one copy per break, each proved by traffic (Envoy's counters):
 - ``inbound_port_wrong``: inbound traffic is redirected to a port where Envoy does not
   listen;
 - ``envoy_missing``: ``/usr/bin/envoy`` is gone;
-- ``app_not_listening``: the app runs but listens nowhere.
+- ``app_not_listening``: the app runs but listens nowhere;
+- ``relay``: the sidecar runs Envoy with a hand-written plain-TCP relay instead of
+  what Consul gives it, as the double did before verify joined a mesh: a plain client
+  from outside reaches the app, a mesh client's TLS is not terminated, intentions are
+  not enforced, and no upstream is reachable by its virtual name.
 
 The first two are applied by a drop-in of the sidecar unit that edits Consul's own
 rules right after the redirect (``ExecStartPre`` lines of a drop-in run after the
