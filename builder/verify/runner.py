@@ -207,6 +207,7 @@ def expectations(
     phase: str,
     token: str,
     traffic: dict[str, Any] | None = None,
+    dns_token: str | None = None,
 ) -> dict[str, Any]:
     """What the Testinfra suites check, derived from the spec (see imagetests/conftest.py).
 
@@ -242,6 +243,7 @@ def expectations(
         "exclude_uids": list(tproxy.exclude_uids),
         "dns_forward": spec.consul.dns.forward,
         "token": token,
+        "dns_token": dns_token,
         "redirect_backend": spec.consul.release.backend.value,
         "dns_token_key": spec.consul.release.dns_token_key,
         "fail_closed": tproxy.fail_closed,
@@ -959,7 +961,8 @@ def _phase(
                     )
                     figures, timeline = _first_boot_figures(vm, probe, ready, progress)
                     plot = _keep_plot(vm, report_folder(image), wait=ready)
-                expect = expectations(loaded, phase, token, traffic)
+                dns_token = None if mesh is None else mesh.secrets.dns_token
+                expect = expectations(loaded, phase, token, traffic, dns_token)
                 progress(f"verify: {phase}: running the Testinfra checks")
                 checks = run_suite(vm.uri, expect, work, leave_out=leave_out)
                 if any(c.outcome in ("failed", "error") for c in checks):

@@ -50,6 +50,7 @@ EXPECT = {
     "exclude_uids": [],
     "dns_forward": True,
     "token": "4d3c2b1a-0000-4000-8000-000000000000",
+    "dns_token": None,
     "mesh": None,
     "redirect_backend": "nftables",
     "dns_token_key": "dns",

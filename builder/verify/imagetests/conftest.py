@@ -60,6 +60,7 @@ EXPECT_KEYS = frozenset(
         "exclude_uids",
         "dns_forward",
         "token",
+        "dns_token",
         "redirect_backend",
         "dns_token_key",
         "fail_closed",
