@@ -3,8 +3,11 @@
 ``up`` made by default allows; after SIGTERM nothing of the mesh is left.
 
 One test (two VMs under TCG are slow: see the README's figures). The images are the
-session's bakes (tests/e2e/conftest.py); the server runs web's own Consul zip, the
-fixture release (a TEST DOUBLE) in server mode.
+session's bakes (tests/e2e/conftest.py); the server runs the first image's own Consul
+zip, the fixture release (a TEST DOUBLE) in server mode. api is booted first: the
+double's sidecar configuration is computed once, when the sidecar starts (it has no xDS
+stream), so web's sidecar must start after api is in the catalog; with real Consul the
+order would not matter.
 """
 
 from __future__ import annotations
@@ -77,8 +80,8 @@ def test_up_two_images_web_reaches_api_by_virtual_name(
     before = set(namespaces())
     child = subprocess.Popen(
         [
-            sys.executable, "-m", "builder", "up", str(web.built.output),
-            str(api.built.output), "--json", "--cache", str(web.options.cache),
+            sys.executable, "-m", "builder", "up", str(api.built.output),
+            str(web.built.output), "--json", "--cache", str(web.options.cache),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
