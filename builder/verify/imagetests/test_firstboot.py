@@ -625,10 +625,10 @@ def test_consul_rules_exactly_once(
 
 
 # --- traffic through the sidecar ------------------------------------------------------
-# Outbound comes after the bypass checks: where Envoy's own connections are not
-# excluded from the redirect (a broken image), the outbound connection starts a loop
-# that keeps Envoy's counters moving until Envoy stops, and the bypass checks, which
-# watch those counters, would fail for a reason that is not theirs.
+# Outbound and the upstream come after the bypass checks: where Envoy's own connections
+# are not excluded from the redirect (a broken image), an outbound connection starts a
+# loop that keeps Envoy's counters moving until Envoy stops, and the bypass checks,
+# which watch those counters, would fail for a reason that is not theirs.
 
 
 def test_inbound_crosses_the_sidecar(
@@ -691,6 +691,30 @@ def test_mesh_client_refused(
     )
 
 
+def test_consul_user_bypasses_the_sidecar(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    traffic_target(expect, "outbound")
+    require_sidecar(mesh_up, "a connection as consul bypasses a running Envoy")
+    record_all(record_property, check_consul_bypass(host, expect))
+
+
+def test_ssh_bypasses_the_sidecar(
+    host: Host, connect: Callable[[], Host], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    assert host.run("true").succeeded, "the suite's own SSH connection broke"
+    require_sidecar(mesh_up, "a new SSH connection bypasses a running Envoy")
+    record_all(record_property, check_ssh_bypass(host, connect))
+
+
+def test_outbound_crosses_the_sidecar(
+    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
+) -> None:
+    traffic_target(expect, "outbound")
+    require_sidecar(mesh_up, f"a connection as {expect['app_user']} crosses Envoy outbound")
+    record_all(record_property, check_outbound(host, expect))
+
+
 def test_upstream_by_virtual_name(
     host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
 ) -> None:
@@ -718,30 +742,6 @@ def test_upstream_by_virtual_name(
         denied_exchange.describe(),
     )
     record_property("upstream_reply_bytes", len(allowed_exchange.reply))
-
-
-def test_consul_user_bypasses_the_sidecar(
-    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
-) -> None:
-    traffic_target(expect, "outbound")
-    require_sidecar(mesh_up, "a connection as consul bypasses a running Envoy")
-    record_all(record_property, check_consul_bypass(host, expect))
-
-
-def test_ssh_bypasses_the_sidecar(
-    host: Host, connect: Callable[[], Host], mesh_up: dict[str, bool], record_property: Record
-) -> None:
-    assert host.run("true").succeeded, "the suite's own SSH connection broke"
-    require_sidecar(mesh_up, "a new SSH connection bypasses a running Envoy")
-    record_all(record_property, check_ssh_bypass(host, connect))
-
-
-def test_outbound_crosses_the_sidecar(
-    host: Host, expect: dict[str, Any], mesh_up: dict[str, bool], record_property: Record
-) -> None:
-    traffic_target(expect, "outbound")
-    require_sidecar(mesh_up, f"a connection as {expect['app_user']} crosses Envoy outbound")
-    record_all(record_property, check_outbound(host, expect))
 
 
 def resolve(host: Host, name: str) -> tuple[list[str], str]:
