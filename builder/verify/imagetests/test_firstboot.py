@@ -684,8 +684,10 @@ def test_mesh_client_refused(
     before = envoy_counters(host)
     exchange, _ = mesh_exchange(expect, client)
     moved = deltas(before, envoy_counters(host))
+    # Not Envoy's counters: its TCP proxy dials the app as soon as a connection is
+    # accepted, before the handshake and the RBAC filter decide.
     require(
-        not exchange.answered and moved[APP_CONNECT_FAIL] == 0,
+        not exchange.answered,
         f"a mesh client as {service} ({why}) gets nothing from the app",
         f"{exchange.describe()}; {short(moved)}",
     )
