@@ -678,10 +678,9 @@ class ServiceProbe:
     """Connects to the service port (through a forward) every ``interval`` s from VM
     start, and keeps the host's monotonic time of each connection the app answered.
 
-    With a plain exchange, once the redirect is in place every answered connection is
-    a proxied one, so with Envoy's count of proxied connections (``n``) the n-th answer
-    from the end is the first that crossed the sidecar (:meth:`first_proxied`). With a
-    mesh client's exchange (verify's first boot) every answer crossed the sidecar.
+    Verify's first boot gives it a mesh client's exchange (mutual TLS with a leaf of the
+    mesh CA), which only the sidecar's public listener answers, so its first answer is
+    the first connection that crossed the sidecar; by default it is plain TCP.
     """
 
     def __init__(
@@ -718,19 +717,6 @@ class ServiceProbe:
             if self.exchange().answered:
                 self.answered.append(sent)
             self._stop.wait(self.interval)
-
-    @staticmethod
-    def first_proxied(answered: Sequence[float], proxied: int) -> float | None:
-        """The time of the first proxied connection among ``answered``.
-
-        >>> ServiceProbe.first_proxied([1.0, 1.5, 2.0, 2.5], 2)
-        2.0
-        >>> ServiceProbe.first_proxied([1.0], 0) is None
-        True
-        """
-        if 0 < proxied <= len(answered):
-            return answered[-proxied]
-        return None
 
 
 #: Milestones of the first boot -> the unit whose ActiveEnterTimestampMonotonic marks it.

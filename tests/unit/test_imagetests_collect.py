@@ -277,7 +277,6 @@ def test_host_listener_logs_and_answers_and_the_probe_sees_it(tmp_path: Path) ->
             answered = probe.stop()
     assert "marker one" in log.read_text().splitlines()
     assert len(answered) >= 3 and answered == sorted(answered)
-    assert runner.ServiceProbe.first_proxied(answered, 1) == answered[-1]
     # Nothing listens any more: no connection, and the probe counts no answer.
     closed = helpers.tcp_exchange("127.0.0.1", listener.port, b"x\n", timeout=2)
     assert not closed.connected and "no connection" in closed.describe()
