@@ -433,12 +433,23 @@ def kill_strays(work: Path) -> list[int]:
 
     Only processes whose command line names ``work`` are touched: we started them.
     """
-    killed = []
-    for pid in proc.processes_naming(str(work)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+    killed: list[int] = []
+    # Scan again until a scan finds nothing: a process forked or exec'd while the
+    # previous scan ran (Packer starting qemu as the interrupt lands) is caught next time.
+    for _ in range(_STRAY_SCANS):
+        found = proc.processes_naming(str(work))
+        if not found:
+            break
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.05)
     return killed
+
+
+#: At most this many scans for processes naming a work folder (see ``kill_strays``).
+_STRAY_SCANS = 40
 
 
 # --- aws ----------------------------------------------------------------------------

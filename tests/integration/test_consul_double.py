@@ -275,7 +275,9 @@ def test_unknown_consul_line_is_refused_by_the_double(agent: RunningAgent) -> No
 # --- connect envoy ---------------------------------------------------------------------
 
 
-def test_connect_envoy_execs_envoy_with_a_static_bootstrap(agent: RunningAgent) -> None:
+def test_connect_envoy_execs_envoy_with_a_bootstrap_and_its_lds_cds_files(
+    agent: RunningAgent,
+) -> None:
     token_file = agent.tmp / "token"
     token_file.write_text(TOKEN)
     binary = fake_envoy(agent.tmp, "1.38.3")
@@ -301,7 +303,17 @@ def test_connect_envoy_execs_envoy_with_a_static_bootstrap(agent: RunningAgent) 
         "address": "127.0.0.1",
         "port_value": 19000,
     }
-    listeners = {item["name"]: item for item in config["static_resources"]["listeners"]}
+    # Listeners and clusters come from LDS/CDS files that the watcher rewrites.
+    files = agent.tmp / "runtime" / "web-sidecar-proxy-xds"
+    assert config["dynamic_resources"]["lds_config"]["path_config_source"] == {
+        "path": os.fspath(files / "lds.json")
+    }
+    assert config["dynamic_resources"]["cds_config"]["path_config_source"] == {
+        "path": os.fspath(files / "cds.json")
+    }
+    lds, cds = (json.loads((files / name).read_text()) for name in ("lds.json", "cds.json"))
+    assert TOKEN not in json.dumps([lds, cds])
+    listeners = {item["name"]: item for item in lds["resources"]}
     public = listeners["public_listener:0.0.0.0:21000"]
     assert public["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 21000}
     # agent/xds/listeners.go: the public listener is mutual TLS with the leaf the agent
@@ -314,7 +326,7 @@ def test_connect_envoy_execs_envoy_with_a_static_bootstrap(agent: RunningAgent) 
         "address": "127.0.0.1",
         "port_value": 15001,
     }
-    clusters = {item["name"]: item for item in config["static_resources"]["clusters"]}
+    clusters = {item["name"]: item for item in cds["resources"]}
     app = clusters["local_app"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
     assert app["endpoint"]["address"]["socket_address"] == {
         "address": "127.0.0.1",

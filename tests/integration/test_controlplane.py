@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -265,6 +266,55 @@ def test_a_mesh_client_with_a_deny_intention_is_refused(mesh: Mesh) -> None:
 def test_a_mesh_client_without_an_intention_is_refused(mesh: Mesh) -> None:
     answer = tls_get(mesh, mesh.cp.leaf("meshbake-nobody"), "nobody")
     assert UPSTREAM not in answer and "200" not in answer, answer
+
+
+#: How long a changed intention may take to reach the running Envoy: Consul pushes it
+#: over xDS at once; the double's watcher looks every few seconds.
+PUSH_DEADLINE = 60.0
+
+
+def _answers_until(mesh: Mesh, leaf: Leaf, label: str, wanted: bool) -> str:
+    """Ask with ``leaf`` until the app's answer is (``wanted``) or is not there."""
+    deadline = time.monotonic() + PUSH_DEADLINE
+    while True:
+        answer = tls_get(mesh, leaf, label)
+        if (UPSTREAM in answer) == wanted or time.monotonic() > deadline:
+            return answer
+        time.sleep(1.0)
+
+
+@needs_root
+def test_an_intention_changed_while_envoy_runs_reaches_it_without_a_restart(mesh: Mesh) -> None:
+    source = "meshbake-latecomer"
+    leaf = mesh.cp.leaf(source)
+    started, before = time.monotonic(), envoy_stats(mesh)
+    answer = tls_get(mesh, leaf, "before")
+    assert UPSTREAM not in answer, answer
+    try:
+        mesh.cp.intention(source, UPSTREAM, allow=True)
+        answer = _answers_until(mesh, leaf, "allowed", wanted=True)
+        assert answer.endswith(f"\r\n\r\n{UPSTREAM}\n"), answer
+        mesh.cp.intention(source, UPSTREAM, allow=False)
+        answer = _answers_until(mesh, leaf, "denied", wanted=False)
+        assert UPSTREAM not in answer, answer
+    finally:
+        mesh.cp.intention(source, UPSTREAM, allow=False)
+    after = envoy_stats(mesh)
+    # The same Envoy all along (its uptime spans the test), which took new listeners.
+    assert after["server.uptime"] >= before["server.uptime"] + time.monotonic() - started - 2
+    assert after["listener_manager.lds.update_success"] >= (
+        before["listener_manager.lds.update_success"] + 2
+    )
+
+
+def envoy_stats(mesh: Mesh) -> dict[str, int]:
+    text = mesh.upstream.admin(
+        "/stats?filter=^(server.uptime|listener_manager.lds.update_success)$"
+    )
+    return {
+        name: int(value)
+        for name, _, value in (line.partition(": ") for line in text.split("\n") if line)
+    }
 
 
 def foreign_leaf(real: Leaf) -> Leaf:
