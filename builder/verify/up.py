@@ -10,10 +10,10 @@ the server's address to join.
 
 Intentions are service-intentions config entries: by default each image's service may
 reach every other one's; ``--intention SRC=DST`` and ``--deny SRC=DST`` say otherwise.
-Once every VM's sidecar is active, one line says where everything is (``--json``: one
-JSON object). Then it runs until SIGINT, SIGTERM or SIGHUP, and on the way out stops
-the VMs, the server and the network, and removes the work folder with the SSH keys and
-the token file.
+Once every VM's sidecar is active and passing in the server's catalog (routable), one
+line says where everything is (``--json``: one JSON object). Then it runs until SIGINT,
+SIGTERM or SIGHUP, and on the way out stops the VMs, the server and the network, and
+removes the work folder with the SSH keys and the token file.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import secrets
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -181,6 +182,11 @@ def up(
             down = runner.wait_sidecar(vm, time.monotonic() + SIDECAR_TIMEOUT)
             if down:
                 raise UserError(f"up: {node}: the sidecar is not up: {'; '.join(down)}")
+        # Ready means routable: each service's sidecar passes its checks in the server's
+        # catalog, which is when Consul gives the other sidecars its endpoint.
+        deadline = time.monotonic() + SIDECAR_TIMEOUT
+        for guest in guests:
+            _wait_passing(control, guest, deadline)
         token_file = control.token_file("management", control.management_token)
         summary = {
             "server": {
@@ -199,6 +205,17 @@ def up(
         stop = until or threading.Event()
         while not stop.wait(1.0):
             pass  # a signal arrives as Interrupted and unwinds everything above
+
+
+def _wait_passing(control: ControlPlane, guest: Guest, deadline: float) -> None:
+    path = f"/v1/health/connect/{urllib.parse.quote(guest.service, safe='')}?passing"
+    while not control.call("GET", path):
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"up: {guest.name}: {guest.service}'s sidecar is up but not passing in the "
+                f"server's catalog after {SIDECAR_TIMEOUT:.0f}s"
+            )
+        time.sleep(1.0)
 
 
 def _user_data(public_key: str, *, document: dict[str, Any]) -> str:

@@ -233,6 +233,18 @@ fi
 """
 
 
+BYPASS_INBOUND = r"""#!/bin/sh
+# Deliberately broken by tests/e2e/test_broken_image.py: inbound to the app's port is
+# not redirected, so it reaches the app directly and still gets answers.
+set -eu
+if [ "$MESHBAKE_REDIRECT_BACKEND" = nftables ]; then
+    nft insert rule inet consul_tproxy CONSUL_PROXY_INBOUND tcp dport 8080 return
+else
+    iptables -w -t nat -I CONSUL_PROXY_INBOUND -p tcp --dport 8080 -j RETURN
+fi
+"""
+
+
 def after_redirect(script: str) -> Callable[[Path], None]:
     """An edit that runs ``script`` in the VM right after every redirect."""
 
@@ -411,6 +423,28 @@ FIRSTBOOT_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, st
             "test_plain_inbound_per_mtls_mode": "strict mTLS: a plain client",
             # The mesh client's handshake finds no TLS at all.
             "test_inbound_crosses_the_sidecar": "server presented nothing",
+        },
+    ),
+    "redirect_bypass": (
+        after_redirect(BYPASS_INBOUND),
+        {
+            "test_plain_inbound_per_mtls_mode",
+            "test_inbound_crosses_the_sidecar",
+            "test_consul_rules_exactly_once",
+        },
+        {
+            "test_plain_inbound_per_mtls_mode": "strict mTLS: a plain client",
+        },
+    ),
+    "fenced_sidecar": (
+        fence_sidecar,
+        {
+            "test_consul_and_sidecar_active",
+            "test_inbound_crosses_the_sidecar",
+            *AGAIN,
+        },
+        {
+            "test_sidecar_down": "not tried: the sidecar is down",
         },
     ),
     "app_not_listening": (

@@ -34,6 +34,8 @@ pytestmark = [pytest.mark.image, pytest.mark.root]
 
 #: How long ``up`` may take to print its line: two TCG boots one after the other.
 UP_TIMEOUT = 1200
+#: How long web's sidecar may take to be given api's endpoint once up is ready.
+PUSH_TIMEOUT = 60
 #: How long it may take to stop everything after SIGTERM.
 STOP_TIMEOUT = 120
 
@@ -104,10 +106,18 @@ def test_up_two_images_web_reaches_api_by_virtual_name(
         assert sorted(vms) == ["api", "web"], summary
         work = Path(vms["web"]["private_key"]).parent.parent
         # From web, as the web user: api by its virtual name, through both sidecars.
-        code, out = ssh(
-            vms["web"],
-            f"sudo -u web python3 -c {shlex.quote(FETCH)} api.virtual.consul 9090",
-        )
+        # up is ready once api passes in the catalog; web's sidecar learns of api's
+        # endpoint after that (Consul's xDS push; the double's watcher), so ask again
+        # for a bounded while.
+        deadline = time.monotonic() + PUSH_TIMEOUT
+        while True:
+            code, out = ssh(
+                vms["web"],
+                f"sudo -u web python3 -c {shlex.quote(FETCH)} api.virtual.consul 9090",
+            )
+            if (code == 0 and '"service": "api"' in out) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert code == 0 and '"service": "api"' in out, out[-2000:]
         # A plain client from the host to web's service port meets the sidecar's strict
         # mTLS listener, not the app.
