@@ -208,8 +208,12 @@ def expectations(
     token: str,
     traffic: dict[str, Any] | None = None,
     dns_token: str | None = None,
+    sidecar_down: Sequence[str] = (),
 ) -> dict[str, Any]:
     """What the Testinfra suites check, derived from the spec (see imagetests/conftest.py).
+
+    ``sidecar_down``: why the sidecar was found down for good before the checks (empty
+    when it came up or was not waited for); the checks then do not wait for it again.
 
     ``traffic`` holds the outside ends of the first-boot traffic checks: ``inbound``
     (address and port reaching the service port) and ``outbound`` (see
@@ -254,6 +258,7 @@ def expectations(
             "outbound": (traffic or {}).get("outbound"),
         },
         "mesh": (traffic or {}).get("mesh"),
+        "sidecar_down": list(sidecar_down),
     }
 
 
@@ -378,22 +383,46 @@ def _poll(vm: Vm, command: str, want: str, deadline: float) -> bool:
     return False
 
 
+#: Seconds the sidecar has to become active once consul.service is: the agent is ready
+#: then (it joined), and a good sidecar follows within seconds even under TCG.
+SIDECAR_GRACE = 90.0
+
+
 def wait_sidecar(vm: Vm, deadline: float) -> list[str]:
     """Wait for the sidecar to become active; why it is down ([] once it is active).
 
     Gives up before ``deadline`` once consul or the sidecar is down for good
-    (:func:`helpers.down_for_good`): a fenced or broken sidecar restarts forever.
+    (:func:`helpers.down_for_good`): a fenced or broken sidecar restarts forever, and
+    each of its starts may spend a while retrying the redirect; so also once the
+    sidecar is still not active ``SIDECAR_GRACE`` after consul.service became active.
     """
-    command = unit_state_command("consul.service", SIDECAR_UNIT)
+    # The VM's own clock: how long consul has been active (CLOCK_MONOTONIC, in µs, and
+    # /proc/uptime, which is the same clock while nothing suspends).
+    command = (
+        f"{unit_state_command('consul.service', SIDECAR_UNIT)}"
+        " -p ActiveEnterTimestampMonotonic; echo; echo Id=uptime;"
+        " echo Seconds=$(cut -d' ' -f1 /proc/uptime)"
+    )
     while time.monotonic() < deadline:
-        with suppress(OSError, paramiko.SSHException, EOFError):
+        with suppress(OSError, paramiko.SSHException, EOFError, ValueError):
             _, out = ssh_run(vm, command)
             states = unit_states(out)
-            if states.get(SIDECAR_UNIT, {}).get("ActiveState") == "active":
+            sidecar = states.get(SIDECAR_UNIT, {})
+            if sidecar.get("ActiveState") == "active":
                 return []
             causes = down_for_good(out)
             if causes:
                 return causes
+            consul = states.get("consul.service", {})
+            now = float(states.get("uptime", {}).get("Seconds") or 0)
+            since = int(consul.get("ActiveEnterTimestampMonotonic") or 0) / 1e6
+            if consul.get("ActiveState") == "active" and since and now - since > SIDECAR_GRACE:
+                # The agent is ready (it joined), so the sidecar is not waiting for it.
+                return [
+                    f"{SIDECAR_UNIT} not active {SIDECAR_GRACE:.0f}s after consul.service was"
+                    f" ({sidecar.get('ActiveState')}/{sidecar.get('SubState')}, restarted"
+                    f" {sidecar.get('NRestarts') or 0} times)"
+                ]
         time.sleep(2)
     return [f"{SIDECAR_UNIT} did not become active within the deadline"]
 
@@ -936,6 +965,7 @@ def _phase(
                     "done",
                     time.monotonic() + 300,
                 )
+                down: list[str] = []
                 if probe is not None:
                     down = wait_sidecar(vm, time.monotonic() + 240)
                     ready = not down
@@ -948,7 +978,7 @@ def _phase(
                     figures, timeline = _first_boot_figures(vm, probe, ready, progress)
                     plot = _keep_plot(vm, report_folder(image), wait=ready)
                 dns_token = None if mesh is None else mesh.secrets.dns_token
-                expect = expectations(loaded, phase, token, traffic, dns_token)
+                expect = expectations(loaded, phase, token, traffic, dns_token, down)
                 progress(f"verify: {phase}: running the Testinfra checks")
                 checks = run_suite(vm.uri, expect, work, leave_out=leave_out)
                 if any(c.outcome in ("failed", "error") for c in checks):

@@ -19,14 +19,20 @@ Phase firstboot, one copy per break, each proved by traffic (Envoy's counters):
   listen;
 - ``envoy_missing``: ``/usr/bin/envoy`` is gone;
 - ``app_not_listening``: the app runs but listens nowhere;
+- ``redirect_bypass``: inbound to the app's port is not redirected (a rule of the
+  break's own returns first), so a plain client from outside gets the app's answer;
+- ``fenced_sidecar``: the sidecar's unit may not use the network (``IPAddressDeny=any``),
+  so its redirect cannot ask the agent and it never comes up; verify stops waiting for it
+  once consul has been active a while, and the checks that need it fail at once;
 - ``relay``: the sidecar runs Envoy with a hand-written plain-TCP relay instead of
   what Consul gives it, as the double did before verify joined a mesh: a plain client
   from outside reaches the app, a mesh client's TLS is not terminated, intentions are
   not enforced, and no upstream is reachable by its virtual name.
 
-The first two are applied by a drop-in of the sidecar unit that edits Consul's own
-rules right after the redirect (``ExecStartPre`` lines of a drop-in run after the
-unit's), so they come back at every start and every boot, as a bad redirect would.
+The first two and ``redirect_bypass`` are applied by a drop-in of the sidecar unit that
+edits Consul's own rules right after the redirect (``ExecStartPre`` lines of a drop-in
+run after the unit's), so they come back at every start and every boot, as a bad
+redirect would.
 Fail-closed is proved on a good image of its own: images/api.yaml sets it, and its
 verify (tests/e2e/test_bake_and_verify.py) must see the connection refused while the
 sidecar is down.
@@ -430,20 +436,37 @@ FIRSTBOOT_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, st
         {
             "test_plain_inbound_per_mtls_mode",
             "test_inbound_crosses_the_sidecar",
-            "test_consul_rules_exactly_once",
+            *AGAIN,
         },
         {
-            "test_plain_inbound_per_mtls_mode": "strict mTLS: a plain client",
+            # The app answers a plain client from outside: strict mTLS is bypassed.
+            "test_plain_inbound_per_mtls_mode": "answered 'HTTP/1.0 200 OK'",
+            "test_inbound_crosses_the_sidecar": "server presented nothing",
         },
     ),
     "fenced_sidecar": (
         fence_sidecar,
         {
+            # The redirect cannot ask the agent, so Envoy never starts: everything the
+            # sidecar carries or guards fails, the rest (secrets, DNS, IMDS) passes.
             "test_consul_and_sidecar_active",
+            "test_app_started_after_the_redirect",
+            "test_consul_rules_exactly_once",
             "test_inbound_crosses_the_sidecar",
+            "test_plain_inbound_per_mtls_mode",
+            "test_mesh_client_refused",
+            "test_consul_user_bypasses_the_sidecar",
+            "test_ssh_bypasses_the_sidecar",
+            "test_outbound_crosses_the_sidecar",
+            "test_upstream_by_virtual_name",
+            "test_catalog_has_the_node_and_passing_instances",
+            "test_envoy_admin_only_for_root_and_envoy",
+            "test_sidecar_restarts_after_a_clean_exit",
             *AGAIN,
         },
         {
+            "test_consul_and_sidecar_active": "not up: envoy-sidecar.service",
+            "test_catalog_has_the_node_and_passing_instances": "critical",
             "test_sidecar_down": "not tried: the sidecar is down",
         },
     ),
