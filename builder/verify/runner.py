@@ -388,6 +388,24 @@ def _poll(vm: Vm, command: str, want: str, deadline: float) -> bool:
 SIDECAR_GRACE = 90.0
 
 
+def sidecar_late(states: Mapping[str, Mapping[str, str]]) -> str | None:
+    """Why the sidecar is down for good when it is still not active ``SIDECAR_GRACE``
+    after consul.service became active (the agent is ready then: it joined, so the
+    sidecar is not waiting for it), by the VM's clock (``uptime``); else None."""
+    consul, sidecar = states.get("consul.service", {}), states.get(SIDECAR_UNIT, {})
+    now = float(states.get("uptime", {}).get("Seconds") or 0)
+    since = int(consul.get("ActiveEnterTimestampMonotonic") or 0) / 1e6
+    if sidecar.get("ActiveState") == "active" or consul.get("ActiveState") != "active":
+        return None
+    if not since or now - since <= SIDECAR_GRACE:
+        return None
+    return (
+        f"{SIDECAR_UNIT} not active {SIDECAR_GRACE:.0f}s after consul.service was"
+        f" ({sidecar.get('ActiveState')}/{sidecar.get('SubState')}, restarted"
+        f" {sidecar.get('NRestarts') or 0} times)"
+    )
+
+
 def wait_sidecar(vm: Vm, deadline: float) -> list[str]:
     """Wait for the sidecar to become active; why it is down ([] once it is active).
 
@@ -413,16 +431,9 @@ def wait_sidecar(vm: Vm, deadline: float) -> list[str]:
             causes = down_for_good(out)
             if causes:
                 return causes
-            consul = states.get("consul.service", {})
-            now = float(states.get("uptime", {}).get("Seconds") or 0)
-            since = int(consul.get("ActiveEnterTimestampMonotonic") or 0) / 1e6
-            if consul.get("ActiveState") == "active" and since and now - since > SIDECAR_GRACE:
-                # The agent is ready (it joined), so the sidecar is not waiting for it.
-                return [
-                    f"{SIDECAR_UNIT} not active {SIDECAR_GRACE:.0f}s after consul.service was"
-                    f" ({sidecar.get('ActiveState')}/{sidecar.get('SubState')}, restarted"
-                    f" {sidecar.get('NRestarts') or 0} times)"
-                ]
+            late = sidecar_late(states)
+            if late:
+                return [late]
         time.sleep(2)
     return [f"{SIDECAR_UNIT} did not become active within the deadline"]
 
