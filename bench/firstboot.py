@@ -17,7 +17,11 @@ machine favours no one:
   connection.
 
 Medians go to stdout as a Markdown table and to ``--out`` as JSON with every sample.
-The Consul inside is the fixture release (a TEST DOUBLE); Envoy is real. Without
+The Consul inside is the fixture release (a TEST DOUBLE); Envoy is real. The golden and
+install-at-boot ways boot into the local mesh of verify's first boot
+(``install_at_boot.mesh_vm``): their agent joins a server there and is ready only then,
+with the tokens an operator minted for the VM, and the probe is a mesh client that an
+intention allows (mutual TLS), as the sidecar's public listener takes no other. Without
 ``--image`` the spec is baked first (into build/bench/).
 """
 
@@ -30,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +42,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from install_at_boot import prepare  # noqa: E402
+from install_at_boot import ExtraFor, mesh_vm, prepare, say  # noqa: E402
 
 from builder.bake import base  # noqa: E402
 from builder.bake.run import BuildOptions, build_image  # noqa: E402
 from builder.render import cloudconfig  # noqa: E402
 from builder.spec.model import Accelerator, LoadedSpec, load_spec  # noqa: E402
 from builder.tools.qemu import choose_accelerator  # noqa: E402
+from builder.verify.localmesh import MeshInputs  # noqa: E402
 from builder.verify.runner import (  # noqa: E402
-    ServiceProbe,
     Vm,
     _envoy_counter,
-    _free_port,
     _poll,
     boot_vm,
     first_boot_timeline,
     verify_user_data,
 )
-from tests.fixtures.release import MeshTokens, make_fixture_release, mesh_tokens  # noqa: E402
+from tests.fixtures.release import FixtureRelease, make_fixture_release  # noqa: E402
 
 #: Envoy's counters of connections to the app, and of those that failed to connect.
 APP_CX = "cluster.local_app.upstream_cx_total"
@@ -64,27 +67,20 @@ APP_CONNECT_FAIL = "cluster.local_app.upstream_cx_connect_fail"
 Sample = dict[str, float | None]
 
 
-def say(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
 def first_proxied(
-    image: Path, loaded: LoadedSpec, extra: dict[str, Any], timeout: float = 900
+    image: Path,
+    loaded: LoadedSpec,
+    inputs: MeshInputs,
+    extra_for: ExtraFor,
+    mirror: Path | None = None,
+    timeout: float = 900,
 ) -> Sample:
-    """Boot ``image`` with ``extra`` user data; VM start to the first proxied connection."""
-    port = _free_port()
-    with (
-        tempfile.TemporaryDirectory(prefix="meshbake-bench-") as work,
-        ServiceProbe(port) as probe,
-        boot_vm(
-            image,
-            Path(work),
-            lambda key: verify_user_data(key, extra),
-            Accelerator.AUTO,
-            say,
-            forwards={port: loaded.spec.service.port},
-        ) as vm,
-    ):
+    """Boot ``image`` into the local mesh with the user data of ``extra_for``; VM start
+    to the first proxied connection."""
+    with mesh_vm(image, loaded, inputs, extra_for, mirror=mirror, probe=True) as booted:
+        vm, probe = booted.vm, booted.probe
+        assert probe is not None
+
         # Connections Envoy took before the app listened (install-at-boot starts both at
         # once) were never answered: count only those Envoy got through to the app.
         def reached() -> int:
@@ -96,8 +92,10 @@ def first_proxied(
             if time.monotonic() > deadline:
                 return {"vm_start_to_first_proxied_s": None}
             time.sleep(1)
+        # The probe is a mesh client: only the sidecar's public listener answers it, so
+        # its first answered connection is the first that crossed the sidecar.
         answered = probe.stop()
-        first = ServiceProbe.first_proxied(answered, reached())
+        first = answered[0] if answered else None
         timeline = first_boot_timeline(vm, first)
     network, crossed = (
         timeline.get("cloud_init_network_done"),
@@ -135,13 +133,9 @@ def _until(vm: Vm, command: str, want: str) -> float | None:
     return None
 
 
-def golden_image(spec: Path, given: Path | None, tokens: MeshTokens) -> Path:
+def golden_image(spec: Path, given: Path | None, release: FixtureRelease) -> Path:
     if given is not None:
         return given
-    version = load_spec(spec).spec.consul.version
-    release = make_fixture_release(
-        Path(tempfile.mkdtemp(prefix="bench-fixture-")), version, acl_tokens=tokens.table()
-    )
     options = BuildOptions(
         out=REPO / "build" / "bench" / spec.stem,
         consul_mirror=str(release.mirror),
@@ -160,30 +154,34 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results-firstboot.json")
     args = parser.parse_args()
     loaded = load_spec(args.spec)
-    # The double's agent checks ACLs: it must know the token the VMs are given.
-    tokens = mesh_tokens([loaded.spec.service.name])
-    image = golden_image(args.spec, args.image, tokens)
-    base_image = base.build_base().path
-    values = cloudconfig.carrier_values(loaded.spec, cloudconfig.Secrets(agent_token=tokens.agent))
-    golden_extra = cloudconfig.first_boot_document(values)
     at_boot = prepare(loaded, Path(tempfile.mkdtemp(prefix="bench-at-boot-")))
+    # The golden image's Consul is the same fixture release as the install's, so the
+    # mesh's server (the image's own Consul, as in verify) serves both ways.
+    release = make_fixture_release(
+        Path(tempfile.mkdtemp(prefix="bench-fixture-")), loaded.spec.consul.version
+    )
+    image = golden_image(args.spec, args.image, release)
+    inputs = MeshInputs(release.zip_path, at_boot.inputs.envoy)
+    base_image = base.build_base().path
+
+    def golden_extra(values: Mapping[str, str], url: str) -> dict[str, Any]:
+        return cloudconfig.first_boot_document(values)
 
     ways: dict[str, Callable[[], Sample]] = {
-        "golden": lambda: first_proxied(image, loaded, golden_extra),
+        "golden": lambda: first_proxied(image, loaded, inputs, golden_extra),
         "bare": lambda: bare(base_image),
-        "install-at-boot": lambda: first_proxied(base_image, loaded, at_boot.extra),
+        "install-at-boot": lambda: first_proxied(
+            base_image, loaded, at_boot.inputs, at_boot.extra, at_boot.mirror
+        ),
     }
     samples: dict[str, list[Sample]] = {name: [] for name in ways}
     names = list(ways)
-    try:
-        for round_ in range(args.rounds):
-            order = names[round_ % len(names) :] + names[: round_ % len(names)]
-            for name in order:
-                say(f"round {round_ + 1}/{args.rounds}: {name}")
-                samples[name].append(ways[name]())
-                say(f"{name}: {samples[name][-1]}")
-    finally:
-        at_boot.server.shutdown()
+    for round_ in range(args.rounds):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name in order:
+            say(f"round {round_ + 1}/{args.rounds}: {name}")
+            samples[name].append(ways[name]())
+            say(f"{name}: {samples[name][-1]}")
 
     medians: dict[str, dict[str, float | None]] = {}
     for name, runs in samples.items():

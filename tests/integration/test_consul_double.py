@@ -16,6 +16,8 @@ import socket
 import struct
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,15 +33,17 @@ from tests.paths import REPO
 
 FIXTURE_CONSUL = REPO / "tests" / "fixtures" / "consul"
 TOKEN = "5d1c0f7e-0b4e-4a57-8f0c-2f7b0a4c9e11"
+SVC_ACCESSOR = "3f0e8a52-1c7d-4b9e-a6f2-5d8c0b1e7a43"
+NODE_ACCESSOR = "9b2d4f61-7e3a-4c8b-b1d5-0a6e2f9c3d87"
 
 pytestmark = pytest.mark.integration
 
 
 def load_double() -> SimpleNamespace:
     """The double's names, from the modules of its package that the tests read."""
-    from tests.fixtures.consul_double import common, envoy, legacy_agent
+    from tests.fixtures.consul_double import common, envoy
 
-    return SimpleNamespace(**{**vars(common), **vars(envoy), **vars(legacy_agent)})
+    return SimpleNamespace(**{**vars(common), **vars(envoy)})
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -473,11 +477,44 @@ def test_agent_stops_on_sigterm(agent: RunningAgent) -> None:
     assert stop(agent.process) == 0
 
 
-# --- ACLs: the token table and Consul's rule evaluation -----------------------------------
+# --- ACLs: Consul's rule evaluation, in the double server's state ------------------------
 
 
-def acl_table(*tokens: dict[str, Any], datacenter: str = "dc1") -> Any:
-    return load_double().AclTable(list(tokens), "table", datacenter)
+class ServerAcl:
+    """The double server's ACL state (``state.py``), its tokens made through the calls
+    behind ``PUT /v1/acl/policy`` and ``PUT /v1/acl/token`` with the bootstrap token.
+    Each token is named by its ``SecretID`` here; the server gets a UUID for it."""
+
+    def __init__(self, tokens: list[dict[str, Any]], datacenter: str) -> None:
+        from tests.fixtures.consul_double.state import ServerState
+
+        self.state = ServerState(datacenter, "server-1", "127.0.0.1")
+        root = self.state.resolve(self.state.bootstrap()["SecretID"])
+        self.secrets: dict[str, str] = {}
+        for token in tokens:
+            for policy in token.get("Policies", []):
+                self.state.set_policy(root, policy)
+            self.secrets[token["SecretID"]] = str(uuid.uuid4())
+            document = {k: v for k, v in token.items() if k not in ("SecretID", "Policies")}
+            links = [{"Name": policy["Name"]} for policy in token.get("Policies", [])]
+            document |= {"SecretID": self.secrets[token["SecretID"]], "Policies": links}
+            self.state.set_token(root, document)
+
+    def check(self, name: str, resource: str, segment: str, access: str) -> str | None:
+        """None when the token may, else Consul's refusal (acl/errors.go)."""
+        from tests.fixtures.consul_double.state import Denied
+
+        try:
+            caller = self.state.resolve(self.secrets.get(name, name))
+        except Denied as error:
+            return str(error)
+        if caller.authz.allows(resource, segment, access):
+            return None
+        return str(caller.denied(f"{resource}:{access}", segment))
+
+
+def acl_table(*tokens: dict[str, Any], datacenter: str = "dc1") -> ServerAcl:
+    return ServerAcl(list(tokens), datacenter)
 
 
 def rules(**blocks: dict[str, str]) -> str:
@@ -493,10 +530,14 @@ def rules(**blocks: dict[str, str]) -> str:
 def test_identities_expand_to_consuls_synthetic_policies() -> None:
     # agent/structs/acl_ce.go: neither identity grants agent:read.
     table = acl_table(
-        {"SecretID": "svc", "AccessorID": "a-svc", "ServiceIdentities": [{"ServiceName": "web"}]},
+        {
+            "SecretID": "svc",
+            "AccessorID": SVC_ACCESSOR,
+            "ServiceIdentities": [{"ServiceName": "web"}],
+        },
         {
             "SecretID": "node",
-            "AccessorID": "a-node",
+            "AccessorID": NODE_ACCESSOR,
             "NodeIdentities": [{"NodeName": "n1", "Datacenter": "dc1"}],
         },
         {"SecretID": "far", "NodeIdentities": [{"NodeName": "n1", "Datacenter": "dc2"}]},
@@ -508,7 +549,8 @@ def test_identities_expand_to_consuls_synthetic_policies() -> None:
     assert table.check("node", "node", "n1", "write") is None
     assert table.check("node", "service", "web", "read") is None
     assert table.check("node", "agent", "n1", "read") == (
-        "Permission denied: token with AccessorID 'a-node' lacks permission 'agent:read' on \"n1\""
+        f"Permission denied: token with AccessorID '{NODE_ACCESSOR}' lacks permission "
+        "'agent:read' on \"n1\""
     )
     assert table.check("svc", "agent", "n1", "read") is not None
     # A node identity holds only in its own datacenter.
@@ -551,10 +593,74 @@ def test_unknown_and_missing_tokens_are_refused_with_consuls_words() -> None:
 
 
 def test_a_hcl_rule_is_refused_not_guessed() -> None:
-    double = load_double()
+    from tests.fixtures.consul_double.state import BadRequest
+
     token = {
         "SecretID": "t",
         "Policies": [{"Name": "p", "Rules": 'agent "n1" { policy = "read" }'}],
     }
-    with pytest.raises(double.Fail, match="JSON rule syntax"):
-        double.AclTable([token], "table", "dc1")
+    with pytest.raises(BadRequest, match="not JSON rules.*this double reads JSON rules"):
+        acl_table(token)
+
+
+@pytest.mark.parametrize(
+    "joins",
+    [pytest.param(["provider=aws tag_key=consul tag_value=meshbake"], id="provider"),
+     pytest.param([], id="none")],
+)  # fmt: skip
+def test_an_agent_with_no_server_to_join_is_never_ready(tmp_path: Path, joins: list[str]) -> None:
+    """agent/retry_join.go: a ``provider=`` entry that discovers nothing fails each attempt
+    with "No servers to join", retried every ``retry_interval``; no entry at all makes no
+    attempt. agent/agent.go ``JoinLAN``: READY=1 only after a join, so neither is ready.
+    agent/ae: the state sync finds "No known Consul servers", and so does every ACL check
+    the agent would ask a server for."""
+    http = free_port()
+    config_dir = tmp_path / "consul.d"
+    config_dir.mkdir()
+    config = {
+        "node_name": "web-1", "datacenter": "dc1", "retry_join": joins, "retry_interval": "1s",
+        "ports": {"http": http, "dns": -1},
+        "acl": {"enabled": True, "default_policy": "deny", "tokens": {"agent": TOKEN}},
+    }  # fmt: skip
+    (config_dir / "consul.json").write_text(json.dumps(config))
+    (config_dir / "service.json").write_text(json.dumps(SERVICE))
+    log = tmp_path / "agent.log"
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
+        log.open("w") as out,
+    ):
+        notify.bind(os.fspath(tmp_path / "notify"))
+        process = subprocess.Popen(
+            [FIXTURE_CONSUL, "agent", f"-config-dir={config_dir}"],
+            env=base_env(tmp_path, NOTIFY_SOCKET=os.fspath(tmp_path / "notify")),
+            stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            for _ in range(300):
+                text = log.read_text()
+                if joins and text.count("Join cluster failed, will retry") >= 2:
+                    break
+                if not joins and "No known Consul servers" in text:
+                    break
+                assert process.poll() is None, text
+                time.sleep(0.05)
+            else:
+                raise AssertionError(log.read_text())
+            notify.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                notify.recv(4096)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{http}/v1/agent/services", headers={"X-Consul-Token": TOKEN}
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 500
+            assert refused.value.read().decode() == "No known Consul servers"
+        finally:
+            assert stop(process) == 0
+    text = log.read_text()
+    if joins:
+        assert 'Cannot discover address: cluster=LAN address="provider=aws' in text
+        assert 'error="No servers to join"' in text
+    else:
+        assert "Joining cluster" not in text

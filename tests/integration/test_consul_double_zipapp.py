@@ -318,7 +318,9 @@ def test_a_client_agent_is_ready_only_after_joining_and_asks_the_server(tmp_path
         # attempts, and no READY=1 has been sent.
         for _ in range(600):
             log_text = (tmp_path / "agent.log").read_text()
-            if "Join failed" in log_text and "provider aws" in log_text:
+            if "Join cluster failed, will retry" in log_text and (
+                'Cannot discover address: cluster=LAN address="provider=aws' in log_text
+            ):
                 break
             assert agent.poll() is None, log_text
             time.sleep(0.1)

@@ -4,7 +4,10 @@ throwaway network namespaces.
 Each test gets its own network namespace (``ip netns add meshbake-test-<random>``), so
 the host's own rules are never read or touched. Consul itself is played by the
 fixture consul (``tests/fixtures/consul``), a TEST DOUBLE that follows hashicorp/consul:
-its agent runs inside the namespace and serves the sidecar registration over HTTP; its
+inside the namespace a double server listens on loopback with ACLs on (default deny),
+the tokens are minted through its ACL API as an operator mints them, and a client agent
+on 127.0.0.1:8500 joins it and serves the sidecar registration over HTTP (ready, like
+Consul's, only once it joined); its
 ``connect redirect-traffic`` builds Consul's iptables layout (Consul < 2.1, failing
 when the chains exist) or one ``nft -f -`` transaction in ``inet consul_tproxy``
 (2.1), and its ``connect envoy`` execs the real Envoy. What these tests prove is about
@@ -20,10 +23,12 @@ import pwd
 import secrets
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -34,6 +39,7 @@ import pytest
 from builder.bake import gates
 from builder.render import baked
 from builder.spec.compat import ConsulRelease
+from tests.fixtures.release import DoubleServer, double_server, mint_tokens
 from tests.paths import REPO
 
 SCRIPTS = REPO / "builder" / "image" / "scripts"
@@ -61,6 +67,34 @@ SERVICE_JSON = (
     '{"service": {"name": "web", "port": 8080, '
     '"connect": {"sidecar_service": {"proxy": {"mode": "transparent"}}}}}\n'
 )
+
+NODE = "meshbake-redirect-node"
+ACCESSOR = "6a1f3c2e-7d4b-4e8a-9c0f-1b2d3e4f5a6b"
+#: The agent token as the README documented it before: the node's identity alone.
+NODE_IDENTITY_ONLY = {
+    "AccessorID": ACCESSOR,
+    "SecretID": TOKEN,
+    "NodeIdentities": [{"NodeName": NODE, "Datacenter": "dc1"}],
+}
+#: The agent token as the README's token table now says: the node's identity and
+#: agent:read on its own node (agent/agent_endpoint.go AgentSelf checks AgentRead).
+AGENT_TOKEN = {
+    **NODE_IDENTITY_ONLY,
+    "Policies": [
+        {"Name": f"{NODE}-agent-read", "Rules": json.dumps({"agent": {NODE: {"policy": "read"}}})}
+    ],
+}
+#: The agent token of the mesh's agent (the README's token table, as builder/mesh/
+#: controlplane.py's ``node_token`` mints it): the node identity, the service identity
+#: of its service (``tokens.shared``: the sidecar uses it too) and agent:read on the node.
+MESH_TOKEN = {**AGENT_TOKEN, "ServiceIdentities": [{"ServiceName": "web"}]}
+#: The namespace's server, on loopback beside the agent (which keeps 127.0.0.1:8500, where
+#: redirect-traffic and connect envoy look for it). Consul's redirect rules return
+#: 127.0.0.1 untouched, so the agent still reaches it once traffic is redirected (in an
+#: image the consul user's exclusion does that for a server elsewhere).
+SERVER_ADDRESS = "127.0.0.1"
+SERVER_HTTP = 18500
+SERVER_DNS = 18600
 
 pytestmark = pytest.mark.integration
 # The CI runs as root, so this skip never hides anything there.
@@ -191,8 +225,9 @@ class Mesh:
     log_dir: Path
     config_dir: Path
     consul_version: str
-    #: The token table the agent double knows (Consul's ACL token JSON), if any.
-    acl_tokens: Path | None = None
+    #: The tokens the operator mints in the mesh's server (Consul's ACL token JSON, the
+    #: policies inline), before the agent starts.
+    tokens: tuple[dict[str, object], ...] = ()
 
     def env(self, **extra: str) -> dict[str, str]:
         settings = {
@@ -202,9 +237,12 @@ class Mesh:
             "CONSUL_FIXTURE_LOG_DIR": str(self.log_dir),
             "CONSUL_FIXTURE_VERSION": self.consul_version,
         }
-        if self.acl_tokens is not None:
-            settings["CONSUL_FIXTURE_ACL_TOKENS"] = str(self.acl_tokens)
         return clean_env(**(settings | extra))
+
+    def consul_env(self, **extra: str) -> dict[str, str]:
+        """``env`` for a ``consul`` command run by hand: the token file as
+        ``CONSUL_HTTP_TOKEN_FILE`` (api/api.go), as an operator gives it."""
+        return self.env(CONSUL_HTTP_TOKEN_FILE=str(self.token_file), **extra)
 
     def calls(self) -> list[list[str]]:
         """The fixture consul's logged ``connect`` argv lists, oldest first."""
@@ -249,33 +287,67 @@ def write_mesh(
     token_file.chmod(0o600)
     config_dir = tmp_path / "consul.d"
     config_dir.mkdir(exist_ok=True)
-    (config_dir / "consul.json").write_text('{"ports": {"grpc": 8502, "dns": -1}}\n')
+    acl = values["MESHBAKE_ACL"] == "true"
+    (config_dir / "consul.json").write_text(
+        json.dumps(agent_config({"agent": TOKEN} if acl else None))
+    )
     (config_dir / "service-web.json").write_text(SERVICE_JSON)
     return Mesh(
-        tmp_path, env_file, token_file, tmp_path / "fixture-log", config_dir, consul_version
-    )
+        tmp_path, env_file, token_file, tmp_path / "fixture-log", config_dir, consul_version,
+        (MESH_TOKEN,) if acl else (),
+    )  # fmt: skip
+
+
+def agent_config(tokens: dict[str, str] | None) -> dict[str, object]:
+    """The agent's consul.json: it joins the namespace's server; ACLs on (default deny,
+    with ``tokens`` as ``acl.tokens``) unless ``tokens`` is None."""
+    config: dict[str, object] = {
+        "ports": {"grpc": 8502, "dns": -1}, "node_name": NODE, "datacenter": "dc1",
+        "retry_join": [f"{SERVER_ADDRESS}:{SERVER_HTTP}"], "retry_interval": "1s",
+    }  # fmt: skip
+    if tokens is not None:
+        config["acl"] = {"enabled": True, "default_policy": "deny", "tokens": tokens}
+    return config
 
 
 @contextlib.contextmanager
-def agent_in(ns: Netns, mesh: Mesh) -> Iterator[subprocess.Popen[bytes]]:
-    """The fixture consul's agent inside ``ns``: its HTTP API is the namespace's :8500."""
-    process = subprocess.Popen(
-        ns.argv(FIXTURE_CONSUL, "agent", f"-config-dir={mesh.config_dir}"),
-        env=mesh.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(ns, 8500)
-        yield process
-    finally:
-        process.terminate()
-        process.wait(10)
+def agent_in(ns: Netns, mesh: Mesh) -> Iterator[DoubleServer]:
+    """The mesh's server inside ``ns`` on SERVER_ADDRESS, ``mesh.tokens`` minted in
+    it, and the fixture consul's client agent, its HTTP API the namespace's 127.0.0.1:8500,
+    once it told systemd's socket READY=1 (it joined the server)."""
+    folder = mesh.dir / f"server-{ns.name}"
+    with (
+        double_server(folder, SERVER_ADDRESS, SERVER_HTTP, SERVER_DNS, netns=ns.name) as server,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
+    ):
+        mint_tokens(server, mesh.tokens)
+        notify.bind(os.fspath(folder / "notify"))
+        notify.settimeout(60)
+        log = (folder / "agent.log").open("w")
+        process = subprocess.Popen(
+            ns.argv(FIXTURE_CONSUL, "agent", f"-config-dir={mesh.config_dir}"),
+            env=mesh.env(NOTIFY_SOCKET=os.fspath(folder / "notify")),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            try:
+                ready = notify.recv(4096).decode()
+            except TimeoutError:
+                raise AssertionError((folder / "agent.log").read_text()) from None
+            assert "READY=1" in ready.splitlines()
+            wait_for_port(ns, 8500)
+            yield server
+        finally:
+            process.terminate()
+            process.wait(10)
+            log.close()
 
 
 @pytest.fixture
 def with_agent() -> Iterator[Callable[[Netns, Mesh], Mesh]]:
-    """Start the agent double for a mesh inside a namespace; stopped at teardown."""
+    """Start a mesh's server and its joined agent inside a namespace (``agent_in``);
+    stopped at teardown."""
     with contextlib.ExitStack() as stack:
 
         def start(ns: Netns, made: Mesh) -> Mesh:
@@ -344,7 +416,7 @@ def test_cleanup_removes_only_consul_chains(
     tmp_path: Path,
     with_agent: Callable[[Netns, Mesh], Mesh],
 ) -> None:
-    with_agent(netns, write_mesh(tmp_path))  # redirect-traffic asks it /v1/agent/self
+    mesh = with_agent(netns, write_mesh(tmp_path))  # redirect-traffic asks it /v1/agent/self
     add_rules(netns, UNRELATED_BEFORE)
     netns.ok(
         FIXTURE_CONSUL,
@@ -356,7 +428,9 @@ def test_cleanup_removes_only_consul_chains(
         "-exclude-inbound-port=22",
         "-exclude-outbound-port=5432",
         "-exclude-outbound-cidr=10.0.0.0/8",
-        env=clean_env(CONSUL_FIXTURE_LOG_DIR=str(tmp_path), CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL),
+        env=mesh.consul_env(
+            CONSUL_FIXTURE_LOG_DIR=str(tmp_path), CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL
+        ),
     )
     add_rules(netns, UNRELATED_AFTER)
     # The same Consul leftovers for IPv6, as a dual-stack agent leaves them.
@@ -420,8 +494,10 @@ def test_fixture_refuses_existing_chains_like_consul(
     netns: Netns, tmp_path: Path, with_agent: Callable[[Netns, Mesh], Mesh]
 ) -> None:
     # This is why meshbake-redirect must clean up first.
-    with_agent(netns, write_mesh(tmp_path))  # redirect-traffic asks it /v1/agent/self
-    env = clean_env(CONSUL_FIXTURE_LOG_DIR=str(tmp_path), CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL)
+    mesh = with_agent(netns, write_mesh(tmp_path))  # redirect-traffic asks it /v1/agent/self
+    env = mesh.consul_env(
+        CONSUL_FIXTURE_LOG_DIR=str(tmp_path), CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL
+    )
     argv = [
         FIXTURE_CONSUL,
         "connect",
@@ -762,14 +838,14 @@ def test_nft_image_removes_an_older_consuls_iptables_chains(
     # What Consul 2.0 left (the double, as 2.0, with real iptables).
     add_rules(netns, UNRELATED_BEFORE)
     add_rules(reference_netns, UNRELATED_BEFORE)
-    old = nft_mesh.env(CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL)
+    old = nft_mesh.consul_env(CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL)
     netns.ok(FIXTURE_CONSUL, "connect", "redirect-traffic", "-proxy-id=web-sidecar-proxy",
              f"-proxy-uid={uid(ENVOY_USER)}", env=old)  # fmt: skip
     assert len(consul_lines(netns.rules("nat"))) == 13
 
     # Consul 2.1 itself leaves them there (double NAT) ...
     netns.ok(FIXTURE_CONSUL, "connect", "redirect-traffic", "-proxy-id=web-sidecar-proxy",
-             f"-proxy-uid={uid(ENVOY_USER)}", env=nft_mesh.env())  # fmt: skip
+             f"-proxy-uid={uid(ENVOY_USER)}", env=nft_mesh.consul_env())  # fmt: skip
     assert len(consul_lines(netns.rules("nat"))) == 13
     # ... meshbake-redirect on an nft image does not.
     netns.ok(REDIRECT, env=nft_mesh.env())
@@ -809,13 +885,13 @@ def test_consul_21_refuses_names_where_it_needs_numbers(
     argv = ["connect", "redirect-traffic", "-proxy-id=web-sidecar-proxy"]
     if not flag.startswith("-proxy-uid"):
         argv.append(f"-proxy-uid={uid(ENVOY_USER)}")
-    result = netns.run(FIXTURE_CONSUL, *argv, flag, env=nft_mesh.env())
+    result = netns.run(FIXTURE_CONSUL, *argv, flag, env=nft_mesh.consul_env())
     assert result.returncode == 1
     assert result.stderr.strip() == f"Error setting up traffic redirection rules: {message}"
     assert consul_table(netns) == ""
     # Consul 2.0 (iptables) took names: the same flag works there.
     if "uid" in flag:
-        older = nft_mesh.env(CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL)
+        older = nft_mesh.consul_env(CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL)
         netns.ok(FIXTURE_CONSUL, *argv, flag, env=older)
 
 
@@ -827,7 +903,7 @@ def test_consul_20_fails_on_an_ipv6_exclusion(netns: Netns, nft_mesh: Mesh, cidr
     an IPv6 address: the redirect fails part-way (its rules are not atomic)."""
     argv = ["connect", "redirect-traffic", "-proxy-id=web-sidecar-proxy"]
     argv += [f"-proxy-uid={uid(ENVOY_USER)}", f"-exclude-outbound-cidr={cidr}"]
-    older = nft_mesh.env(CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL)
+    older = nft_mesh.consul_env(CONSUL_FIXTURE_VERSION=IPTABLES_CONSUL)
     result = netns.run(FIXTURE_CONSUL, *argv, env=older)
     assert result.returncode == 1
     assert result.stderr.startswith("Error setting up traffic redirection rules: failed to run")
@@ -843,7 +919,7 @@ def test_redirect_traffic_needs_the_proxy_registered(
     mesh = with_agent(netns, write_mesh(tmp_path, consul_version=consul))
     result = netns.run(
         FIXTURE_CONSUL, "connect", "redirect-traffic", "-proxy-id=api-sidecar-proxy",
-        "-proxy-uid=65534", env=mesh.env(),
+        "-proxy-uid=65534", env=mesh.consul_env(),
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip() == (
@@ -913,6 +989,57 @@ def server(ns: Netns, addr: str, port: int, answer: str, program: str = ANSWER) 
     finally:
         process.terminate()
         process.wait(10)
+
+
+#: Connect as a mesh client with mutual TLS (argv: addr, port, cert, key, CA file), print
+#: the line the server sent, or the error's name. A sidecar's leaf carries a SPIFFE ID and
+#: no host name, so the chain is checked against the mesh CA and the name is not.
+TLS_ASK = (
+    "import socket, ssl, sys\n"
+    "ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n"
+    "ctx.check_hostname = False\n"
+    "ctx.load_verify_locations(sys.argv[5])\n"
+    "ctx.load_cert_chain(sys.argv[3], sys.argv[4])\n"
+    "try:\n"
+    "    raw = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+    "    c = ctx.wrap_socket(raw)\n"
+    "    print(c.makefile().readline().strip() or 'EMPTY')\n"
+    "except OSError as e:\n"
+    "    print(type(e).__name__)\n"
+)
+
+
+@dataclass(frozen=True)
+class MeshClient:
+    """A mesh client's leaf certificate and key and the mesh CA, in files."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def mesh_client(server: DoubleServer, folder: Path, name: str, destination: str) -> MeshClient:
+    """What an operator gives a mesh client ``name`` that may reach ``destination``: an
+    intention (a service-intentions config entry), and a leaf of the mesh CA from the
+    server's agent, asked with a token of ``name``'s service identity
+    (agent/agent_endpoint.go ``AgentConnectCALeafCert``)."""
+    secret = str(uuid.uuid4())
+    mint_tokens(server, [{"SecretID": secret, "ServiceIdentities": [{"ServiceName": name}]}])
+    entry = {"Kind": "service-intentions", "Name": destination,
+             "Sources": [{"Name": name, "Action": "allow"}]}  # fmt: skip
+    server.call("PUT", "/v1/config", entry, server.root)
+    leaf = server.call("GET", f"/v1/agent/connect/ca/leaf/{name}", token=secret)
+    roots = server.call("GET", "/v1/connect/ca/roots")["Roots"]
+    client = MeshClient(folder / f"{name}.pem", folder / f"{name}-key.pem", folder / "ca.pem")
+    client.cert.write_text(leaf["CertPEM"])
+    client.key.write_text(leaf["PrivateKeyPEM"])
+    client.ca.write_text("".join(root["RootCert"] for root in roots if root["Active"]))
+    return client
+
+
+def ask_tls(ns: Netns, addr: str, port: int, client: MeshClient) -> str:
+    argv = ["/usr/bin/python3", "-c", TLS_ASK, addr, str(port), client.cert, client.key, client.ca]
+    return ns.ok(*argv).stdout.strip()
 
 
 def ask(ns: Netns, addr: str, port: int, user: str = "root") -> str:
@@ -1006,22 +1133,32 @@ def stats(ns: Netns) -> dict[str, int]:
 @needs_root
 @pytest.mark.parametrize("consul", [IPTABLES_CONSUL, NFT_CONSUL])
 def test_real_envoy_carries_inbound_and_outbound_connections(
-    pair: Pair, tmp_path: Path, with_agent: Callable[[Netns, Mesh], Mesh], consul: str
+    pair: Pair, tmp_path: Path, consul: str
 ) -> None:
+    """The sidecar's public listener takes the mesh client an intention allows (mutual
+    TLS, as Consul's xDS configures it); outbound, the original destination."""
     envoy = envoy_binary()
-    mesh = with_agent(pair.mesh, write_mesh(tmp_path, consul_version=consul, MESHBAKE_ACL="false"))
-    # Envoy runs as ENVOY_USER, which cannot enter pytest's 0700 tmp dirs.
+    mesh = write_mesh(tmp_path, consul_version=consul)
+    # Envoy runs as ENVOY_USER, which cannot enter pytest's 0700 tmp dirs: its token
+    # file goes into its runtime directory, as the sidecar unit keeps it.
     runtime = Path(tempfile.mkdtemp(prefix="meshbake-envoy-"))
-    os.chown(runtime, uid(ENVOY_USER), pwd.getpwnam(ENVOY_USER).pw_gid)
+    envoy_ids = (uid(ENVOY_USER), pwd.getpwnam(ENVOY_USER).pw_gid)
+    os.chown(runtime, *envoy_ids)
+    token_file = runtime / "token"
+    shutil.copyfile(mesh.token_file, token_file)
+    os.chown(token_file, *envoy_ids)
     argv = ["setpriv", f"--reuid={ENVOY_USER}", f"--regid={pwd.getpwnam(ENVOY_USER).pw_gid}",
             "--clear-groups", FIXTURE_CONSUL, "connect", "envoy", "-sidecar-for=web",
             "-grpc-addr=127.0.0.1:8502", "-admin-bind=127.0.0.1:19000",
-            f"-envoy-binary={envoy}", "--", "--log-level", "warn"]  # fmt: skip
+            f"-token-file={token_file}", f"-envoy-binary={envoy}", "--", "--log-level",
+            "warn"]  # fmt: skip
     if consul == IPTABLES_CONSUL:
         argv.insert(-3, "-ignore-envoy-compatibility")  # 2.0 accepts 1.34-1.37 only
     env = mesh.env(RUNTIME_DIRECTORY=os.fspath(runtime), CONSUL_FIXTURE_LOG_DIR=os.fspath(runtime))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, runtime, True)
+        consul_server = stack.enter_context(agent_in(pair.mesh, mesh))
+        peer = mesh_client(consul_server, tmp_path, "meshbake-peer", "web")
         stack.enter_context(server(pair.mesh, "0.0.0.0", SERVICE_PORT, "app"))
         stack.enter_context(server(pair.peer, "192.0.2.2", 8000, "peer"))
         pair.mesh.ok(REDIRECT, env=mesh.env())  # ExecStartPre
@@ -1038,7 +1175,7 @@ def test_real_envoy_carries_inbound_and_outbound_connections(
             time.sleep(0.05)
         before = stats(pair.mesh)
 
-        assert ask(pair.peer, "192.0.2.1", SERVICE_PORT) == "app"
+        assert ask_tls(pair.peer, "192.0.2.1", SERVICE_PORT, peer) == "app"
         assert ask(pair.mesh, "192.0.2.2", 8000) == "peer"  # as root: redirected
         middle = stats(pair.mesh)
         assert ask(pair.mesh, "192.0.2.2", 8000, user=CONSUL_USER) == "peer"  # excluded uid
@@ -1049,6 +1186,8 @@ def test_real_envoy_carries_inbound_and_outbound_connections(
         assert middle[inbound] - before[inbound] == 1
         assert middle[outbound] - before[outbound] == 1
         assert after == middle  # the consul user's connection bypassed Envoy
+        # A plain client, redirected into the same listener, never reaches the app.
+        assert ask(pair.peer, "192.0.2.1", SERVICE_PORT) != "app"
 
         sidecar.terminate()
         sidecar.wait(10)
@@ -1090,34 +1229,15 @@ def test_shellcheck() -> None:
 
 # --- the redirect's token and real redirect-traffic's ACL checks ----------------------
 
-NODE = "meshbake-redirect-node"
-ACCESSOR = "6a1f3c2e-7d4b-4e8a-9c0f-1b2d3e4f5a6b"
-#: The agent token as the README documented it before: the node's identity alone.
-NODE_IDENTITY_ONLY = {
-    "AccessorID": ACCESSOR,
-    "SecretID": TOKEN,
-    "NodeIdentities": [{"NodeName": NODE, "Datacenter": "dc1"}],
-}
-#: The agent token as the README's token table now says: the node's identity and
-#: agent:read on its own node (agent/agent_endpoint.go AgentSelf checks AgentRead).
-AGENT_TOKEN = {
-    **NODE_IDENTITY_ONLY,
-    "Policies": [
-        {"Name": f"{NODE}-agent-read", "Rules": json.dumps({"agent": {NODE: {"policy": "read"}}})}
-    ],
-}
 BACKENDS = [pytest.param(IPTABLES_CONSUL, id="iptables"), pytest.param(NFT_CONSUL, id="nft")]
 
 
 def acl_mesh(tmp_path: Path, version: str, *tokens: dict[str, object]) -> Mesh:
-    """A mesh whose agent enforces ACLs (default deny) and knows only ``tokens``."""
+    """A mesh whose agent enforces ACLs (default deny), with no token of its own, and
+    whose server holds only ``tokens``."""
     made = write_mesh(tmp_path, consul_version=version)
-    config = {"ports": {"grpc": 8502, "dns": -1}, "node_name": NODE, "datacenter": "dc1"}
-    config["acl"] = {"enabled": True, "default_policy": "deny"}
-    (made.config_dir / "consul.json").write_text(json.dumps(config))
-    table = tmp_path / "acl-tokens.json"
-    table.write_text(json.dumps(list(tokens)))
-    return replace(made, acl_tokens=table)
+    (made.config_dir / "consul.json").write_text(json.dumps(agent_config({})))
+    return replace(made, tokens=tokens)
 
 
 def consul_rules(ns: Netns, version: str) -> list[str]:
