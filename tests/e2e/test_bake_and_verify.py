@@ -11,6 +11,7 @@ import json
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from builder.bake.run import BuildResult, build_image
 from builder.digest import sha256_file
 from builder.verify.runner import VerifyReport, verify_image
 
-from .conftest import EXAMPLES, Example, mesh_for
+from .conftest import EXAMPLES, Example, mesh_for, selected_params
 
 
 @pytest.fixture(scope="module", params=EXAMPLES)
@@ -70,15 +71,29 @@ def test_second_build_is_a_noop(built: BuildResult, example: Example) -> None:
 
 
 @pytest.fixture(scope="module")
-def report(example: Example) -> VerifyReport:
-    assert example.built.output is not None
-    # First boot joins a local mesh whose server, from the image's own Consul zip,
-    # mints the tokens the first boot delivers.
-    return verify_image(
-        example.built.output,
-        spec=example.spec,
-        mesh_inputs=mesh_for(example.built.output, example.options),
-    )
+def reports(
+    request: pytest.FixtureRequest, bake: Callable[[str], Example], vm_pool: ThreadPoolExecutor
+) -> dict[str, Future[VerifyReport]]:
+    """The verify of each selected example, started as soon as it is baked: the next
+    example bakes while the first one verifies."""
+    started = {}
+    for name in selected_params(request, "test_bake_and_verify", "example"):
+        example = bake(name)
+        assert example.built.output is not None
+        # First boot joins a local mesh whose server, from the image's own Consul zip,
+        # mints the tokens the first boot delivers.
+        started[name] = vm_pool.submit(
+            verify_image,
+            example.built.output,
+            spec=example.spec,
+            mesh_inputs=mesh_for(example.built.output, example.options),
+        )
+    return started
+
+
+@pytest.fixture(scope="module")
+def report(example: Example, reports: dict[str, Future[VerifyReport]]) -> VerifyReport:
+    return reports[example.spec.stem].result()
 
 
 def test_verify_both_phases_pass(report: VerifyReport) -> None:

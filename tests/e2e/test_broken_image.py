@@ -24,22 +24,32 @@ Phase firstboot, one copy per break, each proved by traffic (Envoy's counters):
 - ``fenced_sidecar``: the sidecar's unit may not use the network (``IPAddressDeny=any``),
   so its redirect cannot ask the agent and it never comes up; verify stops waiting for it
   once consul has been active a while, and the checks that need it fail at once;
+- ``outbound_bypass``: outbound TCP is not redirected (a rule of the break's own returns
+  first), so the app's connections leave without its sidecar and an upstream's virtual
+  IP leads nowhere;
+- ``dns_broken``: resolved no longer sends ``*.consul`` to the agent (its drop-in is
+  gone);
+- ``dns_token_missing``: the agent starts without the DNS token first boot delivered (a
+  drop-in of consul.service takes it out of the secrets file), so it answers DNS as the
+  anonymous token, which default deny lets see nothing;
 - ``relay``: the sidecar runs Envoy with a hand-written plain-TCP relay instead of
   what Consul gives it, as the double did before verify joined a mesh: a plain client
   from outside reaches the app, a mesh client's TLS is not terminated, intentions are
   not enforced, and no upstream is reachable by its virtual name.
 
-The first two and ``redirect_bypass`` are applied by a drop-in of the sidecar unit that
-edits Consul's own rules right after the redirect (``ExecStartPre`` lines of a drop-in
-run after the unit's), so they come back at every start and every boot, as a bad
-redirect would.
+The first two, ``redirect_bypass`` and ``outbound_bypass`` are applied by a drop-in of
+the sidecar unit that edits Consul's own rules right after the redirect (``ExecStartPre``
+lines of a drop-in run after the unit's), so they come back at every start and every
+boot, as a bad redirect would.
 Fail-closed is proved on a good image of its own: images/api.yaml sets it, and its
 verify (tests/e2e/test_bake_and_verify.py) must see the connection refused while the
 sidecar is down.
 
 The good image is ``MESHBAKE_E2E_IMAGE`` when set, else the session's ``golden_image``
 (tests/e2e/conftest.py bakes it). It is converted to raw once per session; each copy
-costs a sparse copy of that raw disk, one conversion back to qcow2 and one boot.
+costs a sparse copy of that raw disk, one conversion back to qcow2 and one boot. The
+copies boot as many at a time as the session's pool of VMs allows (tests/e2e/conftest.py),
+each test waiting for its own report.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -57,7 +68,7 @@ from builder.bake.run import BuildOptions
 from builder.verify import runner as verify
 from tests.paths import REPO
 
-from .conftest import mesh_for
+from .conftest import mesh_for, selected_params
 
 pytestmark = [pytest.mark.image, pytest.mark.root]
 
@@ -184,22 +195,19 @@ def edited_copy(good_raw: Path, folder: Path, edit: Callable[[Path], None]) -> P
     return out
 
 
-@pytest.fixture
-def broken_image(good_raw: Path, tmp_path: Path) -> Path:
-    """A qcow2 copy of the good image with the three baked-phase breaks in it."""
-    return edited_copy(good_raw, tmp_path, break_image)
-
-
 def check_name(name: str) -> str:
     """``test_x[paramiko://127.0.0.1]`` -> ``test_x``."""
     return name.split("[", 1)[0]
 
 
-def test_broken_image_fails_exactly_the_broken_checks(broken_image: Path) -> None:
-    # The token baked in above is the one phase baked must not find anywhere.
-    report = verify.verify_image(
-        broken_image, spec=SPEC, phases=("baked",), progress=lambda message: None, token=str(TOKEN)
-    )
+#: The name the baked-phase copy (three breaks in one) has among the reports.
+BAKED = "baked"
+
+
+def test_broken_image_fails_exactly_the_broken_checks(
+    break_reports: dict[str, Future[verify.VerifyReport]],
+) -> None:
+    report = break_reports[BAKED].result()
     (phase,) = report.phases
     assert phase.error is None, phase.error
     outcomes = {check_name(c.name): c.outcome for c in phase.checks}
@@ -251,28 +259,74 @@ fi
 """
 
 
-def after_redirect(script: str) -> Callable[[Path], None]:
-    """An edit that runs ``script`` in the VM right after every redirect."""
+BYPASS_OUTBOUND = r"""#!/bin/sh
+# Deliberately broken by tests/e2e/test_broken_image.py: outbound TCP is not redirected,
+# so the app's connections leave without its sidecar (and a virtual IP leads nowhere).
+set -eu
+if [ "$MESHBAKE_REDIRECT_BACKEND" = nftables ]; then
+    nft insert rule inet consul_tproxy CONSUL_PROXY_OUTPUT meta l4proto tcp return
+else
+    iptables -w -t nat -I CONSUL_PROXY_OUTPUT -p tcp -j RETURN
+fi
+"""
+
+#: Runs as root before every start of consul.service, after first boot wrote the tokens.
+CONSUL_DROPIN = "/etc/systemd/system/consul.service.d/zz-meshbake-broken.conf"
+DNS_TOKEN_SCRIPT = "/usr/local/sbin/meshbake-broken-dns-token"
+
+DROP_DNS_TOKEN = r"""#!/bin/sh
+# Deliberately broken by tests/e2e/test_broken_image.py: the agent starts without the
+# DNS token first boot delivered, so it answers DNS as the anonymous token.
+set -eu
+secrets=/etc/consul.d/zz-meshbake-secrets.json
+if [ -f "$secrets" ]; then
+    sed -i 's/,"dns":"[^"]*"//' "$secrets"
+fi
+"""
+
+
+def write_into(root: Path, path: str, text: str, mode: int = 0o644) -> None:
+    """Write ``text`` to the image's absolute ``path`` (below the mounted ``root``)."""
+    target = root / path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    target.chmod(mode)
+
+
+def before_start(dropin: str, path: str, script: str) -> Callable[[Path], None]:
+    """An edit that installs ``script`` at ``path`` and runs it as root from the unit
+    drop-in ``dropin`` (an ``ExecStartPre`` line), at every start of that unit."""
 
     def edit(root: Path) -> None:
-        path = root / BREAK_SCRIPT.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(script)
-        path.chmod(0o755)
-        dropin = root / SIDECAR_DROPIN.lstrip("/")
-        dropin.parent.mkdir(parents=True, exist_ok=True)
-        dropin.write_text(f"[Service]\nExecStartPre=+{BREAK_SCRIPT}\n")
+        write_into(root, path, script, 0o755)
+        write_into(root, dropin, f"[Service]\nExecStartPre=+{path}\n")
 
     return edit
+
+
+def after_redirect(script: str) -> Callable[[Path], None]:
+    """An edit that runs ``script`` in the VM right after every redirect (a drop-in's
+    ``ExecStartPre`` lines run after the unit's own)."""
+    return before_start(SIDECAR_DROPIN, BREAK_SCRIPT, script)
 
 
 def fence_sidecar(root: Path) -> None:
     """The sidecar may not use the network at all, loopback included (a drop-in with
     ``IPAddressDeny=any``): its redirect cannot ask the agent and Envoy cannot reach it,
     so it fails and restarts for ever. bench/broken_verify.py times verify of this."""
-    dropin = root / SIDECAR_DROPIN.lstrip("/")
-    dropin.parent.mkdir(parents=True, exist_ok=True)
-    dropin.write_text("[Service]\nIPAddressDeny=any\n")
+    write_into(root, SIDECAR_DROPIN, "[Service]\nIPAddressDeny=any\n")
+
+
+#: consul.service starts without its DNS token (a drop-in's ``ExecStartPre`` takes it
+#: out of the secrets file first boot wrote), at every start and every boot.
+drop_dns_token = before_start(CONSUL_DROPIN, DNS_TOKEN_SCRIPT, DROP_DNS_TOKEN)
+
+
+def break_dns(root: Path) -> None:
+    """resolved no longer sends ``*.consul`` to the agent: its drop-in is gone."""
+    dropin = root / "etc/systemd/resolved.conf.d/consul.conf"
+    assert dropin.is_file(), "the good image has no resolved drop-in for Consul"
+    dropin.unlink()
 
 
 def remove_envoy(root: Path) -> None:
@@ -284,9 +338,11 @@ def remove_envoy(root: Path) -> None:
 def app_listens_nowhere(root: Path) -> None:
     unit = root / "etc/systemd/system/web.service"
     assert unit.is_file(), "the good image has no web.service"
-    dropin = root / "etc/systemd/system/web.service.d/zz-meshbake-broken.conf"
-    dropin.parent.mkdir(parents=True, exist_ok=True)
-    dropin.write_text("[Service]\nExecStart=\nExecStart=/bin/sleep infinity\n")
+    write_into(
+        root,
+        "/etc/systemd/system/web.service.d/zz-meshbake-broken.conf",
+        "[Service]\nExecStart=\nExecStart=/bin/sleep infinity\n",
+    )
 
 
 #: A hand-rolled sidecar: Envoy relays plain TCP from the public port to the app, as the
@@ -353,14 +409,12 @@ RELAY = {
 def relay_sidecar(root: Path) -> None:
     """The sidecar runs Envoy with the plain relay above instead of what Consul gives it
     (the redirect still runs first, from the unit's own ExecStartPre)."""
-    config = root / "etc/envoy/relay.json"
-    config.write_text(json.dumps(RELAY))
-    config.chmod(0o644)
-    dropin = root / SIDECAR_DROPIN.lstrip("/")
-    dropin.parent.mkdir(parents=True, exist_ok=True)
-    dropin.write_text(
+    write_into(root, "/etc/envoy/relay.json", json.dumps(RELAY))
+    write_into(
+        root,
+        SIDECAR_DROPIN,
         "[Service]\nExecStart=\n"
-        "ExecStart=/usr/bin/envoy --config-path /etc/envoy/relay.json --disable-hot-restart\n"
+        "ExecStart=/usr/bin/envoy --config-path /etc/envoy/relay.json --disable-hot-restart\n",
     )
 
 
@@ -444,6 +498,26 @@ FIRSTBOOT_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, st
             "test_inbound_crosses_the_sidecar": "server presented nothing",
         },
     ),
+    "outbound_bypass": (
+        after_redirect(BYPASS_OUTBOUND),
+        {"test_outbound_crosses_the_sidecar", "test_upstream_by_virtual_name"},
+        # The connection reaches the host listener, but not through Envoy.
+        {"test_outbound_crosses_the_sidecar": "arrived, answered"},
+    ),
+    "dns_broken": (
+        break_dns,
+        {"test_dns_answers_under_the_dns_token", "test_upstream_by_virtual_name"},
+        {"test_dns_answers_under_the_dns_token": "both names resolve"},
+    ),
+    "dns_token_missing": (
+        drop_dns_token,
+        {
+            "test_consul_secrets_file",
+            "test_dns_answers_under_the_dns_token",
+            "test_upstream_by_virtual_name",
+        },
+        {"test_dns_answers_under_the_dns_token": "both names resolve"},
+    ),
     "fenced_sidecar": (
         fence_sidecar,
         {
@@ -495,20 +569,57 @@ FIRSTBOOT_MUST_PASS = {
 }
 
 
+BAKED_TEST = "test_broken_image_fails_exactly_the_broken_checks"
+
+
+@pytest.fixture(scope="session")
+def break_reports(
+    request: pytest.FixtureRequest,
+    good_raw: Path,
+    good_image: Path,
+    e2e_options: BuildOptions,
+    tmp_path_factory: pytest.TempPathFactory,
+    vm_pool: ThreadPoolExecutor,
+) -> dict[str, Future[verify.VerifyReport]]:
+    """The verify of every broken copy this session selected (``BAKED``, then the
+    firstboot breaks by name), in the session's pool of VMs, in the order the tests ask
+    for them: each test waits for its own report only. Each firstboot copy boots in a local
+    mesh of its own (its own namespace, server and upstreams)."""
+    baked = any(
+        isinstance(item, pytest.Function) and item.originalname == BAKED_TEST
+        for item in request.session.items
+    )
+    names = [BAKED] * baked + selected_params(request, "test_broken_image", "name")
+    folders = {name: tmp_path_factory.mktemp(name) for name in names}
+    mesh = mesh_for(good_image, e2e_options)
+
+    def verify_copy(name: str) -> verify.VerifyReport:
+        folder = folders[name]
+        if name == BAKED:
+            # The token baked in is the one phase baked must not find anywhere.
+            image = edited_copy(good_raw, folder, break_image)
+            return verify.verify_image(
+                image, spec=SPEC, phases=("baked",), progress=lambda m: None, token=str(TOKEN)
+            )
+        image = edited_copy(good_raw, folder, FIRSTBOOT_BREAKS[name][0])
+        return verify.verify_image(
+            image,
+            spec=SPEC,
+            phases=("firstboot",),
+            progress=lambda m: None,
+            leave_out=LEFT_OUT,
+            mesh_inputs=mesh,
+        )
+
+    return {name: vm_pool.submit(verify_copy, name) for name in names}
+
+
 @pytest.mark.parametrize("name", sorted(FIRSTBOOT_BREAKS))
 def test_firstboot_break_fails_exactly_its_checks(
-    name: str, good_raw: Path, tmp_path: Path, good_image: Path, e2e_options: BuildOptions
+    name: str, break_reports: dict[str, Future[verify.VerifyReport]]
 ) -> None:
-    edit, must_fail, words = FIRSTBOOT_BREAKS[name]
-    image = edited_copy(good_raw, tmp_path, edit)
-    report = verify.verify_image(
-        image,
-        spec=SPEC,
-        phases=("firstboot",),
-        progress=lambda message: None,
-        leave_out=LEFT_OUT,
-        mesh_inputs=mesh_for(good_image, e2e_options),
-    )
+    _, must_fail, words = FIRSTBOOT_BREAKS[name]
+    report = break_reports[name].result()
     (phase,) = report.phases
     assert phase.error is None, phase.error
     outcomes = {check_name(c.name): c for c in phase.checks}
