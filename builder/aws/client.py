@@ -50,9 +50,9 @@ from builder.errors import UserError
 # Tag names come from one module, so what the template writes is what we read.
 from builder.render import cloudconfig
 from builder.render import tags as tag
-from builder.render.hcl import AMI_DEFAULTS, image_tags
+from builder.render.hcl import AMI_DEFAULTS, ami_name_pattern, image_tags
 from builder.spec import boundary
-from builder.spec.model import AwsTarget, ImageSpec, LoadedSpec
+from builder.spec.model import Arch, AwsTarget, ImageSpec, LoadedSpec
 from builder.tools.packer import PackerVersion
 
 if TYPE_CHECKING:
@@ -285,14 +285,21 @@ class AmiFilter:
         return f"owners {owners}, name {self.name!r}, {self.architecture}, hvm, ebs, most recent"
 
 
-def source_filter(spec: ImageSpec) -> AmiFilter:
-    """The owners and name pattern from ``targets.aws.source_ami`` or the base's default."""
+def source_filter(spec: ImageSpec, arch: Arch | None = None) -> AmiFilter:
+    """The owners and name pattern from ``targets.aws.source_ami`` or the base's default,
+    for ``arch`` (default: the target's first architecture).
+
+    >>> from builder.spec.model import load_spec
+    >>> source_filter(load_spec("images/web.yaml").spec, Arch.ARM64).describe()
+    "owners 136693071363, name 'debian-12-arm64-*', arm64, hvm, ebs, most recent"
+    """
     aws = _aws_target(spec)
-    owner, pattern, _user = AMI_DEFAULTS[spec.base]
+    arch = arch or aws.arches[0]
+    owner, _pattern, _user = AMI_DEFAULTS[spec.base]
     return AmiFilter(
         owners=aws.source_ami.owners or (owner,),
-        name=aws.source_ami.name or pattern,
-        architecture=aws.source_ami.architecture,
+        name=aws.source_ami.name or ami_name_pattern(spec.base, arch),
+        architecture=arch.ec2,
     )
 
 
@@ -331,15 +338,18 @@ def _describe_images(
     return images
 
 
-def resolve_source_ami(spec: ImageSpec, *, aws: Aws | None = None) -> ResolvedAmi:
-    """The most recent AMI matching the template's source filter, in the build region.
+def resolve_source_ami(
+    spec: ImageSpec, *, arch: Arch | None = None, aws: Aws | None = None
+) -> ResolvedAmi:
+    """The most recent AMI matching the template's source filter for ``arch`` (default:
+    the target's first architecture), in the build region.
 
     >>> resolve_source_ami(spec).id  # doctest: +SKIP
     'ami-0123456789abcdef0'
     """
     aws = aws or Aws()
     target = _aws_target(spec)
-    wanted = source_filter(spec)
+    wanted = source_filter(spec, arch)
     with translated("looking up the source AMI", target.region):
         images = _describe_images(
             aws.ec2(target.region), owners=wanted.owners, filters=wanted.filters()
@@ -485,6 +495,11 @@ def _instance(raw: InstanceTypeDef, region: str) -> Instance:
     )
 
 
+def _ami_arch(image: ImageTypeDef) -> Arch:
+    """The AMI's architecture in Debian's names (EC2 says ``x86_64`` or ``arm64``)."""
+    return Arch.ARM64 if image.get("Architecture") == Arch.ARM64.ec2 else Arch.AMD64
+
+
 def launch(
     loaded: LoadedSpec,
     ami: str,
@@ -542,7 +557,7 @@ def launch(
         "ImageId": ami,
         "MinCount": 1,
         "MaxCount": 1,
-        "InstanceType": instance_type or target.instance_type,  # type: ignore[typeddict-item]
+        "InstanceType": instance_type or target.instance_type_for(_ami_arch(images[0])),  # type: ignore[typeddict-item]
         "UserData": user_data,  # botocore base64-encodes it
         "MetadataOptions": {
             "HttpTokens": "required",
@@ -740,23 +755,35 @@ def _remove(ec2: EC2Client, record: AmiRecord, dry_run: bool) -> list[PruneActio
 
 
 def record_amis(packer_manifest: Path) -> dict[str, str]:
-    """Region -> AMI id from the manifest post-processor's last amazon-ebs build.
+    """Region -> AMI id from the manifest post-processor's last amazon-ebs build (of a
+    template with one AMI source; see ``record_amis_by_source`` for several).
 
     >>> record_amis(Path("packer-manifest.json"))  # doctest: +SKIP
     {'us-east-1': 'ami-123', 'eu-west-1': 'ami-456'}
+    """
+    by_source = record_amis_by_source(packer_manifest)
+    return by_source[list(by_source)[-1]]
+
+
+def record_amis_by_source(packer_manifest: Path) -> dict[str, dict[str, str]]:
+    """Packer source name -> region -> AMI id, from the last Packer run's amazon-ebs
+    builds (one per architecture: ``web``, ``web-arm64``).
+
+    >>> record_amis_by_source(Path("packer-manifest.json"))  # doctest: +SKIP
+    {'web': {'us-east-1': 'ami-123'}, 'web-arm64': {'us-east-1': 'ami-456'}}
     """
     manifest = boundary.read_json_object(packer_manifest, "Packer manifest")
     builds = manifest.get("builds") if isinstance(manifest, dict) else None
     if not isinstance(builds, list):
         raise UserError(f"{packer_manifest}: not a Packer manifest (no builds list)")
     last_run = manifest.get("last_run_uuid")
-    amis: dict[str, str] = {}
+    found: dict[str, dict[str, str]] = {}
     for build in builds:
         if not isinstance(build, dict) or build.get("builder_type") != "amazon-ebs":
             continue
         if last_run and build.get("packer_run_uuid") != last_run:
             continue
-        amis = {}
+        amis: dict[str, str] = {}
         for part in str(build.get("artifact_id", "")).split(","):
             region, sep, ami = part.strip().partition(":")
             if not sep or not ami.startswith("ami-"):
@@ -764,9 +791,10 @@ def record_amis(packer_manifest: Path) -> dict[str, str]:
                     f"{packer_manifest}: artifact_id part {part!r} is not REGION:ami-ID"
                 )
             amis[region] = ami
-    if not amis:
+        found[str(build.get("name", ""))] = amis
+    if not found:
         raise UserError(f"{packer_manifest}: no amazon-ebs artifact from the last Packer run")
-    return amis
+    return found
 
 
 def check_published(
@@ -839,8 +867,19 @@ def aws_dry_run(
     """
     spec = loaded.spec
     target = _aws_target(spec)
-    wanted = source_filter(spec)
-    source = resolve_source_ami(spec, aws=aws)
+    per_arch: list[_Row] = []
+    for arch in target.arches:
+        wanted = source_filter(spec, arch)
+        source = resolve_source_ami(spec, arch=arch, aws=aws)
+        per_arch += [
+            _Row(
+                f"source AMI ({arch.value})",
+                f"{source.id} {source.name} (owner {source.owner},"
+                f" created {source.creation_date.isoformat()})",
+            ),
+            _Row(f"source filter ({arch.value})", wanted.describe()),
+            _Row(f"instance type ({arch.value})", target.instance_type_for(arch)),
+        ]
     _owner, _pattern, default_user = AMI_DEFAULTS[spec.base]
     share = target.share
     shared = [
@@ -864,16 +903,11 @@ def aws_dry_run(
     fixed = {k: v for k, v in image_tags(loaded).items() if k != tag.BUILD_TIME}
     kms = f"KMS key {target.kms_key_id}" if target.kms_key_id else "the account's default EBS key"
     rows = [
-        _Row(
-            "source AMI",
-            f"{source.id} {source.name} (owner {source.owner},"
-            f" created {source.creation_date.isoformat()})",
-        ),
-        _Row("source filter", wanted.describe()),
+        _Row("architectures", ", ".join(a.value for a in target.arches) + " (one AMI each)"),
+        *per_arch,
         _Row("build region", target.region),
         _Row("copies to", ", ".join(target.ami_regions) or "no other region"),
         _Row("shared with", ", ".join(shared) or "nobody (private to this account)"),
-        _Row("instance type", target.instance_type),
         _Row("subnet", target.subnet_id or "the default VPC's"),
         _Row("ssh user", target.ssh_username or default_user),
         _Row(

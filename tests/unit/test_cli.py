@@ -345,3 +345,68 @@ def test_userdata_with_join_passes_cloud_init_schema(
     user_data.write_text(out)
     done = proc.run(["cloud-init", "schema", "--config-file", user_data], check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _two_arch(images: Path, **aws: object) -> Path:
+    """web.yaml with AMIs for amd64 and arm64 (and no instance type, so each gets its own)."""
+    data = yaml.safe_load((images / "web.yaml").read_text())
+    target = data["targets"]["aws"]
+    target.pop("instance_type")
+    target |= {"arch": ["amd64", "arm64"], "ami_regions": ["eu-west-1"], **aws}
+    spec = images / "graviton.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    return spec
+
+
+@pytest.mark.integration
+def test_validate_two_architectures_with_the_real_packer(
+    images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Packer (the installed one) accepts the template with one AMI source per arch,
+    and each source looks for its own architecture's AMI on its own instance type."""
+    import hcl2
+
+    from builder.render.context import render_context
+    from builder.spec.model import load_spec
+
+    spec = _two_arch(images)
+    assert cli.main(["validate", str(spec)]) == 0, capsys.readouterr().out
+    ctx = render_context(load_spec(spec), images / "ctx")
+    sources = hcl2.loads((ctx.packer_dir / "sources.pkr.hcl").read_text())["source"]
+
+    def unq(text: str) -> str:  # python-hcl2 keeps a string's quotes
+        return str(json.loads(text))
+
+    ebs = {unq(name): body for s in sources for kind, named in s.items()
+           if unq(kind) == "amazon-ebs" for name, body in named.items()}  # fmt: skip
+    assert set(ebs) == {"web", "web-arm64"}
+    shape = {}
+    for name, body in ebs.items():
+        filters = {unq(k): unq(v) for k, v in body["source_ami_filter"][0]["filters"].items()}
+        shape[name] = (unq(body["instance_type"]), filters["name"], filters["architecture"])
+    assert shape == {
+        "web": ("t3.small", "debian-12-amd64-*", "x86_64"),
+        "web-arm64": ("t4g.small", "debian-12-arm64-*", "arm64"),
+    }
+    # Each source uploads its own architecture's artifacts, staged beside the template.
+    assert (ctx.root / "artifacts" / "web-arm64").is_dir()
+    build = (ctx.packer_dir / "build.pkr.hcl").read_text()
+    assert '"amazon-ebs.web-arm64"' in build
+    assert "${path.root}/../artifacts/${source.name}/" in build
+
+
+def test_a_local_arm64_bake_is_refused_naming_the_field(
+    images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load((images / "web.yaml").read_text())
+    data["targets"]["qemu"]["arch"] = "arm64"
+    spec = images / "pi.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    for argv in (["validate", str(spec)], ["build", str(spec), "--out", str(images / "b")]):
+        assert cli.main(argv) == 1
+        out, err = capsys.readouterr()
+        text = out + err
+        assert f"{spec}: targets.qemu.arch: arm64: local arm64 bakes are not available yet" in text
+        assert "AWS arm64 AMIs are: set targets.aws.arch instead" in text
+        assert "Traceback" not in text
+    assert not (images / "b").exists()

@@ -13,7 +13,7 @@ from builder.errors import SpecError
 from builder.render import baked
 from builder.spec import compat
 from builder.spec.model import ImageSpec, LoadedSpec, MtlsMode
-from tests.unit.conftest import Data, Variant
+from tests.unit.conftest import OLD_ENVOY_ZIP, Data, Variant
 
 #: Consul line -> (lowest accepted Envoy, highest accepted, first refused above, last
 #: refused below), from each branch's envoyextensions/xdscommon/ENVOY_VERSIONS.
@@ -237,7 +237,7 @@ def test_mesh_env_names_both_metadata_addresses_and_the_admin_port(variant: Vari
 def _mtls(mode: str, version: str) -> Callable[[Data], None]:
     def mutate(d: Data) -> None:
         d["consul"]["version"] = version
-        d["envoy"] = {"version": "1.20.0", "allow_unsupported": True}
+        d["envoy"] = {"version": "1.20.0", "allow_unsupported": True, "source": OLD_ENVOY_ZIP}
         d["service"]["transparent_proxy"] = {"mtls_mode": mode}
 
     return mutate

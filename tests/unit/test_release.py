@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from builder.cli.main import main
 from builder.release import channels as rel
@@ -356,22 +357,70 @@ def test_a_build_records_its_parent_and_is_promoted_from_its_manifest(
     assert capsys.readouterr().out.startswith("dev  sha256:")
 
 
-def test_arches_come_from_the_spec_and_may_be_a_list() -> None:
-    from types import SimpleNamespace
-    from typing import cast
+def _with_targets(tmp_path: Path, targets: dict[str, object]) -> Path:
+    """web.yaml with ``targets`` replaced, beside a copy of its files."""
+    data = yaml.safe_load(WEB.read_text())
+    data["targets"] = targets
+    shutil.copytree(REPO / "images" / "files", tmp_path / "files", dirs_exist_ok=True)
+    spec = tmp_path / "web.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    return spec
 
+
+@pytest.mark.parametrize(
+    ("targets", "qemu", "aws"),
+    [
+        ({"qemu": {}}, ("amd64",), ()),
+        ({"aws": {"region": "us-east-1", "source_ami": {"architecture": "arm64"}}}, (), ("arm64",)),
+        ({"aws": {"region": "us-east-1", "arch": ["x86_64", "arm64"]}}, (), ("amd64", "arm64")),
+        ({"aws": {"region": "us-east-1", "arch": "aarch64"}}, (), ("arm64",)),
+        ({"qemu": {"arch": "x86_64"}, "aws": {"region": "us-east-1"}}, ("amd64",), ("amd64",)),
+    ],
+)
+def test_arches_come_from_the_spec_and_may_be_a_list(
+    tmp_path: Path, targets: dict[str, object], qemu: tuple[str, ...], aws: tuple[str, ...]
+) -> None:
     from builder.bake.arch import target_arches
-    from builder.spec.model import ImageSpec
+    from builder.spec.model import load_spec
 
-    def spec(qemu: object, aws: object) -> ImageSpec:
-        return cast(ImageSpec, SimpleNamespace(targets=SimpleNamespace(qemu=qemu, aws=aws)))
+    spec = load_spec(_with_targets(tmp_path, targets)).spec
+    assert target_arches(spec, "qemu") == qemu
+    assert target_arches(spec, "aws") == aws
 
-    graviton = SimpleNamespace(source_ami=SimpleNamespace(architecture="arm64"))
-    assert target_arches(spec(None, graviton), "aws") == ("arm64",)
-    both = SimpleNamespace(arch=["amd64", "arm64"])
-    assert target_arches(spec(both, None), "qemu") == ("amd64", "arm64")
-    assert target_arches(spec(SimpleNamespace(), None), "qemu") == ("amd64",)
-    assert target_arches(spec(None, None), "aws") == ()
+
+def test_plan_lists_one_aws_job_per_arch_and_region_each_building_its_arch(
+    tmp_path: Path,
+) -> None:
+    spec = _with_targets(
+        tmp_path,
+        {"aws": {"region": "us-east-1", "ami_regions": ["eu-west-1"], "arch": ["amd64", "arm64"]}},
+    )
+    done = run_cli("plan", str(spec), "--json")
+    assert done.returncode == 0, done.stderr
+    jobs = {j["id"]: j for j in json.loads(done.stdout)}
+    assert sorted(jobs) == [
+        "web-aws-amd64-eu-west-1",
+        "web-aws-amd64-us-east-1",
+        "web-aws-arm64-eu-west-1",
+        "web-aws-arm64-us-east-1",
+    ]
+    # Each architecture's home-region job builds that architecture only, into its own
+    # folder; the copy region's entry points at it.
+    arm = jobs["web-aws-arm64-us-east-1"]
+    assert arm["command"][arm["command"].index("--arch") + 1] == "arm64"
+    assert jobs["web-aws-arm64-eu-west-1"]["command"] is None
+    assert jobs["web-aws-arm64-eu-west-1"]["built_by"] == "web-aws-arm64-us-east-1"
+    assert len({j["out"] for j in jobs.values()}) == 2
+
+
+def test_plan_refuses_a_local_arm64_bake(tmp_path: Path) -> None:
+    spec = _with_targets(tmp_path, {"qemu": {"arch": ["amd64", "arm64"]}})
+    done = run_cli("plan", str(spec), "--json")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "targets.qemu.arch: arm64: local arm64 bakes are not available yet" in done.stderr
+    assert "AWS arm64 AMIs are" in done.stderr
 
 
 def test_plan_refuses_two_specs_of_one_image(

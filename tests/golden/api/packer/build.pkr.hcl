@@ -27,7 +27,7 @@ build {
     output      = var.manifest
     strip_path  = true
     custom_data = {
-      "spec_hash" = "580eb9a0b139e853d0b07351ed0ba213350e1c6d34977e26d370550786c75928",
+      "spec_hash" = "d12aaa841c846f6c9c8604d61352afd85567daec3419aca235dd30c900362a9d",
       "consul"    = "2.0.0",
       "envoy"     = "1.37.0",
       "meshbake"  = "0.1.0",

@@ -17,6 +17,15 @@ build {
   }
   
 
+  provisioner "file" {
+    only        = [
+      "amazon-ebs.web",
+    ]
+    source      = "${path.root}/../artifacts/${source.name}/"
+    destination = "/tmp/meshbake/artifacts"
+  }
+  
+
   provisioner "shell" {
     inline = [
       "sudo MESHBAKE_BUILDER=$PACKER_BUILDER_TYPE sh /tmp/meshbake/scripts/meshbake-bake",
@@ -28,7 +37,7 @@ build {
     output      = var.manifest
     strip_path  = true
     custom_data = {
-      "spec_hash" = "dc77c20dad401e91656efb2bd83c4eb557df0e8d51fd929b45a0028bb5e7f273",
+      "spec_hash" = "71a352c80a92d8241d0831f65ea0fea89526f6e67ae31529c16ae6d13742c936",
       "consul"    = "2.1.0",
       "envoy"     = "1.38.3",
       "meshbake"  = "0.1.0",

@@ -49,7 +49,7 @@ source "qemu" "web" {
 source "amazon-ebs" "web" {
   region          = "us-east-1"
   instance_type   = "t3.small"
-  ami_name        = "web-dc77c20dad40-${local.stamp}"
+  ami_name        = "web-71a352c80a92-${local.stamp}"
   ami_description = "Demo web service on the Consul service mesh"
   ssh_username    = "admin"
   encrypt_boot    = true
@@ -59,7 +59,7 @@ source "amazon-ebs" "web" {
     "team"                = "platform",
     "Name"                = "web",
     "meshbake:image"      = "web",
-    "meshbake:spec-hash"  = "dc77c20dad401e91656efb2bd83c4eb557df0e8d51fd929b45a0028bb5e7f273",
+    "meshbake:spec-hash"  = "71a352c80a92d8241d0831f65ea0fea89526f6e67ae31529c16ae6d13742c936",
     "meshbake:consul"     = "2.1.0",
     "meshbake:envoy"      = "1.38.3",
     "meshbake:version"    = "0.1.0",
@@ -69,7 +69,7 @@ source "amazon-ebs" "web" {
     "team"                = "platform",
     "Name"                = "web",
     "meshbake:image"      = "web",
-    "meshbake:spec-hash"  = "dc77c20dad401e91656efb2bd83c4eb557df0e8d51fd929b45a0028bb5e7f273",
+    "meshbake:spec-hash"  = "71a352c80a92d8241d0831f65ea0fea89526f6e67ae31529c16ae6d13742c936",
     "meshbake:consul"     = "2.1.0",
     "meshbake:envoy"      = "1.38.3",
     "meshbake:version"    = "0.1.0",
