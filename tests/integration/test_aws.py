@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from builder.cli.main import main
 from builder.errors import SpecError, UserError
 from builder.render import cloudconfig
 from builder.render.hcl import image_tags, packer_files
-from builder.spec.model import LoadedSpec, parse_spec
+from builder.spec.model import Arch, LoadedSpec, parse_spec
 from builder.tools.packer import PackerVersion
 from tests.fixtures.aws import DEBIAN_OWNER, HOME, NEWEST_DEBIAN, FakeImds, Moto, free_port
 from tests.paths import REPO
@@ -480,7 +481,7 @@ def test_dry_run_plan_names_what_the_build_will_do(moto: Moto) -> None:
     )
     plan = aws.aws_dry_run(loaded, packer=PackerVersion(1, 6, 6), aws=quick())
     assert NEWEST_DEBIAN in plan and "debian-12-amd64-20240717-1811" in plan
-    rows = {line[:18].strip(): line[18:] for line in plan.splitlines()[1:]}
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in plan.splitlines()[1:])
     assert rows["build region"] == HOME
     assert rows["copies to"] == COPY
     assert f"account {SHARE_WITH}" in plan
@@ -488,6 +489,75 @@ def test_dry_run_plan_names_what_the_build_will_do(moto: Moto) -> None:
     assert "IMDSv2" in plan and "HttpTokens=required" in plan
     assert f"meshbake:spec-hash={loaded.digest}" in plan
     assert "alias/meshbake" in rows["AMI encryption"]
+
+
+def graviton_variant(**aws_target: Any) -> LoadedSpec:
+    """web.yaml baking amd64 and arm64 AMIs, each on its architecture's default type."""
+    data = yaml.safe_load(WEB_SPEC.read_text())
+    target = data["targets"]["aws"]
+    target.pop("instance_type")
+    target.update({"arch": ["amd64", "arm64"], **aws_target})
+    return parse_spec(yaml.safe_dump(data), WEB_SPEC)
+
+
+def test_each_architecture_resolves_its_own_source_ami(moto: Moto) -> None:
+    loaded = graviton_variant()
+    amd = aws.resolve_source_ami(loaded.spec, arch=Arch.AMD64, aws=quick())
+    arm = aws.resolve_source_ami(loaded.spec, arch=Arch.ARM64, aws=quick())
+    assert (amd.id, amd.name) == (NEWEST_DEBIAN, "debian-12-amd64-20240717-1811")
+    assert (arm.id, arm.name) == ("ami-de12000000000003", "debian-12-arm64-20240901-0000")
+    # A name pattern of the spec's own still filters by each architecture.
+    named = graviton_variant(source_ami={"name": "debian-12-*"})
+    found = aws.resolve_source_ami(named.spec, arch=Arch.ARM64, aws=quick())
+    assert found.id == "ami-de12000000000003"
+
+
+def test_dry_run_plan_shows_each_architecture(moto: Moto) -> None:
+    plan = aws.aws_dry_run(graviton_variant(), packer=PackerVersion(1, 6, 6), aws=quick())
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in plan.splitlines()[1:])
+    assert rows["architectures"] == "amd64, arm64 (one AMI each)"
+    assert rows["source AMI (arm64)"].startswith("ami-de12000000000003 debian-12-arm64-")
+    assert rows["source AMI (amd64)"].startswith(f"{NEWEST_DEBIAN} debian-12-amd64-")
+    assert rows["instance type (arm64)"] == "t4g.small"
+    assert rows["instance type (amd64)"] == "t3.small"
+    assert "'debian-12-arm64-*', arm64" in rows["source filter (arm64)"]
+
+
+def test_launch_of_an_arm64_ami_defaults_to_a_graviton_type(moto: Moto) -> None:
+    loaded = graviton_variant()
+    client = ec2()
+    # moto's register_image records no architecture, so take a seeded arm64 AMI and
+    # tag it as a meshbake build of this image.
+    arm = "ami-de12000000000003"
+    tag(client, arm, {"meshbake:image": "web"})
+    instance = aws.launch(loaded, arm, "#cloud-config\n", aws=quick())
+    raw = client.describe_instances(InstanceIds=[instance.id])["Reservations"][0]["Instances"][0]
+    assert raw["InstanceType"] == "t4g.small"
+    tag(client, NEWEST_DEBIAN, {"meshbake:image": "web"})
+    instance = aws.launch(loaded, NEWEST_DEBIAN, "#cloud-config\n", aws=quick())
+    raw = client.describe_instances(InstanceIds=[instance.id])["Reservations"][0]["Instances"][0]
+    assert raw["InstanceType"] == "t3.small"
+
+
+def test_record_amis_by_source_keeps_each_architecture_apart(tmp_path: Path) -> None:
+    manifest = tmp_path / "packer-manifest.json"
+    manifest.write_text(
+        json.dumps(
+            {
+                "builds": [
+                    {"name": "web", "builder_type": "amazon-ebs", "packer_run_uuid": "r",
+                     "artifact_id": "us-east-1:ami-a1,eu-west-1:ami-a2"},
+                    {"name": "web-arm64", "builder_type": "amazon-ebs", "packer_run_uuid": "r",
+                     "artifact_id": "us-east-1:ami-b1,eu-west-1:ami-b2"},
+                ],
+                "last_run_uuid": "r",
+            }
+        )
+    )  # fmt: skip
+    assert aws.record_amis_by_source(manifest) == {
+        "web": {"us-east-1": "ami-a1", "eu-west-1": "ami-a2"},
+        "web-arm64": {"us-east-1": "ami-b1", "eu-west-1": "ami-b2"},
+    }
 
 
 def test_sharing_without_a_customer_managed_key_is_a_spec_error() -> None:
