@@ -10,13 +10,15 @@ IMDS on 127.0.0.1. Both doubles live in tests/fixtures/aws.py.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -813,3 +815,73 @@ def test_cli_build_aws_dry_run(moto: Moto, capsys: pytest.CaptureFixture[str]) -
     plan = capsys.readouterr().out
     assert NEWEST_DEBIAN in plan
     assert "us-east-1" in plan and "IMDSv2" in plan
+
+
+# --- a whole aws build of two architectures (Packer double, moto, real wheels) -----------
+
+
+def test_one_build_writes_one_ami_per_architecture_each_with_its_binaries(
+    moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``build --target aws`` of amd64 + arm64: each AMI source is given its own
+    architecture's Consul zip (from one signed release) and Envoy (the wheel's x86_64 and
+    aarch64 builds), and the manifest records each AMI with its arch and source AMI;
+    ``collect`` then keeps one record per architecture."""
+    from builder.bake import run as build
+    from builder.release.plan import collect
+    from tests.fixtures.fake_packer import install_fake_packer
+    from tests.fixtures.release import make_fixture_release
+
+    images = tmp_path / "images"
+    shutil.copytree(REPO / "images" / "files", images / "files")
+    spec = images / "web.yaml"
+    data = yaml.safe_load(WEB_SPEC.read_text())
+    data["targets"] = {"aws": {"region": HOME, "arch": ["x86_64", "arm64"]}}
+    data["consul"]["version"] = "2.1.0"
+    spec.write_text(yaml.safe_dump(data))
+    release = make_fixture_release(tmp_path / "mirror", "2.1.0", also=["arm64"])
+    packer = install_fake_packer(tmp_path, monkeypatch, "1.6.6")
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("FAKE_PACKER_UPLOADS", str(uploads))
+    options = build.BuildOptions(
+        target="aws",
+        out=tmp_path / "out",
+        cache=tmp_path / "cache",
+        consul_mirror=str(release.mirror),
+        consul_key=release.key,
+    )
+    result = build.build_image(spec, options, progress=lambda _: None)
+
+    (call,) = [c for c in packer.calls() if c[0] == "build"]
+    assert "-only=amazon-ebs.web,amazon-ebs.web-arm64" in call
+    zips = {a: release.release_dir / f"consul_2.1.0_linux_{a}.zip" for a in ("amd64", "arm64")}
+    for source, arch, machine in (("web", "amd64", 0x3E), ("web-arm64", "arm64", 0xB7)):
+        staged = uploads / source
+        assert (staged / "consul.zip").read_bytes() == zips[arch].read_bytes()
+        assert int.from_bytes((staged / "envoy").read_bytes()[18:20], "little") == machine
+        sums = (staged / "SHA256SUMS").read_text()
+        assert hashlib.sha256((staged / "envoy").read_bytes()).hexdigest() in sums
+
+    assert result.manifest is not None
+    manifest = json.loads(result.manifest.read_text())
+    assert "amis" not in manifest  # two architectures: only the per-arch list
+    assert [(i["arch"], i["amis"], i["parent"]["id"]) for i in manifest["images"]] == [
+        ("amd64", {HOME: "ami-00000000000000001"}, NEWEST_DEBIAN),
+        ("arm64", {HOME: "ami-00000000000000002"}, "ami-de12000000000003"),
+    ]
+    record = collect([result.manifest.parent], tmp_path / "release")
+    builds = {b["manifest"]: (b["arch"], b["amis"]) for b in record["builds"]}  # type: ignore[union-attr]
+    assert builds == {
+        "manifests/web-aws-amd64.json": ("amd64", {HOME: "ami-00000000000000001"}),
+        "manifests/web-aws-arm64.json": ("arm64", {HOME: "ami-00000000000000002"}),
+    }
+
+    # --arch builds one architecture, in the one-architecture shape promote reads.
+    one = build.build_image(
+        spec, replace(options, arch="arm64", out=tmp_path / "arm"), progress=lambda _: None
+    )
+    assert one.manifest is not None
+    single = json.loads(one.manifest.read_text())
+    assert (single["arch"], single["amis"]) == ("arm64", {HOME: "ami-00000000000000001"})
+    last = [c for c in packer.calls() if c[0] == "build"][-1]
+    assert "-only=amazon-ebs.web-arm64" in last
