@@ -501,6 +501,7 @@ class AwsBuild:
             raise UserError(
                 f"{run.loaded.path}: targets.aws is not set; the spec has no aws target"
             )
+        arches = run.arches()  # refuses a bad --arch before anything is rendered
         packer = Packer()
         if run.options.dry_run:
             # Nothing is written into the output folder for a plan.
@@ -519,7 +520,6 @@ class AwsBuild:
             with run.stage("render", "bake context"):
                 ctx = render_context(run.loaded, work / "context", packer=packer)
             _validate(run, packer, ctx, work)
-            arches = run.arches()
             sources = aws_sources(spec)
             parents: dict[Arch, aws.ResolvedAmi] = {}
             arts: dict[Arch, list[artifacts.Artifact]] = {}

@@ -186,6 +186,13 @@ def load_build(path: Path) -> Build:
     parent = str(parent_field.get("id", "")) if isinstance(parent_field, dict) else ""
     if target == "aws":
         amis = data.get("amis")
+        if amis is None and isinstance(data.get("images"), list):
+            # A build of several architectures; a channel holds one AMI per region.
+            raise UserError(
+                f"{path}: amis: this build made one AMI per architecture; collect it"
+                " ('meshbake collect') and promote one architecture's manifest from"
+                " release/manifests/"
+            )
         if not isinstance(amis, dict) or not amis:
             raise UserError(f"{path}: amis: missing (region -> AMI id)")
         ids: dict[str | None, str] = {}

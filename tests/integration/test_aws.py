@@ -876,6 +876,22 @@ def test_one_build_writes_one_ami_per_architecture_each_with_its_binaries(
         "manifests/web-aws-arm64.json": ("arm64", {HOME: "ami-00000000000000002"}),
     }
 
+    # A channel holds one AMI per region: promote takes one architecture's record.
+    from builder.release.channels import load_build
+
+    with pytest.raises(UserError, match="one AMI per architecture; collect it"):
+        load_build(result.manifest)
+    arm_record = load_build(tmp_path / "release" / "manifests" / "web-aws-arm64.json")
+    assert (arm_record.ids, arm_record.parent) == (
+        {HOME: "ami-00000000000000002"},
+        "ami-de12000000000003",
+    )
+    # One Consul zip cannot serve two architectures, and --arch must be one of the spec's.
+    with pytest.raises(UserError, match="--consul-zip is one Consul binary, but targets.aws"):
+        build.build_image(spec, replace(options, consul_zip=zips["amd64"]), progress=print)
+    with pytest.raises(UserError, match=r"targets\.aws\.arch: lists amd64, not arm64 \(--arch\)"):
+        build.build_image(WEB_SPEC, replace(options, arch="arm64"), progress=print)
+
     # --arch builds one architecture, in the one-architecture shape promote reads.
     one = build.build_image(
         spec, replace(options, arch="arm64", out=tmp_path / "arm"), progress=lambda _: None
