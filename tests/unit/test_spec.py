@@ -17,6 +17,7 @@ from builder.errors import SpecError, UserError
 from builder.spec.model import (
     Accelerator,
     AclPolicy,
+    Arch,
     BaseDistro,
     ImageSpec,
     LoadedSpec,
@@ -507,6 +508,22 @@ def test_round_trips_through_json(repo: Path) -> None:
     assert isinstance(again.consul.acl.default_policy, AclPolicy)
     assert again.targets.qemu is not None
     assert isinstance(again.targets.qemu.accelerator, Accelerator)
+
+
+def test_architectures_round_trip_in_debians_names(images: Path, example_data: Data) -> None:
+    def graviton(d: Data) -> None:
+        aws = d["targets"]["aws"]
+        aws.pop("instance_type")
+        aws["arch"] = ["x86_64", "aarch64"]
+        aws["source_ami"] = {"architecture": ["arm64", "amd64"]}  # the same set agrees
+
+    spec = load_variant(images, example_data, graviton).spec
+    assert spec.targets.aws is not None
+    assert [a.value for a in spec.targets.aws.arches] == ["amd64", "arm64"]
+    again = ImageSpec.model_validate_json(spec.model_dump_json())
+    assert again == spec
+    assert again.targets.aws is not None and isinstance(again.targets.aws.arches[1], Arch)
+    assert spec.model_dump(mode="json")["targets"]["aws"]["arch"] == ["amd64", "arm64"]
 
 
 def test_enums_stay_enums_after_dump(repo: Path) -> None:
