@@ -383,6 +383,8 @@ class AmiRecord:
     state: str
     tags: Mapping[str, str]
     snapshot_ids: tuple[str, ...]
+    #: Debian's name for the AMI's architecture (EC2's ``Architecture``).
+    arch: str = Arch.AMD64.value
 
     @property
     def spec_hash(self) -> str:
@@ -403,6 +405,7 @@ class AmiRecord:
             "name": self.name,
             "creation_date": self.creation_date.isoformat(),
             "state": self.state,
+            "arch": self.arch,
             "spec_hash": self.spec_hash,
             "consul": self.consul,
             "envoy": self.envoy,
@@ -429,6 +432,7 @@ def _record(image: ImageTypeDef, region: str) -> AmiRecord:
         state=image.get("State", ""),
         tags=_tags(image.get("Tags", [])),
         snapshot_ids=snapshots,
+        arch=_ami_arch(image).value,
     )
 
 
@@ -679,7 +683,8 @@ def prune(
     protected: Mapping[str, str] | None = None,
     aws: Aws | None = None,
 ) -> list[PruneAction]:
-    """Per region, keep the ``keep`` newest available AMIs of ``name``; remove the rest.
+    """Per region and architecture, keep the ``keep`` newest available AMIs of ``name``;
+    remove the rest (so a newer amd64 build never prunes the last arm64 AMIs).
 
     Only AMIs tagged ``meshbake:image=<name>`` are considered, so nothing meshbake
     did not bake is ever touched. An AMI still behind a pending, running, stopping or
@@ -703,14 +708,14 @@ def prune(
         here = [r for r in records if r.region == region]
         with translated(f"finding instances that use {name} AMIs", region):
             using = _instances_using(ec2, [r.id for r in here]) if here else {}
-        kept = 0
+        kept: dict[str, int] = {}
         for record in here:  # newest first
             base = PruneAction(PruneStep.KEEP, region, record.id, record.name)
             if record.state != "available":
                 actions.append(_with(base, PruneStep.SKIP, f"state is {record.state}"))
                 continue
-            if kept < keep:
-                kept += 1
+            if kept.get(record.arch, 0) < keep:
+                kept[record.arch] = kept.get(record.arch, 0) + 1
                 actions.append(_with(base, PruneStep.KEEP, f"one of the {keep} newest"))
                 continue
             if protected and record.id in protected:

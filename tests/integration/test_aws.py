@@ -901,3 +901,29 @@ def test_one_build_writes_one_ami_per_architecture_each_with_its_binaries(
     assert (single["arch"], single["amis"]) == ("arm64", {HOME: "ami-00000000000000001"})
     last = [c for c in packer.calls() if c[0] == "build"][-1]
     assert "-only=amazon-ebs.web-arm64" in last
+
+
+def test_prune_keeps_the_newest_of_each_architecture(moto: Moto, web: LoadedSpec) -> None:
+    """Two newer amd64 builds do not push out the only arm64 AMI: --keep counts per arch."""
+    client = ec2()
+    # moto's register_image records no architecture; a copy of Debian's arm64 AMI
+    # keeps it, as a baked arm64 AMI would have it.
+    arm = client.copy_image(
+        SourceImageId="ami-de12000000000003", SourceRegion=HOME, Name="web-arm-20250101"
+    )["ImageId"]
+    tag(client, arm, image_tags(web) | {"meshbake:build-time": "20250101-000000"})
+    assert client.describe_images(ImageIds=[arm])["Images"][0]["Architecture"] == "arm64"
+    _next_second()
+    old = bake(web, "20250102-000000")[HOME]
+    _next_second()
+    new = bake(web, "20250103-000000")[HOME]
+    listed = {r.id: r.arch for r in aws.list_images("web", [HOME], aws=quick())}
+    assert listed == {arm: "arm64", old: "amd64", new: "amd64"}
+    first: dict[str, str] = {}
+    for action in aws.prune("web", 1, [HOME], dry_run=True, aws=quick()):
+        first.setdefault(action.image_id, action.step.value)
+    assert first == {
+        new: "keep",
+        arm: "keep",
+        old: "deregister",
+    }
