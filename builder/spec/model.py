@@ -715,6 +715,11 @@ def _tag_key_problem(key: str) -> str | None:
     return None
 
 
+#: An EC2 instance type, ``family.size`` (``t4g.small``, ``u-6tb1.metal``).
+InstanceType = Annotated[
+    str, _matching(r"^[a-z0-9-]+\.[a-z0-9]+$", "an EC2 instance type such as t3.small")
+]
+
 #: The default build instance per architecture (Graviton for arm64).
 INSTANCE_TYPES = {Arch.AMD64: "t3.small", Arch.ARM64: "t4g.small"}
 
@@ -737,9 +742,7 @@ class AwsTarget(Model):
     #: The architectures to bake AMIs for; None: ``source_ami.architecture``, else amd64.
     arch: Arches | None = None
     #: None: ``INSTANCE_TYPES`` of each architecture.
-    instance_type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]+\.[a-z0-9]+$")] | None = (
-        None
-    )
+    instance_type: InstanceType | None = None
     source_ami: SourceAmi = SourceAmi()
     ami_regions: tuple[AwsRegion, ...] = ()
     share: Share = Share()
