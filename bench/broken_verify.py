@@ -31,16 +31,25 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from firstboot import golden_image  # noqa: E402
 
+from builder.cli.main import mesh_inputs  # noqa: E402
+from builder.spec.model import load_spec  # noqa: E402
+from builder.verify.localmesh import MeshInputs  # noqa: E402
 from tests.e2e.test_broken_image import edited_copy, fence_sidecar, raw_disk  # noqa: E402
+from tests.fixtures.release import make_fixture_release  # noqa: E402
 
 
 def say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def timed_verify(image: Path, spec: Path, phases: list[str], report: Path) -> dict[str, Any]:
-    """``meshbake verify`` of ``image``: seconds, exit code and the checks that failed."""
+def timed_verify(
+    image: Path, spec: Path, phases: list[str], report: Path, mesh: MeshInputs
+) -> dict[str, Any]:
+    """``meshbake verify`` of ``image``: seconds, exit code and the checks that failed.
+    The copy has no manifest beside it, so both get the good image's Consul zip and
+    Envoy for verify's local mesh."""
     argv = [sys.executable, "-m", "builder", "verify", str(image), "--spec", str(spec)]
+    argv += ["--consul-zip", str(mesh.consul_zip), "--envoy", str(mesh.envoy)]
     argv += [arg for phase in phases for arg in ("--phase", phase)]
     argv += ["--report", str(report)]
     say(f"verify {image}")
@@ -66,14 +75,20 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results-broken-verify.json")
     args = parser.parse_args()
     phases = args.phase or ["firstboot"]
-    good = golden_image(args.spec, args.image)
+    good: Path = args.image
+    if good is None:
+        # Baked with a fixture release of the spec's Consul, as bench/firstboot.py does.
+        version = load_spec(args.spec).spec.consul.version
+        release = make_fixture_release(Path(tempfile.mkdtemp(prefix="bench-fixture-")), version)
+        good = golden_image(args.spec, None, release)
+    mesh = mesh_inputs(good, None, None, None)
     with tempfile.TemporaryDirectory(prefix="meshbake-bench-broken-") as tmp:
         folder = Path(tmp)
         say(f"fencing the sidecar of a copy of {good}")
         fenced = edited_copy(raw_disk(good, folder), folder, fence_sidecar)
         results = {
-            "good": timed_verify(good, args.spec, phases, folder / "good.json"),
-            "fenced sidecar": timed_verify(fenced, args.spec, phases, folder / "fenced.json"),
+            "good": timed_verify(good, args.spec, phases, folder / "good.json", mesh),
+            "fenced sidecar": timed_verify(fenced, args.spec, phases, folder / "fenced.json", mesh),
         }
     args.out.write_text(json.dumps({"phases": phases, "results": results}, indent=2) + "\n")
     print("| image | verify (s) | exit | failed checks |")

@@ -851,8 +851,13 @@ def _first_boot_figures(
     The probe is a mesh client (mutual TLS with a leaf of the mesh CA), which only the
     sidecar's public listener answers: its first answered connection is the first that
     crossed the sidecar. (Envoy's inbound counter would not tell: the agent's own TCP
-    check of the sidecar, every 10 s, connects to that listener too.)"""
-    deadline = time.monotonic() + 60
+    check of the sidecar, every 10 s, connects to that listener too.)
+
+    The sidecar is active once Envoy runs; its listeners come from the agent a few
+    seconds later (a good image's probe was answered 6 s after the sidecar became
+    active, in the timeline of ``tools/run-demo``'s verify under TCG). A probe still
+    unanswered 30 s after that stops, and the checks say what is wrong."""
+    deadline = time.monotonic() + 30
     while ready and time.monotonic() < deadline and not probe.answered:
         time.sleep(1)
     answered = probe.stop()

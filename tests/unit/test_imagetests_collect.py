@@ -249,6 +249,74 @@ def test_nft_layout_problems_see_a_missing_uid_exclusion() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "chain_rule,rule",
+    [
+        # An inbound bypass: the app's port returns before Consul's redirect.
+        ("\t\ttcp dport 8301 return\n", "tcp dport 8080 return"),
+        # An outbound bypass: all TCP returns before the redirect.
+        ("\t\tmeta skuid 0 return\n", "meta l4proto tcp return"),
+    ],
+)
+def test_nft_layout_problems_see_a_rule_consul_never_installs(chain_rule: str, rule: str) -> None:
+    firstboot = _suite_module("test_firstboot")
+    expect = {**EXPECT, "inbound_exclusions": [22, 8301]}
+    uids = {"envoy": 998, "consul": 0}
+    broken = NFT_LISTING.replace(chain_rule, f"\t\t{rule}\n{chain_rule}", 1)
+    (problem,) = firstboot.nft_layout_problems(broken, expect, uids)
+    assert problem.startswith("a rule Consul does not install, in CONSUL_PROXY_")
+    assert problem.endswith(rule)
+
+
+#: ``iptables -t nat -S`` after sdk/iptables' rules with -proxy-uid=998 -exclude-uid=999,
+#: -exclude-inbound-port=22, -exclude-outbound-port=8300 and
+#: -exclude-outbound-cidr=169.254.169.254 (real iptables 1.8.9, in a namespace).
+IPTABLES_RULES = """\
+-P PREROUTING ACCEPT
+-P OUTPUT ACCEPT
+-N CONSUL_DNS_REDIRECT
+-N CONSUL_PROXY_INBOUND
+-N CONSUL_PROXY_IN_REDIRECT
+-N CONSUL_PROXY_OUTPUT
+-N CONSUL_PROXY_REDIRECT
+-A PREROUTING -p tcp -j CONSUL_PROXY_INBOUND
+-A OUTPUT -p tcp -j CONSUL_PROXY_OUTPUT
+-A CONSUL_PROXY_INBOUND -p tcp -m tcp --dport 22 -j RETURN
+-A CONSUL_PROXY_INBOUND -p tcp -j CONSUL_PROXY_IN_REDIRECT
+-A CONSUL_PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports 21000
+-A CONSUL_PROXY_OUTPUT -m owner --uid-owner 999 -j RETURN
+-A CONSUL_PROXY_OUTPUT -d 169.254.169.254/32 -j RETURN
+-A CONSUL_PROXY_OUTPUT -p tcp -m tcp --dport 8300 -j RETURN
+-A CONSUL_PROXY_OUTPUT -m owner --uid-owner 998 -j RETURN
+-A CONSUL_PROXY_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A CONSUL_PROXY_OUTPUT -j CONSUL_PROXY_REDIRECT
+-A CONSUL_PROXY_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+""".splitlines()
+
+
+def test_iptables_layout_problems_see_missing_doubled_and_foreign_rules() -> None:
+    firstboot = _suite_module("test_firstboot")
+    expect = {
+        **EXPECT,
+        "inbound_exclusions": [22],
+        "outbound_ports": [8300],
+        "outbound_cidrs": ["169.254.169.254/32"],
+    }
+    uids = {"envoy": 998, "consul": 999}
+    assert firstboot.iptables_layout_problems(IPTABLES_RULES, expect, uids) == []
+    missing = [r for r in IPTABLES_RULES if "--uid-owner 998" not in r]
+    assert firstboot.iptables_layout_problems(missing, expect, uids) == [
+        "uid exclusion envoy (998): 0 times"
+    ]
+    bypass = "-A CONSUL_PROXY_INBOUND -p tcp -m tcp --dport 8080 -j RETURN"
+    assert firstboot.iptables_layout_problems([*IPTABLES_RULES, bypass], expect, uids) == [
+        "a rule Consul does not install, in CONSUL_PROXY_INBOUND:"
+        " -p tcp -m tcp --dport 8080 -j RETURN"
+    ]
+    again = [*IPTABLES_RULES, "-A CONSUL_PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports 21099"]
+    assert firstboot.iptables_layout_problems(again, expect, uids) == ["inbound redirect: 2 times"]
+
+
 def test_parse_stats_reads_counters_only() -> None:
     helpers = _suite_module("helpers")
     text = (

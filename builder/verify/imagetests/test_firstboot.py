@@ -131,35 +131,90 @@ def mesh_uids(host: Host, expect: dict[str, Any]) -> dict[str, int]:
 # --- Consul's rule layout, per backend ------------------------------------------------
 
 
+class Layout:
+    """Consul's rules, each expected exactly once, and nothing else in Consul's chains.
+
+    The rules are those of ``SetupWithAdditionalRules`` in hashicorp/consul
+    sdk/iptables/iptables.go and sdk/nftables/nftables.go, with the flags meshbake
+    passes (command/connect/redirecttraffic/redirect_traffic.go adds DNS rules only for
+    ``-consul-dns-ip``/``-consul-dns-port``, which meshbake never passes, so Consul's
+    DNS chain stays empty). A rule of anyone else's inside one of Consul's chains (a
+    ``return`` that bypasses the sidecar, a second redirect) is a problem too: Consul's
+    redirect never writes one.
+    """
+
+    def __init__(self, chains: dict[str, list[str]]) -> None:
+        self.chains = chains
+        self.problems: list[str] = []
+        self.matched: set[tuple[str, int]] = set()
+
+    def once(self, chain: str, what: str, pattern: str) -> None:
+        hits = [
+            (chain, i)
+            for i, rule in enumerate(self.chains.get(chain, []))
+            if re.fullmatch(pattern, rule)
+        ]
+        self.matched.update(hits)
+        if len(hits) != 1:
+            self.problems.append(f"{what}: {len(hits)} times")
+
+    def strangers(self, chains: tuple[str, ...]) -> list[str]:
+        """The problems, with every rule of ``chains`` that no ``once`` explained."""
+        return self.problems + [
+            f"a rule Consul does not install, in {chain}: {rule}"
+            for chain in chains
+            for i, rule in enumerate(self.chains.get(chain, []))
+            if (chain, i) not in self.matched
+        ]
+
+
 def iptables_layout_problems(
     rules: list[str], expect: dict[str, Any], uids: dict[str, int]
 ) -> list[str]:
     """What is wrong with Consul's chain layout in ``rules`` (``iptables -t nat -S``).
 
     Each chain and each jump into it must be there exactly once (twice means a redirect
-    ran over a stale layout), with the RETURN rules of the exclusions.
+    ran over a stale layout), with the RETURN rules of the exclusions, and nothing else.
     """
-    problems = []
-
-    def once(what: str, pattern: str) -> None:
-        n = sum(1 for rule in rules if re.fullmatch(pattern, rule))
-        if n != 1:
-            problems.append(f"{what}: {n} times")
-
-    for chain in IPTABLES_CHAINS:
-        once(f"chain {chain}", f"-N {chain}")
-    once("jump PREROUTING -> CONSUL_PROXY_INBOUND", r"-A PREROUTING .*-j CONSUL_PROXY_INBOUND")
-    once("jump OUTPUT -> CONSUL_PROXY_OUTPUT", r"-A OUTPUT .*-j CONSUL_PROXY_OUTPUT")
-    for port in expect["inbound_exclusions"]:
-        once(f"inbound exclusion {port}", rf"-A CONSUL_PROXY_INBOUND .*--dport {port} -j RETURN")
-    for port in expect["outbound_ports"]:
-        once(f"outbound exclusion {port}", rf"-A CONSUL_PROXY_OUTPUT .*--dport {port} -j RETURN")
+    chains: dict[str, list[str]] = {}
+    for rule in rules:
+        words = rule.split()
+        if len(words) > 1 and words[0] in ("-N", "-A"):
+            chains.setdefault(words[1], [])
+            if words[0] == "-A":
+                chains[words[1]].append(" ".join(words[2:]))
+    layout = Layout(chains)
+    layout.problems += [
+        f"chain {c}: {n} times"
+        for c in IPTABLES_CHAINS
+        if (n := sum(1 for rule in rules if rule == f"-N {c}")) != 1
+    ]
+    layout.once(
+        "PREROUTING", "jump PREROUTING -> CONSUL_PROXY_INBOUND", r".*-j CONSUL_PROXY_INBOUND"
+    )
+    layout.once("OUTPUT", "jump OUTPUT -> CONSUL_PROXY_OUTPUT", r".*-j CONSUL_PROXY_OUTPUT")
+    inbound, output = "CONSUL_PROXY_INBOUND", "CONSUL_PROXY_OUTPUT"
+    for port in dict.fromkeys(expect["inbound_exclusions"]):
+        layout.once(inbound, f"inbound exclusion {port}", rf".*--dport {port} -j RETURN")
+    layout.once(inbound, "inbound jump", r"-p tcp -j CONSUL_PROXY_IN_REDIRECT")
+    layout.once(
+        "CONSUL_PROXY_IN_REDIRECT", "inbound redirect", r"-p tcp -j REDIRECT --to-ports \d+"
+    )
+    for port in dict.fromkeys(expect["outbound_ports"]):
+        layout.once(output, f"outbound exclusion {port}", rf".*--dport {port} -j RETURN")
+    for cidr in dict.fromkeys(expect["outbound_cidrs"]):
+        host = cidr if "/" in cidr else f"{cidr}/32"
+        layout.once(output, f"outbound exclusion {cidr}", rf"-d {re.escape(host)} -j RETURN")
     for name, number in uids.items():
-        once(
+        layout.once(
+            output,
             f"uid exclusion {name} ({number})",
-            rf"-A CONSUL_PROXY_OUTPUT -m owner --uid-owner {number} -j RETURN",
+            rf"-m owner --uid-owner {number} -j RETURN",
         )
-    return problems
+    layout.once(output, "loopback exclusion", r"-d 127\.0\.0\.1/32 -j RETURN")
+    layout.once(output, "outbound jump", r"-j CONSUL_PROXY_REDIRECT")
+    layout.once("CONSUL_PROXY_REDIRECT", "outbound redirect", r"-p tcp -j REDIRECT --to-ports \d+")
+    return layout.strangers(IPTABLES_CHAINS)
 
 
 def nft_chains(listing: str) -> dict[str, list[str]]:
@@ -192,30 +247,40 @@ def nft_layout_problems(
     if listing is None:
         return ["table inet consul_tproxy: missing"]
     chains = nft_chains(listing)
-    problems = [
-        f"chain {c}: {sum(k.split('#')[0] == c for k in chains)} times"
+    layout = Layout(chains)
+    layout.problems += [
+        f"chain {c}: {n} times"
         for c in NFT_CHAINS
-        if sum(k.split("#")[0] == c for k in chains) != 1
+        if (n := sum(k.split("#")[0] == c for k in chains)) != 1
     ]
-
-    def once(chain: str, what: str, pattern: str) -> None:
-        n = sum(1 for rule in chains.get(chain, []) if re.fullmatch(pattern, rule))
-        if n != 1:
-            problems.append(f"{what}: {n} times")
-
-    once("CONSUL_NAT_PREROUTING", "jump -> CONSUL_PROXY_INBOUND", r".*jump CONSUL_PROXY_INBOUND")
-    once("CONSUL_NAT_OUTPUT", "jump -> CONSUL_PROXY_OUTPUT", r".*jump CONSUL_PROXY_OUTPUT")
-    for port in expect["inbound_exclusions"]:
-        once("CONSUL_PROXY_INBOUND", f"inbound exclusion {port}", rf"tcp dport {port} return")
-    for port in expect["outbound_ports"]:
-        once("CONSUL_PROXY_OUTPUT", f"outbound exclusion {port}", rf"tcp dport {port} return")
-    for name, number in uids.items():
-        once(
-            "CONSUL_PROXY_OUTPUT",
-            f"uid exclusion {name} ({number})",
-            rf"meta skuid {number} return",
+    nat_output, nat_prerouting = "CONSUL_NAT_OUTPUT", "CONSUL_NAT_PREROUTING"
+    inbound, output = "CONSUL_PROXY_INBOUND", "CONSUL_PROXY_OUTPUT"
+    tcp = r"meta l4proto (6|tcp)"
+    for chain in (nat_output, nat_prerouting):
+        # Not dual stack: IPv6 leaves Consul's chains at once (nfproto 10 is ipv6).
+        layout.once(chain, f"IPv6 return in {chain}", r"meta nfproto (10|ipv6) return")
+    layout.once(nat_prerouting, "jump -> CONSUL_PROXY_INBOUND", rf"{tcp} jump {inbound}")
+    layout.once(nat_output, "jump -> CONSUL_PROXY_OUTPUT", rf"{tcp} jump {output}")
+    for port in dict.fromkeys(expect["inbound_exclusions"]):
+        layout.once(inbound, f"inbound exclusion {port}", rf"tcp dport {port} return")
+    layout.once(inbound, "inbound jump", rf"{tcp} jump CONSUL_PROXY_IN_REDIRECT")
+    layout.once("CONSUL_PROXY_IN_REDIRECT", "inbound redirect", rf"{tcp} redirect to :\d+")
+    for port in dict.fromkeys(expect["outbound_ports"]):
+        layout.once(output, f"outbound exclusion {port}", rf"tcp dport {port} return")
+    for cidr in dict.fromkeys(expect["outbound_cidrs"]):
+        # nft prints a single address without its /32 (or /128).
+        address = re.sub(r"/(32|128)$", "", cidr)
+        family = "ip6" if ":" in cidr else "ip"
+        layout.once(
+            output, f"outbound exclusion {cidr}", rf"{family} daddr {re.escape(address)} return"
         )
-    return problems
+    for name, number in uids.items():
+        layout.once(output, f"uid exclusion {name} ({number})", rf"meta skuid {number} return")
+    layout.once(output, "loopback exclusion", r"ip daddr 127\.0\.0\.1 return")
+    layout.once(output, "IPv6 loopback exclusion", r"ip6 daddr ::1 return")
+    layout.once(output, "outbound jump", r"jump CONSUL_PROXY_REDIRECT")
+    layout.once("CONSUL_PROXY_REDIRECT", "outbound redirect", rf"{tcp} redirect to :\d+")
+    return layout.strangers(NFT_CHAINS)
 
 
 def layout_problems(host: Host, expect: dict[str, Any]) -> list[str]:
