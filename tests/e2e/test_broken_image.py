@@ -635,12 +635,14 @@ def break_reports(
     )
     names = [BAKED] * baked + selected_params(request, "test_broken_image", "name")
     examples = {name: "web" if name == BAKED else name.split("/")[0] for name in names}
-    # The good images and their raw disks first, here: the pool's threads only copy them.
-    raws = {example: good_raws(example) for example in examples.values()}
+    # The good images and their raw disks first, here (fixtures are not for the pool's
+    # threads): the threads only copy them.
+    goods = {example: good(example) for example in examples.values()}
+    raws = {example: good_raws(example) for example in goods}
     folders = {name: tmp_path_factory.mktemp(name.replace("/", "-")) for name in names}
 
     def verify_copy(name: str) -> verify.VerifyReport:
-        folder, example = folders[name], good(examples[name])
+        folder, example = folders[name], goods[examples[name]]
         raw = raws[examples[name]]
         if name == BAKED:
             # The token baked in is the one phase baked must not find anywhere.
