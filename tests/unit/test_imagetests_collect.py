@@ -270,7 +270,8 @@ def test_nft_layout_problems_see_a_rule_consul_never_installs(chain_rule: str, r
 
 #: ``iptables -t nat -S`` after sdk/iptables' rules with -proxy-uid=998 -exclude-uid=999,
 #: -exclude-inbound-port=22, -exclude-outbound-port=8300 and
-#: -exclude-outbound-cidr=169.254.169.254 (real iptables 1.8.9, in a namespace).
+#: -exclude-outbound-cidr=169.254.169.254, as real iptables 1.8.9 prints it (cut down
+#: from a listing of the double's rules in a namespace to these flags).
 IPTABLES_RULES = """\
 -P PREROUTING ACCEPT
 -P OUTPUT ACCEPT
