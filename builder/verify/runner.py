@@ -438,6 +438,21 @@ def wait_sidecar(vm: Vm, deadline: float) -> list[str]:
     return [f"{SIDECAR_UNIT} did not become active within the deadline"]
 
 
+def vm_cpus(at_once: int = 1) -> int:
+    """The vCPUs to give each of ``at_once`` VMs that run together: two, or this
+    machine's share of its cores, at least one.
+
+    Under TCG each vCPU is a host thread that keeps a core busy. More vCPUs than cores
+    cost more CPU for the same work: two verifies at once on 2 cores, with 2 vCPUs each,
+    used 281 s and 298 s of CPU, against 237 s and 246 s with one each
+    (``bench/vm_cpus.py``).
+
+    >>> vm_cpus(10 * (os.cpu_count() or 1))
+    1
+    """
+    return max(1, min(2, (os.cpu_count() or 1) // max(1, at_once)))
+
+
 @contextmanager
 def boot_vm(
     image: Path,
@@ -450,6 +465,7 @@ def boot_vm(
     forwards: Mapping[int, int] | None = None,
     network: LocalNetwork | None = None,
     instance: str | None = None,
+    cpus: int = 2,
 ) -> Iterator[Vm]:
     """Boot ``image`` on an overlay in ``work`` and yield once SSH answers.
 
@@ -459,7 +475,8 @@ def boot_vm(
     the host's 127.0.0.1 to guest ports (TCP), as SSH's. On a ``network`` (the local
     mesh), the VM gets a tap on its bridge and a static address (``Vm.address``); SSH
     and any other port are reached through the network's forwards on 127.0.0.1.
-    The VM is powered off (then killed, if it must be) on the way out.
+    ``cpus`` is its number of vCPUs (see :func:`vm_cpus`). The VM is powered off (then
+    killed, if it must be) on the way out.
     """
     key = work / "verify_ed25519"
     public = proc.ssh_keygen(key, "meshbake-verify")
@@ -500,7 +517,7 @@ def boot_vm(
         "-m",
         str(memory),
         "-smp",
-        "2",
+        str(cpus),
         "-display",
         "none",
         "-monitor",
@@ -895,6 +912,7 @@ def _phase(
     token: str | None,
     leave_out: Sequence[str] = (),
     mesh_inputs: MeshInputs | None = None,
+    cpus: int = 2,
 ) -> PhaseResult:
     token = token or str(uuid.uuid4())
     if phase == "firstboot" and mesh_inputs is None:
@@ -972,6 +990,7 @@ def _phase(
                 progress,
                 network=network,
                 instance=None if mesh is None else mesh.node,
+                cpus=cpus,
             ) as vm:
                 boot_to_ssh = round(time.monotonic() - vm.started, 1)
                 progress(f"verify: {phase}: SSH answered after {boot_to_ssh:.0f}s")
@@ -1161,6 +1180,7 @@ def verify_image(
     allow_spec_drift: bool = False,
     leave_out: Sequence[str] = (),
     mesh_inputs: MeshInputs | None = None,
+    cpus: int | None = None,
 ) -> VerifyReport:
     """Boot ``image`` once per phase and run the checks; never raises for a failed check.
 
@@ -1168,7 +1188,8 @@ def verify_image(
     ``mesh_inputs``, the image's own Consul zip and Envoy, whose server mints the
     tokens the first boot delivers. ``token`` is the token phase baked searches for
     (a fresh random one by default). ``leave_out`` names checks not to run (the
-    broken-image tests leave out the reboot, which the good images prove).
+    broken-image tests leave out the reboot, which the good images prove). ``cpus``:
+    the VM's vCPUs, by default :func:`vm_cpus` for one VM at a time.
     """
     if not image.is_file():
         raise UserError(f"{image}: no such image")
@@ -1179,7 +1200,17 @@ def verify_image(
     check_spec_drift(image, loaded, allow=allow_spec_drift)
     boundary.own_folder(report_folder(image), "folder of verify's logs")
     results = [
-        _phase(image, loaded, phase, accelerator, progress, token, leave_out, mesh_inputs)
+        _phase(
+            image,
+            loaded,
+            phase,
+            accelerator,
+            progress,
+            token,
+            leave_out,
+            mesh_inputs,
+            cpus or vm_cpus(),
+        )
         for phase in phases
     ]
     return VerifyReport(loaded.spec.name, tuple(results))

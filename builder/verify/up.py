@@ -164,6 +164,7 @@ def up(
                     progress,
                     network=network,
                     instance=node,
+                    cpus=runner.vm_cpus(len(images)),
                 )
             )
             assert vm.address is not None

@@ -23,6 +23,7 @@ from builder.bake.base import BaseImage
 from builder.bake.run import BuildOptions, BuildResult, build_image
 from builder.cli.main import mesh_inputs
 from builder.verify.localmesh import MeshInputs
+from builder.verify.runner import vm_cpus
 from tests.fixtures.plugin import CONSUL_ZIP_ENV, ZIP_NAME_RE, ReleaseFor
 from tests.paths import REPO
 
@@ -39,6 +40,8 @@ EXAMPLES = ("web", "api")
 #: against 269 s). In a full run the broken copies averaged 176 s each, against 226 s
 #: one at a time; the two good verifies beside api's bake gained nothing.
 VMS_AT_ONCE = max(1, min(4, os.cpu_count() or 1))
+#: Their vCPUs each: their share of the cores (one each here), not two each.
+VM_CPUS = vm_cpus(VMS_AT_ONCE)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -21,7 +21,7 @@ from builder.bake.run import BuildResult, build_image
 from builder.digest import sha256_file
 from builder.verify.runner import VerifyReport, verify_image
 
-from .conftest import EXAMPLES, Example, mesh_for, selected_params
+from .conftest import EXAMPLES, VM_CPUS, Example, mesh_for, selected_params
 
 
 @pytest.fixture(scope="module", params=EXAMPLES)
@@ -87,6 +87,7 @@ def reports(
             example.built.output,
             spec=example.spec,
             mesh_inputs=mesh_for(example.built.output, example.options),
+            cpus=VM_CPUS,
         )
     return started
 

@@ -81,7 +81,7 @@ import pytest
 from builder.verify import runner as verify
 from builder.verify.localmesh import MeshInputs
 
-from .conftest import Example, mesh_for, selected_params
+from .conftest import VM_CPUS, Example, mesh_for, selected_params
 
 pytestmark = [pytest.mark.image, pytest.mark.root]
 
@@ -653,6 +653,7 @@ def break_reports(
                 phases=("baked",),
                 progress=lambda m: None,
                 token=str(TOKEN),
+                cpus=VM_CPUS,
             )
         image = edited_copy(raw, folder, FIRSTBOOT_BREAKS[name][0])
         return verify.verify_image(
@@ -662,6 +663,7 @@ def break_reports(
             progress=lambda m: None,
             leave_out=LEFT_OUT,
             mesh_inputs=example.mesh,
+            cpus=VM_CPUS,
         )
 
     return {name: vm_pool.submit(verify_copy, name) for name in names}
