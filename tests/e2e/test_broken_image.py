@@ -21,11 +21,7 @@ examples (web: nftables; api: iptables, failing closed):
   IP leads nowhere;
 - ``fenced_sidecar``: the sidecar's unit may not use the network (``IPAddressDeny=any``),
   so its redirect cannot ask the agent and it never comes up; verify stops waiting for it
-  once consul has been active a while, and the checks that need it fail at once.
-
-On web only (nothing in them depends on the redirect's backend):
-
-- ``app_not_listening``: the app runs but listens nowhere;
+  once consul has been active a while, and the checks that need it fail at once;
 - ``dns_broken``: resolved no longer sends ``*.consul`` to the agent (its drop-in is
   gone);
 - ``dns_token_missing``: the agent starts without the DNS token first boot delivered (a
@@ -36,6 +32,8 @@ On web only (nothing in them depends on the redirect's backend):
   from outside reaches the app, a mesh client's TLS is not terminated, intentions are
   not enforced, and no upstream is reachable by its virtual name.
 
+On web only: ``app_not_listening``, the app runs but listens nowhere.
+
 On api only (their scripts' iptables branch):
 
 - ``no_uid_exclusion``: the redirect loses its proxy-uid exclusion (Envoy's own
@@ -45,9 +43,8 @@ On api only (their scripts' iptables branch):
 
 The breaks that edit the rules (the bypasses, ``no_uid_exclusion``,
 ``inbound_port_wrong``) also fail the check of Consul's rules: it names what Consul's
-redirect never installs. Every copy costs a boot (about 3.5 minutes two at a time on 2
-cores), so the suite's 60 minutes hold the breaks whose mechanism depends on the image's
-backend on both examples, and the others once. A sidecar that never comes up is proved on
+redirect never installs. Every copy costs a boot (about 3 minutes two at a time on 2
+cores, one vCPU each). A sidecar that never comes up is proved on
 both by the fenced sidecar (a missing ``/usr/bin/envoy``, a copy of its own before,
 failed a subset of its checks: all but the app's start order).
 
@@ -69,15 +66,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from builder.render import paths
 from builder.verify import runner as verify
 from builder.verify.localmesh import MeshInputs
 
@@ -379,69 +379,74 @@ def app_listens_nowhere(root: Path) -> None:
 
 #: A hand-rolled sidecar: Envoy relays plain TCP from the public port to the app, as the
 #: double's Envoy did before verify had a mesh. Outbound passes through.
-RELAY = {
-    "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 19000}}},
-    "static_resources": {
-        "listeners": [
-            {
-                "name": "public_listener",
-                "address": {"socket_address": {"address": "0.0.0.0", "port_value": 21000}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.tcp_proxy",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network"
-                        ".tcp_proxy.v3.TcpProxy",
-                        "stat_prefix": "public_listener",
-                        "cluster": "local_app",
-                    },
-                }]}],
-            },
-            {
-                "name": "outbound_listener",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
-                "listener_filters": [{
-                    "name": "envoy.filters.listener.original_dst",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.listener"
-                        ".original_dst.v3.OriginalDst"
-                    },
-                }],
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.tcp_proxy",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network"
-                        ".tcp_proxy.v3.TcpProxy",
-                        "stat_prefix": "upstream.original-destination",
-                        "cluster": "original-destination",
-                    },
-                }]}],
-            },
-        ],
-        "clusters": [
-            {
-                "name": "local_app",
-                "type": "STATIC",
-                "connect_timeout": "5s",
-                "load_assignment": {"cluster_name": "local_app", "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {
-                        "address": "127.0.0.1", "port_value": 8080}}}}
-                ]}]},
-            },
-            {
-                "name": "original-destination",
-                "type": "ORIGINAL_DST",
-                "lb_policy": "CLUSTER_PROVIDED",
-                "connect_timeout": "5s",
-            },
-        ],
-    },
-}  # fmt: skip
+def relay(app_port: int) -> dict[str, Any]:
+    """A plain-TCP relay: the public listener forwards to the app on ``app_port``."""
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 19000}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "public_listener",
+                    "address": {"socket_address": {"address": "0.0.0.0", "port_value": 21000}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.tcp_proxy",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                            ".tcp_proxy.v3.TcpProxy",
+                            "stat_prefix": "public_listener",
+                            "cluster": "local_app",
+                        },
+                    }]}],
+                },
+                {
+                    "name": "outbound_listener",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+                    "listener_filters": [{
+                        "name": "envoy.filters.listener.original_dst",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.listener"
+                            ".original_dst.v3.OriginalDst"
+                        },
+                    }],
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.tcp_proxy",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                            ".tcp_proxy.v3.TcpProxy",
+                            "stat_prefix": "upstream.original-destination",
+                            "cluster": "original-destination",
+                        },
+                    }]}],
+                },
+            ],
+            "clusters": [
+                {
+                    "name": "local_app",
+                    "type": "STATIC",
+                    "connect_timeout": "5s",
+                    "load_assignment": {"cluster_name": "local_app", "endpoints": [
+                        {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                            "address": "127.0.0.1", "port_value": app_port}}}}]}
+                    ]},
+                },
+                {
+                    "name": "original-destination",
+                    "type": "ORIGINAL_DST",
+                    "lb_policy": "CLUSTER_PROVIDED",
+                    "connect_timeout": "5s",
+                },
+            ],
+        },
+    }  # fmt: skip
 
 
 def relay_sidecar(root: Path) -> None:
     """The sidecar runs Envoy with the plain relay above instead of what Consul gives it
     (the redirect still runs first, from the unit's own ExecStartPre)."""
-    write_into(root, "/etc/envoy/relay.json", json.dumps(RELAY))
+    env = (root / paths.MESH_ENV.lstrip("/")).read_text()
+    port = re.search(r"^MESHBAKE_SERVICE_PORT=(\d+)$", env, re.MULTILINE)
+    assert port, f"no MESHBAKE_SERVICE_PORT in the image's {paths.MESH_ENV}"
+    write_into(root, "/etc/envoy/relay.json", json.dumps(relay(int(port.group(1)))))
     write_into(
         root,
         SIDECAR_DROPIN,
@@ -580,8 +585,8 @@ WEB_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, str]]] =
     ),
 }
 
-#: api (iptables, failing closed): the breaks whose scripts take the iptables branch, and
-#: the fenced sidecar, whose fail-closed guard must keep inbound shut while it is down.
+#: api (iptables, failing closed, Consul 2.0, one shared token): every break of web but the
+#: app that does not listen, and the two whose scripts only have an iptables branch.
 API_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, str]]] = {
     name: WEB_BREAKS[name]
     for name in (
@@ -590,11 +595,14 @@ API_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, str]]] =
         "redirect_bypass",
         "outbound_bypass",
         "fenced_sidecar",
+        "dns_broken",
+        "dns_token_missing",
+        "relay",
     )
 }
 
 #: "<image>/<break>" -> (edit, must fail, words). The web image carries the breaks that
-#: need no iptables branch; both carry the bypasses and the fenced sidecar.
+#: need no iptables branch; api all but the app that does not listen.
 FIRSTBOOT_BREAKS = {
     **{
         f"web/{n}": b
