@@ -482,7 +482,7 @@ class QemuBuild:
             "base_checksum": "none",  # checked above, and Packer copies it anyway
             "output_directory": str(output_dir),
             "accelerator": accel.value,
-            "cpu_model": cpu_model(accel),
+            "cpu_model": cpu_model(accel, arch),
             "ssh_private_key_file": str(key_file),
             "manifest": str(work / "packer-manifest.json"),
             "serial_log": str(serial_log),

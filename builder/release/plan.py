@@ -20,8 +20,8 @@ from pathlib import Path
 
 from builder.bake.arch import DEFAULT, target_arches
 from builder.errors import UserError
+from builder.render.hcl import manifest_name, qcow2_name
 from builder.spec import boundary
-from builder.render.hcl import manifest_name
 from builder.spec.model import Arch, load_spec
 
 #: The targets in the order jobs are listed.
@@ -43,6 +43,9 @@ class Job:
     out: str
     command: list[str] | None
     built_by: str
+    #: A qemu job's qcow2 (``<out>/<name>.qcow2``, ``<out>/<name>-arm64.qcow2``); None
+    #: for AMIs.
+    output: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -81,6 +84,11 @@ def plan(specs: Sequence[Path]) -> list[Job]:
                             out=out,
                             command=command if job_id == home else None,
                             built_by=home,
+                            output=(
+                                f"{out}/{qcow2_name(spec, Arch(arch))}"
+                                if target == "qemu"
+                                else None
+                            ),
                         )
                     )
     seen: dict[str, str] = {}

@@ -52,6 +52,8 @@ class QemuMachine:
     firmware: Firmware | None
     #: ``uname -m`` of a host that runs this architecture natively.
     uname: str
+    #: ``-cpu`` under TCG: everything qemu emulates.
+    tcg_cpu: str = "max"
 
 
 MACHINES: dict[Arch, QemuMachine] = {
@@ -78,6 +80,9 @@ MACHINES: dict[Arch, QemuMachine] = {
             package="qemu-efi-aarch64",
         ),
         uname="aarch64",
+        # Pointer authentication's architected hash (QARMA) is slow to emulate, and
+        # Debian's arm64 kernel and userland use it everywhere; the guest cannot tell.
+        tcg_cpu="max,pauth-impdef=on",
     ),
 }
 
@@ -126,13 +131,13 @@ def choose_accelerator(choice: Accelerator, arch: Arch = Arch.AMD64) -> Accelera
     return choice
 
 
-def cpu_model(accel: Accelerator) -> str:
-    """``-cpu``: the host's with KVM, else everything TCG emulates (``max``).
+def cpu_model(accel: Accelerator, arch: Arch = Arch.AMD64) -> str:
+    """``-cpu``: the host's with KVM, else the machine's TCG model.
 
-    >>> cpu_model(Accelerator.TCG)
-    'max'
+    >>> cpu_model(Accelerator.TCG), cpu_model(Accelerator.TCG, Arch.ARM64)
+    ('max', 'max,pauth-impdef=on')
     """
-    return "host" if accel is Accelerator.KVM else "max"
+    return "host" if accel is Accelerator.KVM else machine_for(arch).tcg_cpu
 
 
 def check_tools(arch: Arch) -> QemuMachine:
@@ -202,7 +207,7 @@ def accel_args(facts: QemuMachine, accel: Accelerator, vars_file: Path | None) -
     ['qemu-system-aarch64', '-machine', 'virt,accel=tcg,pflash0=efi-code,pflash1=efi-vars']
     """
     machine = machine_args(facts, accel.value, vars_file) or ["-accel", accel.value]
-    return [facts.binary, *machine, "-cpu", cpu_model(accel)]
+    return [facts.binary, *machine, "-cpu", cpu_model(accel, facts.arch)]
 
 
 def patience(arch: Arch) -> float:

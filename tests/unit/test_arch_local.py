@@ -39,7 +39,7 @@ def _arm64(vars_value: str) -> list[str]:
         "-blockdev",
         f"node-name=efi-vars,driver=file,filename={vars_value}",
         "-cpu",
-        "max",
+        "max,pauth-impdef=on",
     ]
 
 

@@ -423,6 +423,10 @@ def test_plan_gives_each_local_architecture_its_job(tmp_path: Path) -> None:
         command = jobs[f"web-qemu-{arch}"]["command"]
         assert command[command.index("--arch") + 1] == arch
     assert jobs["web-qemu-amd64"]["out"] != jobs["web-qemu-arm64"]["out"]
+    # The CI examples verify the job's own qcow2, whose name carries the architecture.
+    for arch, name in (("amd64", "web.qcow2"), ("arm64", "web-arm64.qcow2")):
+        job = jobs[f"web-qemu-{arch}"]
+        assert job["output"] == f"{job['out']}/{name}"
 
 
 def test_plan_refuses_two_specs_of_one_image(
