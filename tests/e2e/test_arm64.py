@@ -4,8 +4,9 @@ machine, UEFI from Debian's AAVMF), with verify's local mesh running the host's 
 (amd64) Consul and Envoy of the same versions.
 
 It is left out of the default suite (``.ci/run``, ``tools/run-tests``): measured on
-this 2-core machine it costs far more than the suite's 60-minute budget allows (see
-``ARM64_COST``, from ``bench/results-arm64.json``). Select it with ``--arm64``:
+this 2-core machine it costs about 17 minutes (28 with the base), which the suite's
+60-minute budget has no room for (``ARM64_COST`` in conftest.py, the skip reason, from
+``bench/results-arm64.json``). Select it with ``--arm64``:
 
     sudo .venv/bin/python -m pytest tests/e2e/test_arm64.py --arm64
 
@@ -91,8 +92,6 @@ def test_arm64_bake_writes_its_own_qcow2_and_manifest(built: BuildResult) -> Non
         text=True,
     )
     assert json.loads(info.stdout)["format"] == "qcow2"
-    # No amd64 artifact was written by this build.
-    assert not (built.output.parent / "api.qcow2").exists() or built.status == "up-to-date"
 
 
 def test_arm64_envoy_in_the_mesh_is_the_hosts(built: BuildResult, options: BuildOptions) -> None:
