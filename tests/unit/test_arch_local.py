@@ -5,6 +5,7 @@ verify's mesh inputs for an image this host cannot run itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -280,3 +281,78 @@ def test_the_rendered_api_context_names_both_sources(tmp_path: Path) -> None:
     assert yaml.safe_load((REPO / "images" / "api.yaml").read_text())["targets"]["qemu"][
         "arch"
     ] == ["amd64", "arm64"]
+
+
+def test_a_foreign_base_without_qemu_user_names_the_packages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where binfmt_misc has no qemu-user entry for the architecture, the base build
+    stops in one line before anything is made."""
+    facts = dataclasses.replace(qemu.machine_for(Arch.ARM64), uname="meshbake-no-such-machine")
+    monkeypatch.setattr(base, "host_arch", lambda: Arch.AMD64)
+    monkeypatch.setattr(base, "machine_for", lambda arch: facts)
+    with pytest.raises(UserError) as caught:
+        base._check_foreign_exec(Arch.ARM64)
+    message = str(caught.value)
+    assert "qemu-meshbake-no-such-machine is not enabled" in message
+    assert "apt-get install qemu-user-static binfmt-support" in message
+    # On the architecture's own host nothing is asked of binfmt_misc.
+    monkeypatch.setattr(base, "host_arch", lambda: Arch.ARM64)
+    base._check_foreign_exec(Arch.ARM64)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "want"),
+    [
+        (None, Arch.ARM64),  # no manifest: the file name says
+        ({"arch": "arm64"}, Arch.ARM64),
+        ({"arch": "amd64"}, Arch.AMD64),  # the manifest has the last word
+    ],
+)
+def test_verify_boots_the_architecture_the_manifest_records(
+    tmp_path: Path, manifest: dict[str, str] | None, want: Arch
+) -> None:
+    from builder.verify.runner import image_arch
+
+    image = tmp_path / "api-arm64.qcow2"
+    image.write_bytes(b"")
+    if manifest is not None:
+        (tmp_path / "manifest-arm64.json").write_text(json.dumps(manifest))
+    assert image_arch(image) is want
+
+
+def test_verify_refuses_a_manifest_naming_no_architecture_in_one_line(tmp_path: Path) -> None:
+    from builder.verify.runner import image_arch
+
+    image = tmp_path / "api-arm64.qcow2"
+    image.write_bytes(b"")
+    (tmp_path / "manifest-arm64.json").write_text(json.dumps({"arch": "riscv64\n"}))
+    with pytest.raises(UserError) as caught:
+        image_arch(image)
+    assert str(caught.value).startswith(f"{tmp_path / 'manifest-arm64.json'}: arch: ")
+    assert "is not amd64 or arm64" in str(caught.value)
+
+
+def test_an_arm64_bake_goes_on_without_the_hosts_mesh_binaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host's Consul and Envoy are verify's, not the image's: when they cannot be
+    had (a user's --consul-zip, no mirror), the bake says so and goes on."""
+    from builder.bake import run as build
+
+    def unavailable(run: build.BuildRun, arch: Arch, *, for_host: bool = False) -> list[object]:
+        assert for_host and arch is Arch.AMD64
+        raise UserError("consul 2.0.0: no route to releases.hashicorp.com")
+
+    said: list[str] = []
+    monkeypatch.setattr(build, "host_arch", lambda: Arch.AMD64)
+    monkeypatch.setattr(build, "_fetch_artifacts", unavailable)
+    loaded = load_spec(REPO / "images" / "api.yaml")
+    run = build.BuildRun(loaded, build.BuildOptions(), tmp_path, tmp_path, said.append)
+    assert build.QemuBuild()._mesh_artifacts(run, Arch.ARM64) is None
+    assert said == [
+        "api: warning: no amd64 Consul and Envoy for verify's local mesh (consul 2.0.0: no"
+        " route to releases.hashicorp.com); verify will need --consul-zip and --envoy"
+    ]
+    # An image of the host's own architecture needs none.
+    assert build.QemuBuild()._mesh_artifacts(run, Arch.AMD64) is None
