@@ -4,9 +4,9 @@ machine, UEFI from Debian's AAVMF), with verify's local mesh running the host's 
 (amd64) Consul and Envoy of the same versions.
 
 It is left out of the default suite (``.ci/run``, ``tools/run-tests``): measured on
-this 2-core machine it costs about 17 minutes (28 with the base), which the suite's
-60-minute budget has no room for (``ARM64_COST`` in conftest.py, the skip reason, from
-``bench/results-arm64.json``). Select it with ``--arm64``:
+this 2-core machine it took 13 min 43 s with the base cached (about 10 min more to
+build the base), which the suite's 60-minute budget has no room for (``ARM64_COST`` in
+conftest.py, the skip reason). Select it with ``--arm64``:
 
     sudo .venv/bin/python -m pytest tests/e2e/test_arm64.py --arm64
 
