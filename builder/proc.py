@@ -31,6 +31,10 @@ StrPath = str | os.PathLike[str]
 DEBIAN_PACKAGES: Mapping[str, str] = {
     "packer": "packer",
     "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-system-aarch64": "qemu-system-arm",
+    "mkfs.vfat": "dosfstools",
+    "mmd": "mtools",
+    "mcopy": "mtools",
     "qemu-img": "qemu-utils",
     "mmdebstrap": "mmdebstrap",
     "cloud-init": "cloud-init",

@@ -26,6 +26,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="rewrite tests/golden/<name>/ from the current renderers instead of comparing",
     )
+    parser.addoption(
+        "--arm64",
+        action="store_true",
+        default=False,
+        help="also run the tests marked arm64: the local arm64 bake and verify (TCG, slow)",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -38,11 +38,17 @@ from builder.digest import sha256_file
 from builder.errors import CommandError, MeshbakeError, UserError, reason
 from builder.progress import Progress, to_stderr
 from builder.render.context import BakeFolder, render_context, write_seed
-from builder.render.hcl import aws_source_name, aws_sources
+from builder.render.hcl import (
+    aws_source_name,
+    aws_sources,
+    manifest_name,
+    qcow2_name,
+    qemu_sources,
+)
 from builder.spec import boundary
 from builder.spec.model import Accelerator, Arch, LoadedSpec, load_spec
 from builder.tools.packer import MachineEvent, Packer
-from builder.tools.qemu import choose_accelerator
+from builder.tools.qemu import check_tools, choose_accelerator, cpu_model, host_arch
 
 
 @dataclass(frozen=True)
@@ -120,9 +126,17 @@ class BuildResult:
     seconds: float = 0.0
     #: ``build --target aws --dry-run``: the plan, for the caller to show.
     plan: str | None = None
+    #: qemu: every architecture's qcow2, ``output`` first (one per ``targets.qemu.arch``).
+    outputs: tuple[Path, ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdataclass(self).items()}
+        found: dict[str, object] = {}
+        for key, value in asdataclass(self).items():
+            if isinstance(value, tuple):
+                found[key] = [str(v) for v in value]
+            else:
+                found[key] = str(value) if isinstance(value, Path) else value
+        return found
 
 
 class BuildFailed(UserError):
@@ -140,18 +154,25 @@ class Target(Protocol):
 # --- shared steps ----------------------------------------------------------------------
 
 
-def _fetch_artifacts(run: BuildRun, arch: Arch) -> list[artifacts.Artifact]:
-    """Consul and Envoy for ``arch``, verified (see ``builder.bake.artifacts``)."""
+def _fetch_artifacts(
+    run: BuildRun, arch: Arch, *, for_host: bool = False
+) -> list[artifacts.Artifact]:
+    """Consul and Envoy for ``arch``, verified (see ``builder.bake.artifacts``).
+
+    ``for_host``: the same versions for verify's local mesh on this machine, which runs
+    them itself (never the given ``--consul-zip``, which is the image's)."""
     spec = run.loaded.spec
     options = run.options
     what = f"Consul {spec.consul.version} and Envoy {spec.envoy.version} ({arch.value})"
-    with run.stage("download", what):
+    if for_host:
+        what += " for verify's local mesh on this host"
+    with run.stage("download-host" if for_host else "download", what):
         consul = artifacts.fetch_consul(
             spec.consul.version,
             run.cache,
             mirror=options.consul_mirror or spec.consul.source.mirror,
             key=options.consul_key,
-            zip_override=options.consul_zip,
+            zip_override=None if for_host else options.consul_zip,
             arch=arch.value,
             progress=run.progress,
         )
@@ -178,17 +199,24 @@ def tree_digest(*roots: Path) -> str:
 
 
 def content_key(
-    run: BuildRun, ctx: BakeFolder, arts: Sequence[artifacts.Artifact], base_id: str
+    run: BuildRun,
+    ctx: BakeFolder,
+    arts: Sequence[artifacts.Artifact],
+    base_id: str,
+    arch: Arch = Arch.AMD64,
 ) -> str:
     """Changes when anything that ends up in the image changes: the rendered context
-    (template, configs, units, scripts), the artifacts, the base and meshbake itself."""
-    parts = {
+    (template, configs, units, scripts), the artifacts, the base and meshbake itself
+    (and the architecture, for all but amd64, whose keys stay what they were)."""
+    parts: dict[str, object] = {
         "target": run.options.target,
         "context": tree_digest(ctx.packer_dir, ctx.stage_dir),
         "artifacts": sorted(a.sha256 for a in arts),
         "base": base_id,
         "meshbake": __version__,
     }
+    if arch is not Arch.AMD64:
+        parts["arch"] = arch.value
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -248,47 +276,70 @@ class QemuBuild:
     name = "qemu"
 
     def build(self, run: BuildRun) -> BuildResult:
+        """One qcow2 per architecture, one after the other (a machine this size runs one
+        build VM at a time), each with its own manifest; one result for them all."""
         spec = run.loaded.spec
-        qemu = spec.targets.qemu
-        if qemu is None:
+        if spec.targets.qemu is None:
             raise UserError(
                 f"{run.loaded.path}: targets.qemu is not set; the spec has no qemu target"
             )
-        packer = Packer()
         started = time.monotonic()
         arches = run.arches()
-        if len(arches) != 1:  # the model lets qemu list only what it bakes today: amd64
-            raise UserError(f"{run.loaded.path}: targets.qemu.arch: give --arch, one of them")
-        arch = arches[0]
+        for arch in arches:  # before anything is fetched or built: one line, not a traceback
+            check_tools(arch)
+        results = [self._build_arch(run, arch, started) for arch in arches]
+        first = results[0]
+        built = any(r.status == "built" for r in results)
+        return BuildResult(
+            first.image,
+            first.spec,
+            "built" if built else first.status,
+            first.output,
+            first.manifest,
+            log=first.log,
+            seconds=round(time.monotonic() - started, 1),
+            outputs=tuple(r.output for r in results if r.output is not None),
+        )
+
+    def _build_arch(self, run: BuildRun, arch: Arch, started: float) -> BuildResult:
+        spec = run.loaded.spec
+        qemu = spec.targets.qemu
+        assert qemu is not None
+        packer = Packer()
         arts = _fetch_artifacts(run, arch)
-        base_id, base_ref = self._base_ref(run)
+        mesh_arts = self._mesh_artifacts(run, arch)
+        base_id, base_ref = self._base_ref(run, arch)
         boundary.own_folder(run.out_dir, "build folder")
-        manifest_path = run.out_dir / "manifest.json"
+        manifest_path = run.out_dir / manifest_name(arch)
         work = Path(tempfile.mkdtemp(prefix=".work-", dir=run.out_dir))
         try:
             with run.stage("render", "bake context"):
                 ctx = render_context(run.loaded, work / "context", packer=packer)
-            key = content_key(run, ctx, arts, base_id)
+            key = content_key(run, ctx, arts, base_id, arch)
             if not run.options.force and _up_to_date(manifest_path, key) is not None:
-                run.progress(f"{spec.name}: up to date (content key {key[:12]}); nothing to do")
+                run.progress(
+                    f"{spec.name}: {arch.value}: up to date (content key {key[:12]}); nothing to do"
+                )
                 return BuildResult(
                     spec.name,
                     run.loaded.path,
                     "up-to-date",
-                    run.out_dir / f"{spec.name}.qcow2",
+                    run.out_dir / qcow2_name(spec, arch),
                     manifest_path,
                 )
             # The seed gets the build key before the gates, so they check what boots.
             key_file = self._build_key(run, ctx, work)
             _validate(run, packer, ctx, work)
-            base_path, base_sha = self._base(run, base_ref)
-            accel = choose_accelerator(run.options.accelerator or qemu.accelerator)
+            base_path, base_sha = self._base(run, base_ref, arch)
+            accel = choose_accelerator(run.options.accelerator or qemu.accelerator, arch)
             log_dir = run.out_dir / "logs"
             log_dir.mkdir(exist_ok=True)
-            log = log_dir / "packer.log"
+            log = log_dir / f"packer{_log_suffix(arch)}.log"
             artifacts.stage(arts, ctx.stage_dir / "artifacts")
-            output = self._packer_build(run, packer, ctx, work, log, key_file, base_path, accel)
-            final = run.out_dir / f"{spec.name}.qcow2"
+            output = self._packer_build(
+                run, packer, ctx, work, log, key_file, base_path, accel, arch
+            )
+            final = run.out_dir / qcow2_name(spec, arch)
             digest = sha256_file(output)
             manifest = {
                 "image": spec.name,
@@ -308,6 +359,7 @@ class QemuBuild:
                 },
                 "base": {"id": base_id, "path": str(base_path), "sha256": base_sha},
                 "arch": arch.value,
+                "machine": self._machine_record(arch),
                 # Ancestry: what this build was baked on (release channels show it).
                 "parent": {"kind": "base-image", "id": f"sha256:{base_sha}"},
                 "accelerator": accel.value,
@@ -315,6 +367,16 @@ class QemuBuild:
                 "output": {"path": final.name, "sha256": digest, "size": output.stat().st_size},
                 "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
+            if mesh_arts:
+                # verify's local mesh runs these on the host: an image of another
+                # architecture has its own Consul and Envoy, which this host cannot run.
+                manifest["mesh_artifacts"] = {
+                    "arch": mesh_arts[0].value,
+                    "artifacts": [
+                        {"name": a.name, "version": a.version, "sha256": a.sha256}
+                        for a in mesh_arts[1]
+                    ],
+                }
             # The image goes into place first, then the manifest that vouches for it.
             manifest_path.unlink(missing_ok=True)
             output.replace(final)
@@ -333,13 +395,48 @@ class QemuBuild:
             seconds=round(time.monotonic() - started, 1),
         )
 
-    def _base_ref(self, run: BuildRun) -> tuple[str, Path | None]:
+    def _mesh_artifacts(
+        self, run: BuildRun, arch: Arch
+    ) -> tuple[Arch, list[artifacts.Artifact]] | None:
+        """The host's own Consul and Envoy of the image's versions, when the image is of
+        another architecture (verify's mesh server and upstreams run on the host)."""
+        host = host_arch()
+        if host is None or host is arch:
+            return None
+        try:
+            return host, _fetch_artifacts(run, host, for_host=True)
+        except UserError as exc:
+            # Not the image's own: the bake goes on, and verify asks for them instead.
+            run.progress(
+                f"{run.loaded.spec.name}: warning: no {host.value} Consul and Envoy for"
+                f" verify's local mesh ({exc}); verify will need --consul-zip and --envoy"
+            )
+            return None
+
+    @staticmethod
+    def _machine_record(arch: Arch) -> dict[str, str]:
+        """How the image boots, for whoever boots it next (verify reads ``arch``)."""
+        facts = check_tools(arch)
+        return {
+            "qemu": facts.binary,
+            "machine": facts.machine or "pc",
+            "firmware": "uefi" if facts.firmware is not None else "bios",
+            "console": facts.console,
+        }
+
+    def _base_ref(self, run: BuildRun, arch: Arch) -> tuple[str, Path | None]:
         """The base's identity without building it (so a no-op stays cheap)."""
         qemu = run.loaded.spec.targets.qemu
         assert qemu is not None
         ref = qemu.base_image
         if ref is None:
-            return f"meshbake-base:{base.base_key()}", None
+            return f"meshbake-base:{base.base_key(arch=arch)}", None
+        if len(qemu.arch) > 1:
+            raise UserError(
+                f"{run.loaded.path}: targets.qemu.base_image: one base image cannot boot"
+                f" {', '.join(a.value for a in qemu.arch)}; leave it out (meshbake builds"
+                " a base per architecture) or list one architecture"
+            )
         if ref.url is not None:
             raise UserError(
                 f"{run.loaded.path}: targets.qemu.base_image.url: downloading bases is not"
@@ -351,7 +448,7 @@ class QemuBuild:
             raise UserError(f"{run.loaded.path}: targets.qemu.base_image.path: {path} not found")
         return f"file:{ref.sha256 or sha256_file(path)}", path
 
-    def _base(self, run: BuildRun, ref: Path | None) -> tuple[Path, str]:
+    def _base(self, run: BuildRun, ref: Path | None, arch: Arch) -> tuple[Path, str]:
         if ref is not None:
             with run.stage("base", f"checking {ref}"):
                 digest = sha256_file(ref)
@@ -359,8 +456,9 @@ class QemuBuild:
                 if want is not None and want != digest:
                     raise UserError(f"{ref}: sha256 is {digest}, the spec says {want}")
             return ref, digest
-        with run.stage("base", "Debian 12 base image (cached after the first build)"):
-            built = base.build_base(run.cache, progress=run.progress)
+        what = f"Debian 12 {arch.value} base image (cached after the first build)"
+        with run.stage("base", what):
+            built = base.build_base(run.cache, arch=arch, progress=run.progress)
         return built.path, built.sha256
 
     def _build_key(self, run: BuildRun, ctx: BakeFolder, work: Path) -> Path:
@@ -382,19 +480,27 @@ class QemuBuild:
         key_file: Path,
         base_path: Path,
         accel: Accelerator,
+        arch: Arch,
     ) -> Path:
         spec = run.loaded.spec
         output_dir = work / "output"  # Packer insists that it does not exist yet
+        serial_log = run.out_dir / "logs" / f"serial{_log_suffix(arch)}.log"
         variables = {
             "base_image": str(base_path),
             "base_checksum": "none",  # checked above, and Packer copies it anyway
             "output_directory": str(output_dir),
             "accelerator": accel.value,
-            "cpu_model": "host" if accel is Accelerator.KVM else "max",
+            "cpu_model": cpu_model(accel, arch),
             "ssh_private_key_file": str(key_file),
             "manifest": str(work / "packer-manifest.json"),
-            "serial_log": str(run.out_dir / "logs" / "serial.log"),
+            "serial_log": str(serial_log),
         }
+        firmware = check_tools(arch).firmware
+        if firmware is not None:
+            # The build VM's own UEFI variables, in the work folder that goes with it.
+            efi_vars = work / "efi-vars.fd"
+            shutil.copyfile(firmware.vars_template, efi_vars)
+            variables["efi_vars"] = str(efi_vars)
         seen: set[str] = set()
 
         def on_event(event: MachineEvent) -> None:
@@ -408,24 +514,30 @@ class QemuBuild:
             if "meshbake-bake:" in message:
                 run.progress(f"{spec.name}: {message.split('meshbake-bake:', 1)[1].strip()}")
 
-        with run.stage("bake", f"Packer qemu builder ({accel.value})"), packer_tmpdir() as tmp:
+        what = f"Packer qemu builder ({arch.value}, {accel.value})"
+        with run.stage("bake", what), packer_tmpdir() as tmp:
             result = packer.build(
                 ctx.packer_dir,
-                only=[f"qemu.{spec.name}"],
+                only=[qemu_sources(spec)[arch]],
                 variables=variables,
                 env={"TMPDIR": str(tmp), "PACKER_CACHE_DIR": str(work / "packer_cache")},
                 log_file=log,
                 on_event=on_event,
             )
-        image = output_dir / f"{spec.name}.qcow2"
+        image = output_dir / qcow2_name(spec, arch)
         if result.returncode != 0 or not image.is_file():
             reason = (result.errors[-1] if result.errors else "no image").strip()
             reason = reason.splitlines()[-1] if reason else "no image"
             raise BuildFailed(
                 f"{spec.name}: bake failed (packer exit {result.returncode}): {reason};"
-                f" see {log} and {run.out_dir / 'logs' / 'serial.log'}"
+                f" see {log} and {serial_log}"
             )
         return image
+
+
+def _log_suffix(arch: Arch) -> str:
+    """amd64's logs keep their names (``packer.log``); others carry the arch."""
+    return "" if arch is Arch.AMD64 else f"-{arch.value}"
 
 
 @contextmanager

@@ -34,9 +34,11 @@ from builder.cli.common import (
 )
 from builder.errors import Interrupted, UserError, reason
 from builder.render.context import render_context
+from builder.render.hcl import manifest_name, qcow2_arch
 from builder.spec import boundary
 from builder.spec.model import Accelerator, Arch
 from builder.tools.packer import Packer
+from builder.tools.qemu import host_arch
 from builder.verify.localmesh import MeshInputs
 
 # --- subcommands ---------------------------------------------------------------------
@@ -87,7 +89,7 @@ def cmd_userdata(args: argparse.Namespace) -> int:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    built = base.build_base(args.cache, progress=progress)
+    built = base.build_base(args.cache, arch=Arch(args.arch), progress=progress)
     state = "reused from the cache" if built.reused else "built"
     print(f"{built.path}\t{state}\tsha256:{built.sha256}")
     return 0
@@ -134,6 +136,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(build.summary_table(results))
     else:
         for r in results:
+            if len(r.outputs) > 1:  # a qcow2 per architecture
+                print("\n".join(map(str, r.outputs)))
+                continue
             print(r.plan or r.output or r.manifest or r.status, end="" if r.plan else "\n")
     return 0 if all(r.status != "failed" for r in results) else 1
 
@@ -151,17 +156,29 @@ def mesh_inputs(
                 raise UserError(f"{given}: {what}: {reason(exc)}") from None
     if consul_zip is not None and envoy is not None:
         return MeshInputs(consul_zip, envoy)
-    manifest_path = image.parent / "manifest.json"
+    manifest_path = image.parent / manifest_name(qcow2_arch(image.name))
     if not manifest_path.is_file():
         raise UserError(
-            f"{image}: no manifest.json beside it names its Consul and Envoy;"
+            f"{image}: no {manifest_path.name} beside it names its Consul and Envoy;"
             " give --consul-zip and --envoy for verify's local mesh"
         )
     manifest = boundary.read_json_object(manifest_path, "build manifest")
+    entries = manifest.get("artifacts")
+    # The mesh runs on this host: an image of another architecture recorded the host's
+    # build of its Consul and Envoy beside its own.
+    host = host_arch()
+    if manifest.get("arch", Arch.AMD64.value) != (host.value if host else None):
+        mesh = manifest.get("mesh_artifacts")
+        recorded = mesh.get("arch") if isinstance(mesh, dict) else None
+        if not isinstance(mesh, dict) or host is None or recorded != host.value:
+            raise UserError(
+                f"{manifest_path}: the image is {manifest.get('arch')}, and no Consul and"
+                f" Envoy for this host ({host.value if host else os.uname().machine}) are"
+                " recorded for verify's local mesh; give --consul-zip and --envoy"
+            )
+        entries = mesh.get("artifacts")
     digests = {
-        entry.get("name"): entry.get("sha256")
-        for entry in manifest.get("artifacts") or []
-        if isinstance(entry, dict)
+        entry.get("name"): entry.get("sha256") for entry in entries or [] if isinstance(entry, dict)
     }
     root = cache or base.default_cache_dir()
 
@@ -236,6 +253,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     images = [up_image(value) for value in args.images]
     loaded = []
     for image in images:
+        if runner.image_arch(image) is not Arch.AMD64:
+            # up boots each image with its Consul beside it; only amd64 is wired so far.
+            raise UserError(f"{image}: meshbake up runs amd64 images only; verify boots arm64")
         spec = runner.spec_for(image)
         one = load(spec)
         runner.check_spec_drift(image, one)
@@ -294,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("base", help="build (or reuse) the cached Debian 12 base qcow2")
     p.add_argument("--cache", type=Path, help="cache folder (default: /var/cache/meshbake)")
+    p.add_argument(
+        "--arch",
+        choices=[a.value for a in Arch],
+        default=Arch.AMD64.value,
+        help="the base's architecture (arm64: through qemu-user, about 9 minutes here)",
+    )
     p.set_defaults(handler=cmd_base)
 
     p = sub.add_parser("build", help="bake golden images from specs (qemu: a local qcow2)")

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from builder.bake.arch import DEFAULT, target_arches
 from builder.errors import UserError
+from builder.render.hcl import manifest_name, qcow2_name
 from builder.spec import boundary
-from builder.spec.model import load_spec
+from builder.spec.model import Arch, load_spec
 
 #: The targets in the order jobs are listed.
 TARGET_ORDER = ("qemu", "aws")
@@ -42,6 +43,9 @@ class Job:
     out: str
     command: list[str] | None
     built_by: str
+    #: A qemu job's qcow2 (``<out>/<name>.qcow2``, ``<out>/<name>-arm64.qcow2``); None
+    #: for AMIs.
+    output: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -80,6 +84,11 @@ def plan(specs: Sequence[Path]) -> list[Job]:
                             out=out,
                             command=command if job_id == home else None,
                             built_by=home,
+                            output=(
+                                f"{out}/{qcow2_name(spec, Arch(arch))}"
+                                if target == "qemu"
+                                else None
+                            ),
                         )
                     )
     seen: dict[str, str] = {}
@@ -98,8 +107,17 @@ def plan(specs: Sequence[Path]) -> list[Job]:
 RECORD = "release.json"
 
 
-def _read_manifest(folder: Path) -> dict[str, object]:
-    path = folder / "manifest.json" if folder.is_dir() else folder
+def _read_manifests(folder: Path) -> list[dict[str, object]]:
+    """The manifests of a build folder (one per architecture's qcow2: ``manifest.json``,
+    ``manifest-arm64.json``), or the one manifest file given."""
+    if not folder.is_dir():
+        return [_read_manifest(folder)]
+    found = [folder / manifest_name(a) for a in Arch]
+    present = [p for p in found if p.exists() or p.is_symlink()]
+    return [_read_manifest(p) for p in present or found[:1]]
+
+
+def _read_manifest(path: Path) -> dict[str, object]:
     if not path.exists() and not path.is_symlink():
         raise UserError(f"{path}: no manifest here (did this job's build finish?)")
     data = boundary.read_json_object(path, "build manifest")
@@ -151,7 +169,10 @@ def collect(folders: Sequence[Path], out: Path) -> dict[str, object]:
         raise UserError("collect: give at least one build folder")
     builds: dict[str, dict[str, object]] = {}
     hashes: dict[str, tuple[str, str]] = {}
-    for manifest in (m for folder in folders for m in _per_arch(_read_manifest(folder))):
+    manifests = (
+        m for folder in folders for each in _read_manifests(folder) for m in _per_arch(each)
+    )
+    for manifest in manifests:
         where = str(manifest.pop("_path"))
         image, target = str(manifest["image"]), str(manifest["target"])
         arch = str(manifest.get("arch") or DEFAULT)

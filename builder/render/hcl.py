@@ -22,6 +22,7 @@ from builder import __version__
 from builder.render import escape, paths, tags
 from builder.spec.model import BUILD_USER, Arch, BaseDistro, ImageSpec, LoadedSpec
 from builder.tools.packer import PackerVersion
+from builder.tools.qemu import machine_args, machine_for
 
 STAGE_IN_VM = paths.BAKE_STAGE
 FINALIZE_IN_VM = paths.FINALIZE
@@ -57,15 +58,62 @@ def ami_name_pattern(base: BaseDistro, arch: Arch) -> str:
     return AMI_DEFAULTS[base][1].format(arch=arch.value)
 
 
-def aws_source_name(spec: ImageSpec, arch: Arch) -> str:
-    """The Packer source of ``arch``'s AMI: the image's name for amd64 (as before there
-    were several), ``<name>-<arch>`` for the others.
+def source_name(spec: ImageSpec, arch: Arch) -> str:
+    """The Packer source of ``arch``'s image (AMI or qcow2): the image's name for amd64
+    (as before there were several), ``<name>-<arch>`` for the others.
 
     >>> from builder.spec.model import load_spec
-    >>> aws_source_name(load_spec("images/web.yaml").spec, Arch.ARM64)
+    >>> source_name(load_spec("images/web.yaml").spec, Arch.ARM64)
     'web-arm64'
     """
-    return spec.name if arch is Arch.AMD64 else f"{spec.name}-{arch.value}"
+    return spec.name + arch_suffix(arch)
+
+
+def arch_suffix(arch: Arch) -> str:
+    """What names of ``arch``'s files and sources carry: nothing for amd64.
+
+    >>> arch_suffix(Arch.AMD64), arch_suffix(Arch.ARM64)
+    ('', '-arm64')
+    """
+    return "" if arch is Arch.AMD64 else f"-{arch.value}"
+
+
+#: An AMI's source is named as any other.
+aws_source_name = source_name
+
+
+def qcow2_name(spec: ImageSpec, arch: Arch) -> str:
+    """The file name of ``arch``'s qcow2 (``web.qcow2``, ``web-arm64.qcow2``)."""
+    return f"{source_name(spec, arch)}.qcow2"
+
+
+def manifest_name(arch: Arch) -> str:
+    """The build manifest of ``arch``'s qcow2, beside it in the build folder.
+
+    >>> manifest_name(Arch.AMD64), manifest_name(Arch.ARM64)
+    ('manifest.json', 'manifest-arm64.json')
+    """
+    return f"manifest{arch_suffix(arch)}.json"
+
+
+def qcow2_arch(image_name: str) -> Arch:
+    """The architecture a qcow2's file name says (``web-arm64.qcow2``: arm64); amd64
+    when it names none. The manifest beside the image has the last word.
+
+    >>> qcow2_arch("api-arm64.qcow2"), qcow2_arch("api.qcow2")
+    (<Arch.ARM64: 'arm64'>, <Arch.AMD64: 'amd64'>)
+    """
+    stem = image_name.removesuffix(".qcow2")
+    return next(
+        (a for a in Arch if a is not Arch.AMD64 and stem.endswith(arch_suffix(a))), Arch.AMD64
+    )
+
+
+def qemu_sources(spec: ImageSpec) -> dict[Arch, str]:
+    """Architecture -> Packer ``-only`` name of its qemu source (none without qemu)."""
+    if spec.targets.qemu is None:
+        return {}
+    return {a: f"qemu.{source_name(spec, a)}" for a in spec.targets.qemu.arch}
 
 
 def aws_sources(spec: ImageSpec) -> dict[Arch, str]:
@@ -109,14 +157,16 @@ def source_ref(kind: str, name: str) -> str:
 
 def enabled_sources(spec: ImageSpec) -> list[str]:
     """Packer ``-only`` names of the enabled targets, e.g. ``qemu.web``."""
-    names = []
-    if spec.targets.qemu is not None:
-        names.append(f"qemu.{spec.name}")
-    names.extend(aws_sources(spec).values())
-    return names
+    return [*qemu_sources(spec).values(), *aws_sources(spec).values()]
 
 
-def variables_file() -> str:
+def _uefi(spec: ImageSpec) -> bool:
+    """Whether one of the qemu sources boots UEFI firmware (and so needs its vars)."""
+    arches = spec.targets.qemu.arch if spec.targets.qemu is not None else ()
+    return any(machine_for(a).firmware is not None for a in arches)
+
+
+def variables_file(spec: ImageSpec | None = None) -> str:
     b = hcl2.Builder()
     variables: dict[str, tuple[str, str]] = {
         "base_image": ("", "Path or URL of the base qcow2 (qemu)."),
@@ -128,6 +178,8 @@ def variables_file() -> str:
         "manifest": ("packer-manifest.json", "Where the manifest post-processor writes."),
         "serial_log": ("serial.log", "The build VM's serial console log (qemu)."),
     }
+    if spec is not None and _uefi(spec):
+        variables["efi_vars"] = ("", "The build VM's own copy of its UEFI variables (qemu).")
     for name, (default, description) in variables.items():
         b.block(
             "variable", [q(name)], type="string", default=q(default), description=q(description)
@@ -153,20 +205,32 @@ def sources_file(loaded: LoadedSpec, packer: PackerVersion) -> str:
     spec = loaded.spec
     b = hcl2.Builder()
     if spec.targets.qemu is not None:
-        _qemu_source(b, spec)
+        for arch in spec.targets.qemu.arch:
+            _qemu_source(b, spec, arch)
     if spec.targets.aws is not None:
         for arch in spec.targets.aws.arches:
             _aws_source(b, loaded, packer, arch)
     return _dump(b)
 
 
-def _qemu_source(b: hcl2.Builder, spec: ImageSpec) -> None:
+def _qemu_source(b: hcl2.Builder, spec: ImageSpec, arch: Arch) -> None:
     qemu = spec.targets.qemu
     assert qemu is not None
+    facts = machine_for(arch)
     netdev = "user,id=user.0,hostfwd=tcp:127.0.0.1:{{ .SSHHostPort }}-:22"
+    # Other architectures than amd64 name their qemu, machine and firmware (from
+    # builder.tools.qemu); amd64 keeps Packer's defaults, as it always had.
+    machine: dict[str, Any] = {}
+    extra: list[list[str]] = []
+    if facts.machine is not None:
+        machine = {"qemu_binary": q(facts.binary), "machine_type": q(facts.machine)}
+        # Packer's own -machine is replaced (one flag, one value): the firmware is in it.
+        args = machine_args(facts, "${var.accelerator}", "${var.efi_vars}")
+        extra = [[q(flag), q(value)] for flag, value in zip(args[::2], args[1::2], strict=True)]
     b.block(
         "source",
-        [q("qemu"), q(spec.name)],
+        [q("qemu"), q(source_name(spec, arch))],
+        **machine,
         iso_url="var.base_image",
         iso_checksum="var.base_checksum",
         disk_image=True,
@@ -182,7 +246,7 @@ def _qemu_source(b: hcl2.Builder, spec: ImageSpec) -> None:
         headless=True,
         vnc_bind_address=q("127.0.0.1"),
         output_directory="var.output_directory",
-        vm_name=q(f"{spec.name}.qcow2"),
+        vm_name=q(qcow2_name(spec, arch)),
         cd_files=[
             q("${path.root}/../cloudinit/seed/user-data"),
             q("${path.root}/../cloudinit/seed/meta-data"),
@@ -201,6 +265,7 @@ def _qemu_source(b: hcl2.Builder, spec: ImageSpec) -> None:
             [q("-device"), q("virtio-net,netdev=user.0")],
             [q("-cpu"), "var.cpu_model"],
             [q("-serial"), q("file:${var.serial_log}")],
+            *extra,
         ],
     )
 
@@ -336,7 +401,7 @@ def build_file(loaded: LoadedSpec) -> str:
 def packer_files(loaded: LoadedSpec, packer: PackerVersion) -> dict[str, str]:
     """File name -> HCL text for ``DIR/packer/`` (not yet ``packer fmt``-ed)."""
     files = {
-        "variables.pkr.hcl": variables_file(),
+        "variables.pkr.hcl": variables_file(loaded.spec),
         "sources.pkr.hcl": sources_file(loaded, packer),
         "build.pkr.hcl": build_file(loaded),
     }

@@ -678,13 +678,15 @@ class QemuTarget(Model):
     accelerator: Accelerator = Accelerator.AUTO
     memory: Annotated[int, Field(ge=512, le=65536)] = 1024
     cpus: Annotated[int, Field(ge=1, le=64)] = 2
-    #: The architectures to bake qcow2 files for (only amd64 until the local arm64
-    #: bake lands: see ``LOCAL_ARCHES``).
+    #: The architectures to bake qcow2 files for (see ``LOCAL_ARCHES``): amd64 as
+    #: ``<name>.qcow2``, arm64 as ``<name>-arm64.qcow2`` (UEFI, under TCG on x86).
     arch: Arches = (Arch.AMD64,)
 
 
-#: The architectures the qemu target can bake on this machine today.
-LOCAL_ARCHES = frozenset({Arch.AMD64})
+#: The architectures the qemu target can bake. Whether this host has the qemu and the
+#: firmware an architecture boots with is checked when a build or verify needs them
+#: (``builder.tools.qemu.check_tools``), not in the spec.
+LOCAL_ARCHES = frozenset({Arch.AMD64, Arch.ARM64})
 
 
 class SourceAmi(Model):

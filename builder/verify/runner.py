@@ -41,9 +41,10 @@ from builder.errors import UserError
 from builder.mesh.localnet import LocalNetwork
 from builder.progress import Progress, to_stderr
 from builder.render import baked, cloudconfig
+from builder.render.hcl import arch_suffix, manifest_name, qcow2_arch
 from builder.spec import boundary
-from builder.spec.model import Accelerator, LoadedSpec, load_spec
-from builder.tools.qemu import choose_accelerator
+from builder.spec.model import Accelerator, Arch, LoadedSpec, load_spec
+from builder.tools.qemu import accel_args, check_tools, choose_accelerator, patience
 from builder.verify.imagetests import helpers
 from builder.verify.imagetests.helpers import (
     HTTP_PROBE,
@@ -466,9 +467,12 @@ def boot_vm(
     network: LocalNetwork | None = None,
     instance: str | None = None,
     cpus: int = 2,
+    arch: Arch = Arch.AMD64,
 ) -> Iterator[Vm]:
     """Boot ``image`` on an overlay in ``work`` and yield once SSH answers.
 
+    ``arch`` picks qemu, its machine and firmware (``builder.tools.qemu``); a UEFI guest
+    gets its own copy of the firmware's variables in ``work``, gone with it.
     ``user_data`` receives the ephemeral public key and returns the seed's user data.
     ``instance`` is the instance id and host name (thus Consul's node name), random by
     default. On qemu's user-mode network (the default), ``forwards`` maps more ports on
@@ -507,13 +511,14 @@ def boot_vm(
         port = network.forward(tap.lease.address.ip, 22)
         nic = tap.qemu_args
     serial = work / "serial.log"
-    accel = choose_accelerator(accelerator)
+    facts = check_tools(arch)
+    accel = choose_accelerator(accelerator, arch)
+    vars_file = None
+    if facts.firmware is not None:
+        vars_file = work / "efi-vars.fd"
+        shutil.copyfile(facts.firmware.vars_template, vars_file)
     argv: list[str | Path] = [
-        "qemu-system-x86_64",
-        "-accel",
-        accel.value,
-        "-cpu",
-        "host" if accel is Accelerator.KVM else "max",
+        *accel_args(facts, accel, vars_file),
         "-m",
         str(memory),
         "-smp",
@@ -530,7 +535,7 @@ def boot_vm(
         f"file={iso},media=cdrom,readonly=on",
         *nic,
     ]
-    progress(f"verify: booting {image.name} ({accel.value}, SSH on 127.0.0.1:{port})")
+    progress(f"verify: booting {image.name} ({arch.value}, {accel.value}, SSH on 127.0.0.1:{port})")
     started = time.monotonic()
     if network is None:
         qemu = proc.spawn(argv, log_file=work / "qemu.log")
@@ -539,7 +544,7 @@ def boot_vm(
     address = None if tap is None else str(tap.lease.address.ip)
     vm = Vm(port, key, started, serial, address)
     try:
-        _wait_ssh(vm, qemu, started + timeout)
+        _wait_ssh(vm, qemu, started + timeout * patience(arch))
         yield vm
     except BaseException:
         # Failed or interrupted (SIGINT, SIGTERM): no polite poweroff, the overlay is
@@ -913,8 +918,10 @@ def _phase(
     leave_out: Sequence[str] = (),
     mesh_inputs: MeshInputs | None = None,
     cpus: int = 2,
+    arch: Arch = Arch.AMD64,
 ) -> PhaseResult:
     token = token or str(uuid.uuid4())
+    slow = patience(arch)
     if phase == "firstboot" and mesh_inputs is None:
         raise UserError(
             "verify's first boot joins a local mesh made of the image's own Consul and"
@@ -991,6 +998,7 @@ def _phase(
                 network=network,
                 instance=None if mesh is None else mesh.node,
                 cpus=cpus,
+                arch=arch,
             ) as vm:
                 boot_to_ssh = round(time.monotonic() - vm.started, 1)
                 progress(f"verify: {phase}: SSH answered after {boot_to_ssh:.0f}s")
@@ -998,11 +1006,11 @@ def _phase(
                     vm,
                     "cloud-init status --wait >/dev/null; echo done",
                     "done",
-                    time.monotonic() + 300,
+                    time.monotonic() + 300 * slow,
                 )
                 down: list[str] = []
                 if probe is not None:
-                    down = wait_sidecar(vm, time.monotonic() + 240)
+                    down = wait_sidecar(vm, time.monotonic() + 240 * slow)
                     ready = not down
                     first_boot = round(time.monotonic() - vm.started, 1) if ready else None
                     progress(
@@ -1117,29 +1125,51 @@ def _keep_logs(work: Path, image: Path, phase: str, secrets: Sequence[str] = ())
     """Keep the serial console, the pytest log and the local mesh's logs (the server's,
     the upstreams' apps and Envoys') next to the image for a post-mortem, redacted."""
     logs = report_folder(image)
+    # Another architecture's qcow2 shares the folder: its logs carry its name.
+    arch = qcow2_arch(image.name)
     try:
         for path in sorted(work.glob("*.log")):
             if path.is_file() and not path.is_symlink():
                 text = redact(path.read_text(errors="replace"), secrets)
-                boundary.write_output(logs / f"verify-{phase}-{path.name}", text)
+                boundary.write_output(logs / f"verify{arch_suffix(arch)}-{phase}-{path.name}", text)
     except (OSError, UserError):
         pass  # a post-mortem aid: never written through a link, never fatal
+
+
+def manifest_path(image: Path) -> Path:
+    """The build manifest of ``image``, beside it: ``manifest.json`` for amd64's qcow2,
+    ``manifest-<arch>.json`` for another architecture's (``web-arm64.qcow2``)."""
+    return image.parent / manifest_name(qcow2_arch(image.name))
 
 
 def _manifest(image: Path) -> dict[str, Any]:
     """The manifest beside ``image``: {} when there is none; one that is there but is
     not a JSON object in a regular file (a FIFO, a device, a list) is a ``UserError``."""
-    path = image.parent / "manifest.json"
+    path = manifest_path(image)
     if not os.path.lexists(path):
         return {}
     return boundary.read_json_object(path, "build manifest")
+
+
+def image_arch(image: Path) -> Arch:
+    """The architecture ``image`` boots: its manifest's ``arch``, else its file name's."""
+    recorded = _manifest(image).get("arch")
+    if recorded is None:
+        return qcow2_arch(image.name)
+    if recorded not in {a.value for a in Arch}:
+        raise UserError(
+            f"{manifest_path(image)}: arch: {str(recorded)[:40]!r} is not amd64 or arm64"
+        )
+    return Arch(recorded)
 
 
 def spec_for(image: Path) -> Path:
     """The spec an image was built from, read from the manifest beside it."""
     spec = _manifest(image).get("spec")
     if not isinstance(spec, str):
-        raise UserError(f"{image}: no manifest.json beside it names the spec; pass --spec")
+        raise UserError(
+            f"{image}: no {manifest_path(image).name} beside it names the spec; pass --spec"
+        )
     return Path(spec)
 
 
@@ -1158,7 +1188,7 @@ def check_spec_drift(image: Path, loaded: LoadedSpec, *, allow: bool = False) ->
     built = manifest.get("spec_hash")
     if not isinstance(built, str):
         raise UserError(
-            f"{image.parent / 'manifest.json'}: spec_hash is {type(built).__name__}, not the"
+            f"{manifest_path(image)}: spec_hash is {type(built).__name__}, not the"
             " spec's hash; rebuild the image, or pass --allow-spec-drift"
         )
     if built == loaded.digest:
@@ -1198,6 +1228,8 @@ def verify_image(
             raise UserError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
     loaded = load_spec(spec or spec_for(image))
     check_spec_drift(image, loaded, allow=allow_spec_drift)
+    arch = image_arch(image)
+    check_tools(arch)  # one line naming the package, before any mesh is made
     boundary.own_folder(report_folder(image), "folder of verify's logs")
     results = [
         _phase(
@@ -1210,6 +1242,7 @@ def verify_image(
             leave_out,
             mesh_inputs,
             cpus or vm_cpus(),
+            arch,
         )
         for phase in phases
     ]

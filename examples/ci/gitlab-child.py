@@ -27,7 +27,7 @@ def main(plan_file: str) -> int:
         script = [*SETUP, shlex.join(job["command"])]
         out = shlex.quote(job["out"])
         if job["target"] == "qemu":
-            qcow2 = shlex.quote(f"{job['out']}/{job['image']}.qcow2")
+            qcow2 = shlex.quote(job["output"])  # <name>.qcow2, or <name>-arm64.qcow2
             script.append(f"meshbake verify {qcow2} --junit {out}/verify.xml")
         else:
             script.append(f"meshbake images {shlex.quote(job['spec'])}")

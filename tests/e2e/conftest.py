@@ -44,10 +44,25 @@ VMS_AT_ONCE = max(1, min(4, os.cpu_count() or 1))
 VM_CPUS = vm_cpus(VMS_AT_ONCE)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+#: What the opt-in arm64 round costs here, measured once (bench/arm64.py, whose
+#: figures are in bench/results-arm64.json): more than the suite's budget on its own.
+ARM64_COST = (
+    "measured under TCG here, it took 13 min 43 s with the arm64 base cached (bake"
+    " 151 s, verify of both phases 670 s; bench/arm64.py beside two other VMs: 219 s"
+    " and 796 s), and about 10 min more the first time (the base took 629 s), on top"
+    " of a default suite that already fills its 60-minute budget"
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_arm64 = pytest.mark.skip(
+        reason=f"arm64 round left out (opt in with --arm64): {ARM64_COST}"
+    )
     for item in items:
         if "tests/e2e" in str(item.path):
             item.add_marker(pytest.mark.image)
+        if item.get_closest_marker("arm64") is not None and not config.getoption("--arm64"):
+            item.add_marker(skip_arm64)
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,9 @@ def bake(
                 consul_key=release.key,
                 consul_zip=real_zip_for(version),
                 cache=base_cache,
+                # amd64 only: api also lists arm64, whose bake and verify under TCG do
+                # not fit the suite's budget (tests/e2e/test_arm64.py, opt-in, does them).
+                arch="amd64",
             )
             done[name] = Example(spec, options, build_image(spec, options))
         return done[name]

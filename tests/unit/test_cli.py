@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -16,6 +17,8 @@ from builder import proc
 from builder.cli import main as cli
 from builder.render import cloudconfig
 from builder.render.context import MARKER
+from builder.spec.model import Arch
+from builder.tools import qemu as qemu_tools
 from tests.paths import REPO
 
 AGENT = "6f1c3d2e-8a4b-4c5d-9e0f-1a2b3c4d5e6f"
@@ -395,18 +398,46 @@ def test_validate_two_architectures_with_the_real_packer(
     assert "${path.root}/../artifacts/${source.name}/" in build
 
 
-def test_a_local_arm64_bake_is_refused_naming_the_field(
-    images: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("missing", "package"),
+    [
+        ("binary", "qemu-system-arm"),
+        ("code", "qemu-efi-aarch64"),
+        ("vars", "qemu-efi-aarch64"),
+    ],
+)
+def test_a_local_arm64_bake_without_its_qemu_names_the_package(
+    images: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    missing: str,
+    package: str,
 ) -> None:
+    """The spec may ask for arm64 (the model does not look at the host); build, needing
+    qemu and the firmware, says in one line which package to install, before it fetches
+    or writes anything."""
     data = yaml.safe_load((images / "web.yaml").read_text())
     data["targets"]["qemu"]["arch"] = "arm64"
     spec = images / "pi.yaml"
     spec.write_text(yaml.safe_dump(data))
-    for argv in (["validate", str(spec)], ["build", str(spec), "--out", str(images / "b")]):
-        assert cli.main(argv) == 1
-        out, err = capsys.readouterr()
-        text = out + err
-        assert f"{spec}: targets.qemu.arch: arm64: local arm64 bakes are not available yet" in text
-        assert "AWS arm64 AMIs are: set targets.aws.arch instead" in text
-        assert "Traceback" not in text
+    facts = qemu_tools.MACHINES[Arch.ARM64]
+    assert facts.firmware is not None
+    absent = images / "no-such-firmware.fd"
+    if missing == "binary":
+        facts = dataclasses.replace(facts, binary="meshbake-no-such-qemu-system-aarch64")
+    elif missing == "code":
+        facts = dataclasses.replace(
+            facts, firmware=dataclasses.replace(facts.firmware, code=absent)
+        )
+    else:
+        facts = dataclasses.replace(
+            facts, firmware=dataclasses.replace(facts.firmware, vars_template=absent)
+        )
+    monkeypatch.setitem(qemu_tools.MACHINES, Arch.ARM64, facts)
+    assert cli.main(["build", str(spec), "--out", str(images / "b")]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert f"install it with 'apt-get install {package}'" in err
+    assert "Traceback" not in err
     assert not (images / "b").exists()

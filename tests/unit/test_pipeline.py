@@ -91,7 +91,9 @@ def make_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, packer_versio
     base_image = tmp_path / "base.qcow2"
     base_image.write_text("a stand-in base\n")
     monkeypatch.setattr(build, "_fetch_artifacts", lambda run, arch: [])
-    monkeypatch.setattr(build.QemuBuild, "_base", lambda self, run, ref: (base_image, "0" * 64))
+    monkeypatch.setattr(
+        build.QemuBuild, "_base", lambda self, run, ref, arch: (base_image, "0" * 64)
+    )
     return Pipeline(packer, loads, renders, pairs, gated, built, tmp_path / "out")
 
 

@@ -413,14 +413,20 @@ def test_plan_lists_one_aws_job_per_arch_and_region_each_building_its_arch(
     assert len({j["out"] for j in jobs.values()}) == 2
 
 
-def test_plan_refuses_a_local_arm64_bake(tmp_path: Path) -> None:
+def test_plan_gives_each_local_architecture_its_job(tmp_path: Path) -> None:
     spec = _with_targets(tmp_path, {"qemu": {"arch": ["amd64", "arm64"]}})
     done = run_cli("plan", str(spec), "--json")
-    assert done.returncode == 1
-    assert done.stdout == ""
-    assert done.stderr.count("\n") == 1, done.stderr
-    assert "targets.qemu.arch: arm64: local arm64 bakes are not available yet" in done.stderr
-    assert "AWS arm64 AMIs are" in done.stderr
+    assert done.returncode == 0, done.stderr
+    jobs = {j["id"]: j for j in json.loads(done.stdout)}
+    assert sorted(jobs) == ["web-qemu-amd64", "web-qemu-arm64"]
+    for arch in ("amd64", "arm64"):
+        command = jobs[f"web-qemu-{arch}"]["command"]
+        assert command[command.index("--arch") + 1] == arch
+    assert jobs["web-qemu-amd64"]["out"] != jobs["web-qemu-arm64"]["out"]
+    # The CI examples verify the job's own qcow2, whose name carries the architecture.
+    for arch, name in (("amd64", "web.qcow2"), ("arm64", "web-arm64.qcow2")):
+        job = jobs[f"web-qemu-{arch}"]
+        assert job["output"] == f"{job['out']}/{name}"
 
 
 def test_plan_refuses_two_specs_of_one_image(

@@ -328,11 +328,6 @@ CASES: dict[str, tuple[Mutate, str, str]] = {
         "targets.aws.instance_type",
         "t3.small is an amd64 instance type, so it cannot build arm64; leave instance_type unset",
     ),
-    "local arm64 bake": (
-        set_in("targets", "qemu", "arch", value=["amd64", "aarch64"]),
-        "targets.qemu.arch",
-        "arm64: local arm64 bakes are not available yet (only amd64); AWS arm64 AMIs are",
-    ),
     "no wheel for an arch": (
         lambda d: d.update(consul={**d["consul"], "version": "2.0.0"}, envoy={"version": "1.37.2"}),
         "envoy.version",

@@ -1,6 +1,7 @@
 build {
   sources = [
     "source.qemu.api",
+    "source.qemu.api-arm64",
   ]
   
   provisioner "shell" {
@@ -27,7 +28,7 @@ build {
     output      = var.manifest
     strip_path  = true
     custom_data = {
-      "spec_hash" = "d12aaa841c846f6c9c8604d61352afd85567daec3419aca235dd30c900362a9d",
+      "spec_hash" = "771c368c095949d3e8cfc6c6b688351b3800bed81ad54f0557f02847adcfae0e",
       "consul"    = "2.0.0",
       "envoy"     = "1.37.0",
       "meshbake"  = "0.1.0",

@@ -54,6 +54,13 @@ variable "serial_log" {
 }
 
 
+variable "efi_vars" {
+  type        = string
+  default     = ""
+  description = "The build VM's own copy of its UEFI variables (qemu)."
+}
+
+
 locals {
   stamp = formatdate("YYYYMMDD-hhmmss", timestamp())
 }
