@@ -481,7 +481,9 @@ WEB_BREAKS: dict[str, tuple[Callable[[Path], None], set[str], dict[str, str]]] =
         after_redirect(WRONG_INBOUND_PORT),
         {"test_inbound_crosses_the_sidecar", "test_consul_rules_exactly_once", *AGAIN},
         {
-            "test_inbound_crosses_the_sidecar": "tcp.public_listener.downstream_cx_total +0",
+            # Not the public listener's count: the agent's TCP check of the sidecar
+            # (Consul's "Connect Sidecar Listening", every 10 s) may land in the window.
+            "test_inbound_crosses_the_sidecar": "server presented nothing",
             "test_consul_rules_exactly_once": "inbound redirect: 2 times",
         },
     ),
