@@ -444,9 +444,9 @@ def vm_cpus(at_once: int = 1) -> int:
     machine's share of its cores, at least one.
 
     Under TCG each vCPU is a host thread that keeps a core busy. More vCPUs than cores
-    cost more CPU for the same work: two verifies at once on 2 cores, with 2 vCPUs each,
-    used 281 s and 298 s of CPU, against 237 s and 246 s with one each
-    (``bench/vm_cpus.py``).
+    cost more CPU for the same work: two firstboot verifies at once on 2 cores took 315 s
+    with 2 vCPUs each (258 s and 273 s of CPU), 263 s with one each (212 s and 216 s;
+    ``bench/vm_cpus.py``, ``bench/results-vm-cpus.json``).
 
     >>> vm_cpus(10 * (os.cpu_count() or 1))
     1
