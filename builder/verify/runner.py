@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -278,6 +279,22 @@ class Vm:
     @property
     def uri(self) -> str:
         return f"paramiko://{VERIFY_USER}@127.0.0.1:{self.port}?ssh_identity_file={self.key_file}"
+
+
+@dataclass(frozen=True)
+class Round:
+    """A change made as root in the booted VM once its first boot is done, checked with
+    the whole firstboot suite, then undone before the next round
+    (``verify_image(rounds=...)``): one boot for many changes. The broken-image tests
+    apply most of their breaks this way (tests/e2e/test_broken_image.py).
+
+    ``apply`` and ``undo`` are shell scripts run with ``sudo sh -c``; each must start
+    again, and wait for, what it changed (e.g. ``systemctl restart`` in boot order).
+    """
+
+    name: str
+    apply: str
+    undo: str
 
 
 def _free_port() -> int:
@@ -919,7 +936,10 @@ def _phase(
     mesh_inputs: MeshInputs | None = None,
     cpus: int = 2,
     arch: Arch = Arch.AMD64,
-) -> PhaseResult:
+    rounds: Sequence[Round] = (),
+) -> list[PhaseResult]:
+    """One boot of ``image`` and its checks: one result, or with ``rounds`` one per
+    round (named ``<phase>/<round>``) and none for the boot itself."""
     token = token or str(uuid.uuid4())
     slow = patience(arch)
     if phase == "firstboot" and mesh_inputs is None:
@@ -1019,8 +1039,26 @@ def _phase(
                         else f"verify: firstboot: the sidecar is down: {'; '.join(down)}"
                     )
                     figures, timeline = _first_boot_figures(vm, probe, ready, progress)
-                    plot = _keep_plot(vm, report_folder(image), wait=ready)
+                    if not rounds:
+                        plot = _keep_plot(vm, report_folder(image), wait=ready)
                 dns_token = None if mesh is None else mesh.secrets.dns_token
+                if rounds:
+                    if down or mesh is None:
+                        raise UserError(
+                            f"no rounds: the first boot did not bring the mesh up ({down})"
+                        )
+                    joined = mesh
+                    return _rounds(
+                        vm,
+                        rounds,
+                        phase,
+                        lambda why: expectations(loaded, phase, token, traffic, dns_token, why),
+                        work,
+                        leave_out,
+                        lambda: _node_passing(joined, slow),
+                        progress,
+                        slow,
+                    )
                 expect = expectations(loaded, phase, token, traffic, dns_token, down)
                 progress(f"verify: {phase}: running the Testinfra checks")
                 checks = run_suite(vm.uri, expect, work, leave_out=leave_out)
@@ -1033,27 +1071,122 @@ def _phase(
                         secrets=secret_values,
                     )
         except UserError as exc:
-            return PhaseResult(
-                phase,
-                (),
-                boot_to_ssh,
-                first_boot,
-                error=str(exc),
-                figures=figures,
-                timeline=timeline,
-                plot=None if plot is None else str(plot),
-            )
+            names = [f"{phase}/{r.name}" for r in rounds] or [phase]
+            return [
+                PhaseResult(
+                    name,
+                    (),
+                    boot_to_ssh,
+                    first_boot,
+                    error=str(exc),
+                    figures=figures,
+                    timeline=timeline,
+                    plot=None if plot is None else str(plot),
+                )
+                for name in names
+            ]
         finally:
             _keep_logs(work, image, phase, secret_values)
-    return PhaseResult(
-        phase,
-        tuple(checks),
-        boot_to_ssh,
-        first_boot,
-        figures=figures,
-        timeline=timeline,
-        plot=None if plot is None else str(plot),
-    )
+    return [
+        PhaseResult(
+            phase,
+            tuple(checks),
+            boot_to_ssh,
+            first_boot,
+            figures=figures,
+            timeline=timeline,
+            plot=None if plot is None else str(plot),
+        )
+    ]
+
+
+#: Seconds after a round's change before its checks: every health check of the agent
+#: has run again by then (Consul runs the sidecar's TCP check every 10 s,
+#: agent/sidecar_service.go; the examples' own checks too), so the catalog shows the
+#: change.
+ROUND_SETTLE = 13.0
+
+
+def _as_root(vm: Vm, script: str, timeout: float) -> tuple[int, str]:
+    """``script`` run as root in the VM: (exit code, output); 255 when SSH failed."""
+    try:
+        return ssh_run(vm, f"sudo sh -c {shlex.quote(script)} 2>&1", timeout=timeout)
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        return 255, f"SSH: {exc}"
+
+
+def _rounds(
+    vm: Vm,
+    rounds: Sequence[Round],
+    phase: str,
+    expect_for: Callable[[Sequence[str]], dict[str, Any]],
+    work: Path,
+    leave_out: Sequence[str],
+    passing: Callable[[], str | None],
+    progress: Progress,
+    slow: float,
+) -> list[PhaseResult]:
+    """Each round in turn: apply it, wait for the sidecar and for the agent's checks,
+    run the suite, undo it and wait until the server sees this node passing again. A
+    round whose change or undo fails is an error, and so is every round after a failed
+    undo (the VM is no longer the good one)."""
+    results: list[PhaseResult] = []
+    broken: str | None = None
+    for each in rounds:
+        name = f"{phase}/{each.name}"
+        if broken is not None:
+            results.append(PhaseResult(name, (), error=f"not run: {broken}"))
+            continue
+        progress(f"verify: {name}: applying the change")
+        code, out = _as_root(vm, each.apply, 240 * slow)
+        if code != 0:
+            results.append(PhaseResult(name, (), error=f"the change failed ({code}): {out[-500:]}"))
+            broken = f"round {each.name}'s change failed"
+            continue
+        down = wait_sidecar(vm, time.monotonic() + 240 * slow)
+        time.sleep(ROUND_SETTLE)
+        progress(f"verify: {name}: running the Testinfra checks")
+        checks = run_suite(vm.uri, expect_for(down), work, leave_out=leave_out)
+        results.append(PhaseResult(name, tuple(checks)))
+        code, out = _as_root(vm, each.undo, 240 * slow)
+        why = f"undoing it failed ({code}): {out[-500:]}" if code else None
+        if why is None and wait_sidecar(vm, time.monotonic() + 240 * slow):
+            why = "the sidecar did not come back after undoing it"
+        try:
+            why = why or passing()
+        except UserError as exc:
+            why = str(exc)
+        if why is not None:
+            broken = f"after round {each.name}: {why}"
+    return results
+
+
+def _node_passing(mesh: VerifyMesh, slow: float) -> str | None:
+    """Wait until the server holds this VM's service and its sidecar on this node with
+    every health check passing (what the catalog check asks); what is still not passing
+    after a while (None once all are)."""
+    if mesh.control is None:
+        raise RuntimeError("the verify mesh is not open")
+    spec = mesh.loaded.spec
+    deadline = time.monotonic() + 120 * slow
+    while True:
+        bad = []
+        for service in (spec.service.name, spec.service.proxy_id):
+            path = f"/v1/health/service/{urllib.parse.quote(service, safe='')}"
+            entries = mesh.control.call("GET", path)
+            states = [
+                str(check.get("Status"))
+                for entry in (entries if isinstance(entries, list) else [])
+                if entry.get("Node", {}).get("Node") == mesh.node
+                for check in entry.get("Checks", [])
+            ]
+            if not states or any(state != "passing" for state in states):
+                bad.append(f"{service}: {states or 'not on the node'}")
+        if not bad:
+            return None
+        if time.monotonic() > deadline:
+            return f"not passing on the server: {'; '.join(bad)}"
+        time.sleep(2)
 
 
 #: Envoy's admin snapshot kept when a check fails (path -> file suffix), as Consul's own
@@ -1211,6 +1344,7 @@ def verify_image(
     leave_out: Sequence[str] = (),
     mesh_inputs: MeshInputs | None = None,
     cpus: int | None = None,
+    rounds: Sequence[Round] = (),
 ) -> VerifyReport:
     """Boot ``image`` once per phase and run the checks; never raises for a failed check.
 
@@ -1219,8 +1353,12 @@ def verify_image(
     tokens the first boot delivers. ``token`` is the token phase baked searches for
     (a fresh random one by default). ``leave_out`` names checks not to run (the
     broken-image tests leave out the reboot, which the good images prove). ``cpus``:
-    the VM's vCPUs, by default :func:`vm_cpus` for one VM at a time.
+    the VM's vCPUs, by default :func:`vm_cpus` for one VM at a time. ``rounds`` (phase
+    firstboot only): after the first boot, each :class:`Round` in turn, with the
+    checks run once per round, not once for the boot (one result per round).
     """
+    if rounds and tuple(phases) != ("firstboot",):
+        raise UserError("rounds are made after a first boot: give phases=('firstboot',)")
     if not image.is_file():
         raise UserError(f"{image}: no such image")
     for phase in phases:
@@ -1232,7 +1370,9 @@ def verify_image(
     check_tools(arch)  # one line naming the package, before any mesh is made
     boundary.own_folder(report_folder(image), "folder of verify's logs")
     results = [
-        _phase(
+        result
+        for phase in phases
+        for result in _phase(
             image,
             loaded,
             phase,
@@ -1243,8 +1383,8 @@ def verify_image(
             mesh_inputs,
             cpus or vm_cpus(),
             arch,
+            rounds,
         )
-        for phase in phases
     ]
     return VerifyReport(loaded.spec.name, tuple(results))
 
