@@ -37,6 +37,7 @@ from builder.mesh.localnet import LocalNetwork
 from builder.progress import Progress
 from builder.render import baked, cloudconfig
 from builder.spec.model import Accelerator, LoadedSpec
+from builder.tools.qemu import patience
 from builder.verify import runner
 from builder.verify.localmesh import wants_dns_token
 
@@ -155,6 +156,9 @@ def up(
             document = cloudconfig.first_boot_document(values)
             folder = work / node
             folder.mkdir(mode=0o700)
+            # Each VM boots as its own architecture (qemu-system-aarch64 for arm64); the
+            # server runs on this host, from the host's build of Consul.
+            arch = runner.image_arch(image)
             vm = stack.enter_context(
                 runner.boot_vm(
                     image,
@@ -165,6 +169,7 @@ def up(
                     network=network,
                     instance=node,
                     cpus=runner.vm_cpus(len(images)),
+                    arch=arch,
                 )
             )
             assert vm.address is not None
@@ -180,12 +185,13 @@ def up(
                 )
             )
             progress(f"up: {node} answers SSH on 127.0.0.1:{vm.port}")
-            down = runner.wait_sidecar(vm, time.monotonic() + SIDECAR_TIMEOUT)
+            down = runner.wait_sidecar(vm, time.monotonic() + SIDECAR_TIMEOUT * patience(arch))
             if down:
                 raise UserError(f"up: {node}: the sidecar is not up: {'; '.join(down)}")
         # Ready means routable: each service's sidecar passes its checks in the server's
         # catalog, which is when Consul gives the other sidecars its endpoint.
-        deadline = time.monotonic() + SIDECAR_TIMEOUT
+        slowest = max(patience(runner.image_arch(image)) for image, _ in images)
+        deadline = time.monotonic() + SIDECAR_TIMEOUT * slowest
         for guest in guests:
             _wait_passing(control, guest, deadline)
         token_file = control.token_file("management", control.management_token)

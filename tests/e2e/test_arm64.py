@@ -11,13 +11,16 @@ conftest.py, the skip reason). Select it with ``--arm64``:
     sudo .venv/bin/python -m pytest tests/e2e/test_arm64.py --arm64
 
 The arm64 base is built in (and then reused from) meshbake's own cache, not the
-session's, so only the first run pays for its mmdebstrap through qemu-user.
+session's, so only the first run pays for its mmdebstrap through qemu-user. The last
+test runs ``meshbake up`` with web's amd64 image (the session's bake) and this arm64
+api: a mesh of both architectures.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +34,8 @@ from builder.verify.runner import VerifyReport, verify_image
 from tests.fixtures.release import FixtureRelease, make_fixture_release
 from tests.paths import REPO
 
-from .conftest import mesh_for
+from .conftest import Example, mesh_for
+from .test_up import web_reaches_api
 
 SPEC = REPO / "images" / "api.yaml"
 
@@ -128,3 +132,14 @@ def test_arm64_guest_really_ran_the_arm64_kernel(report: VerifyReport, built: Bu
     text = serial.read_text(errors="replace")
     # The console is the virt board's PL011, and the kernel is Debian's cloud arm64 one.
     assert "cloud-arm64" in text, text[-2000:]
+
+
+def test_up_mixes_architectures_web_reaches_arm64_api(
+    bake: Callable[[str], Example], built: BuildResult, tmp_path: Path
+) -> None:
+    """``meshbake up`` boots api's arm64 image (qemu-system-aarch64) beside web's amd64
+    one, both joined to a server of the host's own Consul: web reaches api by its
+    virtual name through both sidecars."""
+    web = bake("web")
+    assert web.built.output is not None and built.output is not None
+    web_reaches_api(web.built.output, built.output, web.options.cache, tmp_path)

@@ -76,13 +76,20 @@ def test_up_two_images_web_reaches_api_by_virtual_name(
 ) -> None:
     web, api = bake("web"), bake("api")
     assert web.built.output is not None and api.built.output is not None
+    web_reaches_api(web.built.output, api.built.output, web.options.cache, tmp_path)
+
+
+def web_reaches_api(web: Path, api: Path, cache: Path | None, tmp_path: Path) -> None:
+    """``meshbake up WEB API``: web's user reaches api by its virtual name, a plain
+    client gets nothing from web, and SIGTERM leaves nothing behind (tests/e2e/
+    test_arm64.py runs it with api's arm64 image)."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     before = set(ours())
     child = subprocess.Popen(
         [
-            sys.executable, "-m", "builder", "up", str(web.built.output),
-            str(api.built.output), "--json", "--cache", str(web.options.cache),
+            sys.executable, "-m", "builder", "up", str(web), str(api), "--json",
+            "--cache", str(cache),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
