@@ -756,7 +756,8 @@ def break_reports(
         return firstboot(chosen.image, chosen, made)
 
     sources: dict[str, Source] = {}
-    for example, chosen in rounds.items():
+    # The VM with the most rounds first (api's seven took 936 s, web's six 732 s).
+    for example, chosen in sorted(rounds.items(), key=lambda item: -len(item[1])):
         if chosen:
             future = vm_pool.submit(verify_rounds, example)
             sources |= {f"{example}/{n}": (future, f"firstboot/{n}") for n in chosen}
