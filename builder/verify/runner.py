@@ -937,6 +937,7 @@ def _phase(
     cpus: int = 2,
     arch: Arch = Arch.AMD64,
     rounds: Sequence[Round] = (),
+    stop: threading.Event | None = None,
 ) -> list[PhaseResult]:
     """One boot of ``image`` and its checks: one result, or with ``rounds`` one per
     round (named ``<phase>/<round>``) and none for the boot itself."""
@@ -1058,6 +1059,7 @@ def _phase(
                         lambda: _node_passing(joined, slow),
                         progress,
                         slow,
+                        stop,
                     )
                 expect = expectations(loaded, phase, token, traffic, dns_token, down)
                 progress(f"verify: {phase}: running the Testinfra checks")
@@ -1125,15 +1127,18 @@ def _rounds(
     passing: Callable[[], str | None],
     progress: Progress,
     slow: float,
+    stop: threading.Event | None = None,
 ) -> list[PhaseResult]:
     """Each round in turn: apply it, wait for the sidecar and for the agent's checks,
     run the suite, undo it and wait until the server sees this node passing again. A
     round whose change or undo fails is an error, and so is every round after a failed
-    undo (the VM is no longer the good one)."""
+    undo (the VM is no longer the good one). Once ``stop`` is set, no round starts."""
     results: list[PhaseResult] = []
     broken: str | None = None
     for each in rounds:
         name = f"{phase}/{each.name}"
+        if broken is None and stop is not None and stop.is_set():
+            broken = "verify was stopped"
         if broken is not None:
             results.append(PhaseResult(name, (), error=f"not run: {broken}"))
             continue
@@ -1345,6 +1350,7 @@ def verify_image(
     mesh_inputs: MeshInputs | None = None,
     cpus: int | None = None,
     rounds: Sequence[Round] = (),
+    stop: threading.Event | None = None,
 ) -> VerifyReport:
     """Boot ``image`` once per phase and run the checks; never raises for a failed check.
 
@@ -1355,7 +1361,8 @@ def verify_image(
     broken-image tests leave out the reboot, which the good images prove). ``cpus``:
     the VM's vCPUs, by default :func:`vm_cpus` for one VM at a time. ``rounds`` (phase
     firstboot only): after the first boot, each :class:`Round` in turn, with the
-    checks run once per round, not once for the boot (one result per round).
+    checks run once per round, not once for the boot (one result per round); once
+    ``stop`` is set (e.g. by another thread at a Ctrl-C), no further round starts.
     """
     if rounds and tuple(phases) != ("firstboot",):
         raise UserError("rounds are made after a first boot: give phases=('firstboot',)")
@@ -1384,6 +1391,7 @@ def verify_image(
             cpus or vm_cpus(),
             arch,
             rounds,
+            stop,
         )
     ]
     return VerifyReport(loaded.spec.name, tuple(results))

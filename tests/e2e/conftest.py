@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -74,6 +75,11 @@ class Example:
     built: BuildResult
 
 
+#: Set when the session's pool closes (its end, or a Ctrl-C): a verify with rounds
+#: (tests/e2e/test_broken_image.py) starts no further round.
+STOP = threading.Event()
+
+
 @pytest.fixture(scope="session")
 def vm_pool() -> Iterator[ThreadPoolExecutor]:
     """The session's verifies, ``VMS_AT_ONCE`` at a time: a fixture submits its verify
@@ -82,7 +88,9 @@ def vm_pool() -> Iterator[ThreadPoolExecutor]:
     try:
         yield pool
     finally:
-        # A verify already booting finishes (its VM and mesh go with it); none starts.
+        # A verify already booting finishes its current round (its VM and mesh go with
+        # it); none starts, and no further round.
+        STOP.set()
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -92,7 +92,7 @@ from builder.spec.model import LoadedSpec, load_spec
 from builder.verify import runner as verify
 from builder.verify.localmesh import MeshInputs
 
-from .conftest import VM_CPUS, Example, mesh_for, selected_params
+from .conftest import STOP, VM_CPUS, Example, mesh_for, selected_params
 
 pytestmark = [pytest.mark.image, pytest.mark.root]
 
@@ -697,6 +697,7 @@ def firstboot(
         mesh_inputs=example.mesh,
         cpus=VM_CPUS,
         rounds=rounds,
+        stop=STOP,
     )
 
 

@@ -8,6 +8,7 @@ rounds in a real VM.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ def run(
     vm: Vm,
     fake: FakeVm,
     rounds: list[Round],
+    stop: threading.Event | None = None,
 ) -> list[runner.PhaseResult]:
     monkeypatch.setattr(runner, "_as_root", fake.as_root)
     monkeypatch.setattr(runner, "run_suite", fake.suite)
@@ -64,6 +66,7 @@ def run(
         fake.node_passing,
         lambda message: None,
         1.0,
+        stop,
     )
 
 
@@ -112,3 +115,19 @@ def test_no_round_runs_after_one_that_did_not_come_back(
         assert later.error is not None and later.error.startswith(f"not run: {why}")
         assert not later.checks
     assert "b+" not in fake.calls and "c+" not in fake.calls
+
+
+def test_once_stopped_no_further_round_starts(monkeypatch: pytest.MonkeyPatch, vm: Vm) -> None:
+    stop = threading.Event()
+    fake = FakeVm(failing=set(), passing=[None, None])
+    original = fake.suite
+
+    def suite_then_stop(*args: Any, **kwargs: Any) -> list[CheckResult]:
+        stop.set()  # as a Ctrl-C in the main thread would, while round a runs
+        return original(*args, **kwargs)
+
+    fake.suite = suite_then_stop  # type: ignore[method-assign]
+    results = run(monkeypatch, vm, fake, rounds("a", "b"), stop)
+    assert results[0].error is None and results[0].checks
+    assert results[1].error == "not run: verify was stopped"
+    assert "b+" not in fake.calls
