@@ -198,9 +198,9 @@ def no_boot(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Phases that record themselves instead of booting a VM."""
     booted: list[str] = []
 
-    def phase(image: Path, loaded: LoadedSpec, phase: str, *_: Any) -> verify.PhaseResult:
+    def phase(image: Path, loaded: LoadedSpec, phase: str, *_: Any) -> list[verify.PhaseResult]:
         booted.append(phase)
-        return verify.PhaseResult(phase, (verify.CheckResult("stand-in", "passed", 0.0),))
+        return [verify.PhaseResult(phase, (verify.CheckResult("stand-in", "passed", 0.0),))]
 
     monkeypatch.setattr(verify, "_phase", phase)
     return booted
