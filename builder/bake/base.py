@@ -365,7 +365,8 @@ def _check_foreign_exec(arch: Arch) -> None:
         raise UserError(
             f"building the {arch.value} base image needs qemu-user through binfmt_misc, but"
             f" {entry} is not enabled: install it with 'apt-get install qemu-user-static"
-            " binfmt-support'"
+            " binfmt-support', then (without systemd) 'mount -t binfmt_misc binfmt_misc"
+            f" /proc/sys/fs/binfmt_misc' and 'update-binfmts --enable {entry.name}'"
         )
 
 
