@@ -1151,8 +1151,11 @@ def _rounds(
         down = wait_sidecar(vm, time.monotonic() + 240 * slow)
         time.sleep(ROUND_SETTLE)
         progress(f"verify: {name}: running the Testinfra checks")
-        checks = run_suite(vm.uri, expect_for(down), work, leave_out=leave_out)
-        results.append(PhaseResult(name, tuple(checks)))
+        try:
+            checks = run_suite(vm.uri, expect_for(down), work, leave_out=leave_out)
+            results.append(PhaseResult(name, tuple(checks)))
+        except UserError as exc:  # the suite did not run; the undo still must
+            results.append(PhaseResult(name, (), error=str(exc)))
         code, out = _as_root(vm, each.undo, 240 * slow)
         why = f"undoing it failed ({code}): {out[-500:]}" if code else None
         if why is None and wait_sidecar(vm, time.monotonic() + 240 * slow):

@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from builder.errors import UserError
 from builder.verify import runner
 from builder.verify.runner import CheckResult, Round, Vm
+
+Checks = list[CheckResult]
 
 
 class FakeVm:
@@ -131,3 +134,24 @@ def test_once_stopped_no_further_round_starts(monkeypatch: pytest.MonkeyPatch, v
     assert results[0].error is None and results[0].checks
     assert results[1].error == "not run: verify was stopped"
     assert "b+" not in fake.calls
+
+
+def test_a_suite_that_did_not_run_is_that_rounds_error_and_the_undo_still_runs(
+    monkeypatch: pytest.MonkeyPatch, vm: Vm
+) -> None:
+    fake = FakeVm(failing=set(), passing=[None, None])
+    original = fake.suite
+
+    def no_suite_for_a(
+        uri: str, expect: dict[str, Any], work: Path, **kw: Any
+    ) -> list[CheckResult]:
+        if expect["round"] == "a":
+            fake.calls.append("suite a")
+            raise UserError("the Testinfra suite did not run: boom")
+        return original(uri, expect, work, **kw)
+
+    fake.suite = no_suite_for_a  # type: ignore[method-assign]
+    results = run(monkeypatch, vm, fake, rounds("a", "b"))
+    assert results[0].error == "the Testinfra suite did not run: boom"
+    assert results[1].error is None and results[1].checks
+    assert fake.calls == ["a+", "suite a", "a-", "passing?", "b+", "suite b", "b-", "passing?"]
