@@ -141,6 +141,7 @@ def up(
         for intention in intentions_for(services, intentions):
             control.intention(intention.source, intention.destination, allow=intention.allow)
         guests = []
+        slowest = 1.0  # the patience of the slowest VM's architecture
         for image, loaded in images:
             spec = loaded.spec
             node = f"{spec.name}-{secrets.token_hex(3)}"
@@ -159,6 +160,7 @@ def up(
             # Each VM boots as its own architecture (qemu-system-aarch64 for arm64); the
             # server runs on this host, from the host's build of Consul.
             arch = runner.image_arch(image)
+            slowest = max(slowest, patience(arch))
             vm = stack.enter_context(
                 runner.boot_vm(
                     image,
@@ -190,7 +192,6 @@ def up(
                 raise UserError(f"up: {node}: the sidecar is not up: {'; '.join(down)}")
         # Ready means routable: each service's sidecar passes its checks in the server's
         # catalog, which is when Consul gives the other sidecars its endpoint.
-        slowest = max(patience(runner.image_arch(image)) for image, _ in images)
         deadline = time.monotonic() + SIDECAR_TIMEOUT * slowest
         for guest in guests:
             _wait_passing(control, guest, deadline)
